@@ -1,0 +1,265 @@
+"""Model configuration: one dataclass for every supported architecture, read from and written to the exact
+``config.json`` layouts of GSAI-ML/LLaDA-8B-Instruct and Dream-org/Dream-v0-Instruct-7B."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+ARCHITECTURES = ("llada", "dream")
+
+
+@dataclass(slots=True)
+class ModelConfig:
+    """Architecture of a masked-diffusion LM.
+
+    ``arch`` is ``"llada"`` (bidirectional Llama, no GQA, no biases) or ``"dream"`` (Qwen2.5 layout: GQA,
+    q/k/v biases, shifted logits: the prediction for position i is read from the logits at i - 1).
+    ``vocab_size`` is the number of embedding rows and logits columns. ``eot_token_id`` is the
+    end-of-turn token of the chat format (LLaDA ``<|eot_id|>``, Dream ``<|im_end|>``); it is not part of the
+    published config files and is resolved from the tokenizer when absent.
+    """
+
+    arch: str
+    hidden_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    intermediate_size: int
+    vocab_size: int
+    mask_token_id: int
+    eos_token_id: int
+    max_position_embeddings: int = 4096
+    rms_norm_eps: float = 1e-5
+    rope_theta: float = 10000.0
+    qkv_bias: bool = False
+    tie_word_embeddings: bool = False
+    pad_token_id: int | None = None
+    bos_token_id: int | None = None
+    eot_token_id: int | None = None
+    torch_dtype: str = "bfloat16"
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.arch not in ARCHITECTURES:
+            raise ValueError(f"arch must be one of {ARCHITECTURES}, got {self.arch!r}.")
+        for name in ("hidden_size", "num_layers", "num_heads", "num_kv_heads", "intermediate_size", "vocab_size",
+                     "max_position_embeddings"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+                raise ValueError(f"{name} must be a positive integer, got {value!r}.")
+        if self.hidden_size % self.num_heads:
+            raise ValueError(f"hidden_size ({self.hidden_size}) must be divisible by num_heads ({self.num_heads}).")
+        if self.num_heads % self.num_kv_heads:
+            raise ValueError(f"num_heads ({self.num_heads}) must be divisible by num_kv_heads ({self.num_kv_heads}).")
+        if self.head_dim % 2:
+            raise ValueError(f"head_dim ({self.head_dim}) must be even for rotary embeddings.")
+        for name in ("mask_token_id", "eos_token_id", "pad_token_id", "bos_token_id", "eot_token_id"):
+            value = getattr(self, name)
+            if value is None and name in ("pad_token_id", "bos_token_id", "eot_token_id"):
+                continue
+            if not isinstance(value, int) or not 0 <= value < self.vocab_size:
+                raise ValueError(f"{name} must be a token id in [0, {self.vocab_size}), got {value!r}.")
+        if not self.rms_norm_eps > 0:
+            raise ValueError(f"rms_norm_eps must be positive, got {self.rms_norm_eps!r}.")
+        if not self.rope_theta > 0:
+            raise ValueError(f"rope_theta must be positive, got {self.rope_theta!r}.")
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_heads
+
+    @property
+    def shifted_logits(self) -> bool:
+        """Dream predicts token i from the logits at position i - 1."""
+        return self.arch == "dream"
+
+    def num_parameters(self) -> int:
+        d, h, kv, hd = self.hidden_size, self.num_heads, self.num_kv_heads, self.head_dim
+        attn = d * h * hd + 2 * d * kv * hd + h * hd * d
+        if self.qkv_bias:
+            attn += h * hd + 2 * kv * hd
+        per_layer = attn + 3 * d * self.intermediate_size + 2 * d
+        head = 0 if self.tie_word_embeddings else self.vocab_size * d
+        return self.vocab_size * d + self.num_layers * per_layer + d + head
+
+    def replace(self, **changes: Any) -> ModelConfig:
+        return dataclasses.replace(self, **changes)
+
+    # ------------------------------------------------------------------ Hugging Face layout
+    @classmethod
+    def from_hf(cls, raw: dict[str, Any]) -> ModelConfig:
+        """Parse a ``config.json`` dict of a LLaDA or Dream checkpoint."""
+        if not isinstance(raw, dict):
+            raise ValueError("config.json must hold a JSON object.")
+        model_type = str(raw.get("model_type", "")).lower()
+        archs = [str(a).lower() for a in raw.get("architectures") or []]
+        try:
+            if model_type == "llada" or any("llada" in a for a in archs):
+                return _llada_from_hf(raw)
+            if model_type == "dream" or any("dream" in a for a in archs):
+                return _dream_from_hf(raw)
+        except KeyError as exc:
+            raise ValueError(f"config.json lacks the required key {exc.args[0]!r} for model_type "
+                             f"{raw.get('model_type')!r}.") from None
+        except TypeError as exc:
+            raise ValueError(f"config.json has a value of the wrong type: {exc}.") from None
+        raise ValueError(f"config.json has model_type {raw.get('model_type')!r} and architectures "
+                         f"{raw.get('architectures')!r}; supported are LLaDA (model_type 'llada') and Dream "
+                         f"(model_type 'Dream').")
+
+    def to_hf(self) -> dict[str, Any]:
+        """The ``config.json`` dict, with the keys of the published checkpoints."""
+        return _llada_to_hf(self) if self.arch == "llada" else _dream_to_hf(self)
+
+
+def _require(raw: dict[str, Any], key: str, expected: Any, what: str) -> None:
+    if key in raw and raw[key] is not None and raw[key] != expected:
+        raise ValueError(f"config.json sets {key}={raw[key]!r}; {what} is not supported (expected {expected!r}).")
+
+
+def _llada_from_hf(raw: dict[str, Any]) -> ModelConfig:
+    _require(raw, "block_type", "llama", "a block type other than 'llama'")
+    _require(raw, "layer_norm_type", "rms", "a norm other than RMSNorm")
+    _require(raw, "alibi", False, "ALiBi")
+    _require(raw, "rope", True, "a model without RoPE")
+    _require(raw, "attention_layer_norm", False, "q/k layer norm")
+    _require(raw, "scale_logits", False, "logit scaling")
+    _require(raw, "include_bias", False, "linear biases")
+    _require(raw, "bias_for_layer_norm", False, "norm biases")
+    _require(raw, "input_emb_norm", False, "input embedding norm")
+    act = raw.get("activation_type", "silu")
+    if act not in ("silu", "swiglu"):
+        raise ValueError(f"config.json sets activation_type={act!r}; only 'silu' (SwiGLU) is supported.")
+    d_model = int(raw["d_model"])
+    n_heads = int(raw["n_heads"])
+    n_kv = raw.get("n_kv_heads")
+    if raw.get("multi_query_attention"):
+        n_kv = 1
+    mlp = raw.get("mlp_hidden_size") or int(raw.get("mlp_ratio", 4) * d_model)
+    vocab = raw.get("embedding_size") or raw["vocab_size"]
+    known = set(_LLADA_DEFAULTS) | {"d_model", "n_heads", "n_kv_heads", "n_layers", "mlp_hidden_size", "mlp_ratio",
+                                    "embedding_size", "vocab_size", "rms_norm_eps", "rope_theta",
+                                    "max_sequence_length", "include_qkv_bias", "weight_tying", "mask_token_id",
+                                    "eos_token_id", "pad_token_id", "bos_token_id", "eot_token_id"}
+    return ModelConfig(
+        arch="llada",
+        hidden_size=d_model,
+        num_layers=int(raw["n_layers"]),
+        num_heads=n_heads,
+        num_kv_heads=int(n_kv) if n_kv else n_heads,
+        intermediate_size=int(mlp),
+        vocab_size=int(vocab),
+        mask_token_id=int(raw.get("mask_token_id", 126336)),
+        eos_token_id=int(raw.get("eos_token_id", 126081)),
+        max_position_embeddings=int(raw.get("max_sequence_length", 4096)),
+        rms_norm_eps=float(raw.get("rms_norm_eps", 1e-5)),
+        rope_theta=float(raw.get("rope_theta", 10000.0)),
+        qkv_bias=bool(raw.get("include_qkv_bias", False)),
+        tie_word_embeddings=bool(raw.get("weight_tying", False)),
+        pad_token_id=_opt_int(raw.get("pad_token_id")),
+        bos_token_id=_opt_int(raw.get("bos_token_id")),
+        eot_token_id=_opt_int(raw.get("eot_token_id")),
+        torch_dtype="bfloat16",
+        extra={k: v for k, v in raw.items() if k not in known},
+    )
+
+
+def _dream_from_hf(raw: dict[str, Any]) -> ModelConfig:
+    if raw.get("use_sliding_window"):
+        raise ValueError("config.json sets use_sliding_window=true; sliding-window attention is not supported.")
+    if raw.get("rope_scaling"):
+        raise ValueError(f"config.json sets rope_scaling={raw['rope_scaling']!r}; RoPE scaling is not supported.")
+    act = raw.get("hidden_act", "silu")
+    if act != "silu":
+        raise ValueError(f"config.json sets hidden_act={act!r}; only 'silu' is supported.")
+    n_heads = int(raw["num_attention_heads"])
+    known = set(_DREAM_DEFAULTS) | {"hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
+                                    "intermediate_size", "vocab_size", "rms_norm_eps", "rope_theta",
+                                    "max_position_embeddings", "tie_word_embeddings", "mask_token_id",
+                                    "eos_token_id", "pad_token_id", "bos_token_id", "eot_token_id", "torch_dtype"}
+    return ModelConfig(
+        arch="dream",
+        hidden_size=int(raw["hidden_size"]),
+        num_layers=int(raw["num_hidden_layers"]),
+        num_heads=n_heads,
+        num_kv_heads=int(raw.get("num_key_value_heads") or n_heads),
+        intermediate_size=int(raw["intermediate_size"]),
+        vocab_size=int(raw["vocab_size"]),
+        mask_token_id=int(raw["mask_token_id"]),
+        eos_token_id=int(raw["eos_token_id"]),
+        max_position_embeddings=int(raw.get("max_position_embeddings", 131072)),
+        rms_norm_eps=float(raw.get("rms_norm_eps", 1e-6)),
+        rope_theta=float(raw.get("rope_theta", 1000000.0)),
+        qkv_bias=True,
+        tie_word_embeddings=bool(raw.get("tie_word_embeddings", False)),
+        pad_token_id=_opt_int(raw.get("pad_token_id")),
+        bos_token_id=_opt_int(raw.get("bos_token_id")),
+        eot_token_id=_opt_int(raw.get("eot_token_id")),
+        torch_dtype=str(raw.get("torch_dtype", "bfloat16")),
+        extra={k: v for k, v in raw.items() if k not in known},
+    )
+
+
+def _opt_int(value: Any) -> int | None:
+    return None if value is None else int(value)
+
+
+# Keys of the published config.json files that carry no information we use, with their published values.
+_LLADA_DEFAULTS: dict[str, Any] = {
+    "activation_type": "silu", "alibi": False, "alibi_bias_max": 8.0, "architectures": ["LLaDAModelLM"],
+    "attention_dropout": 0.0, "attention_layer_norm": False, "attention_layer_norm_with_affine": True,
+    "auto_map": {"AutoConfig": "configuration_llada.LLaDAConfig",
+                 "AutoModelForCausalLM": "modeling_llada.LLaDAModelLM",
+                 "AutoModel": "modeling_llada.LLaDAModelLM"},
+    "bias_for_layer_norm": False, "block_group_size": 1, "block_type": "llama", "embedding_dropout": 0.0,
+    "flash_attention": False, "include_bias": False, "init_cutoff_factor": None, "init_device": "meta",
+    "init_fn": "mitchell", "init_std": 0.02, "input_emb_norm": False, "layer_norm_type": "rms",
+    "layer_norm_with_affine": True, "model_type": "llada", "multi_query_attention": None, "precision": "amp_bf16",
+    "residual_dropout": 0.0, "rope": True, "rope_full_precision": True, "scale_logits": False,
+    "transformers_version": "4.46.3", "use_cache": False,
+}
+
+_DREAM_DEFAULTS: dict[str, Any] = {
+    "architectures": ["DreamModel"], "attention_dropout": 0.0,
+    "auto_map": {"AutoConfig": "configuration_dream.DreamConfig", "AutoModel": "modeling_dream.DreamModel"},
+    "hidden_act": "silu", "initializer_range": 0.02, "max_window_layers": 28, "model_type": "Dream",
+    "rope_scaling": None, "sliding_window": None, "transformers_version": "4.46.2", "use_cache": False,
+    "use_sliding_window": False,
+}
+
+
+def _llada_to_hf(c: ModelConfig) -> dict[str, Any]:
+    out = dict(_LLADA_DEFAULTS)
+    out.update(c.extra)
+    out.update({
+        "d_model": c.hidden_size, "n_layers": c.num_layers, "n_heads": c.num_heads, "n_kv_heads": c.num_kv_heads,
+        "mlp_hidden_size": c.intermediate_size, "mlp_ratio": max(1, c.intermediate_size // c.hidden_size),
+        "embedding_size": c.vocab_size, "vocab_size": c.vocab_size, "rms_norm_eps": c.rms_norm_eps,
+        "rope_theta": c.rope_theta, "max_sequence_length": c.max_position_embeddings,
+        "include_qkv_bias": c.qkv_bias, "weight_tying": c.tie_word_embeddings, "mask_token_id": c.mask_token_id,
+        "eos_token_id": c.eos_token_id, "pad_token_id": c.pad_token_id if c.pad_token_id is not None else c.eos_token_id,
+    })
+    if c.bos_token_id is not None:
+        out["bos_token_id"] = c.bos_token_id
+    if c.eot_token_id is not None:
+        out["eot_token_id"] = c.eot_token_id
+    return dict(sorted(out.items()))
+
+
+def _dream_to_hf(c: ModelConfig) -> dict[str, Any]:
+    out = dict(_DREAM_DEFAULTS)
+    out.update(c.extra)
+    out.update({
+        "hidden_size": c.hidden_size, "num_hidden_layers": c.num_layers, "num_attention_heads": c.num_heads,
+        "num_key_value_heads": c.num_kv_heads, "intermediate_size": c.intermediate_size, "vocab_size": c.vocab_size,
+        "rms_norm_eps": c.rms_norm_eps, "rope_theta": c.rope_theta, "max_position_embeddings": c.max_position_embeddings,
+        "tie_word_embeddings": c.tie_word_embeddings, "mask_token_id": c.mask_token_id, "eos_token_id": c.eos_token_id,
+        "pad_token_id": c.pad_token_id if c.pad_token_id is not None else c.eos_token_id,
+        "bos_token_id": c.bos_token_id if c.bos_token_id is not None else c.eos_token_id,
+        "torch_dtype": c.torch_dtype,
+    })
+    if c.eot_token_id is not None:
+        out["eot_token_id"] = c.eot_token_id
+    return dict(sorted(out.items()))

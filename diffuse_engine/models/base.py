@@ -1,0 +1,111 @@
+"""What every model family provides to the engine, and the plain full forward built on it."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .. import ops
+from ..config import ModelConfig
+from .layers import TokenLayout, init_linear_, rope_cos_sin
+
+
+class DiffusionLM(nn.Module):
+    """A bidirectional transformer that predicts every position of its input.
+
+    Subclasses define the parameter tree (names of the published checkpoints) and:
+    ``embed(ids)``, ``blocks()``, ``final_norm(h)``, ``lm_head_weight()`` and ``rope_full_precision``;
+    each block is called as ``block(h, cos, sin, layout)``.
+    """
+
+    rope_full_precision = False
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.config = config
+
+    # -- provided by the family
+    def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def blocks(self) -> nn.ModuleList:
+        raise NotImplementedError
+
+    def final_norm(self, h: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def lm_head_weight(self) -> torch.Tensor:
+        raise NotImplementedError
+
+    # -- shared
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.lm_head_weight().dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.lm_head_weight().device
+
+    def hidden_states(self, input_ids: torch.Tensor, positions: torch.Tensor, layout: TokenLayout) -> torch.Tensor:
+        """Final-norm hidden states ``[N, hidden]`` of flat ``input_ids`` ``[N]`` at RoPE ``positions`` ``[N]``."""
+        if input_ids.ndim != 1 or positions.shape != input_ids.shape:
+            raise ValueError("hidden_states takes flat input_ids and positions of the same shape [num_tokens].")
+        if input_ids.numel() != layout.num_tokens:
+            raise ValueError(f"layout covers {layout.num_tokens} tokens but {input_ids.numel()} were given.")
+        cfg = self.config
+        cos, sin = rope_cos_sin(positions, cfg.head_dim, cfg.rope_theta, self.dtype)
+        h = self.embed(input_ids)
+        for block in self.blocks():
+            h = block(h, cos, sin, layout)
+        return self.final_norm(h)
+
+    def logits_from_hidden(self, hidden: torch.Tensor) -> torch.Tensor:
+        """LM head: ``[M, hidden] -> [M, vocab]`` in the model dtype."""
+        return ops.linear(hidden, self.lm_head_weight())
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                position_ids: torch.Tensor | None = None) -> torch.Tensor:
+        """The plain full forward: logits ``[batch, seq, vocab]`` for every position.
+
+        ``attention_mask`` ``[batch, seq]`` (1 = real token) hides padded keys. Positions default to
+        ``0..seq-1`` in every row, as the published LLaDA model does even for left-padded batches.
+        """
+        if input_ids.ndim != 2:
+            raise ValueError(f"input_ids must be [batch, seq], got shape {tuple(input_ids.shape)}.")
+        b, s = input_ids.shape
+        if s > self.config.max_position_embeddings:
+            raise ValueError(f"sequence length {s} exceeds max_position_embeddings "
+                             f"({self.config.max_position_embeddings}).")
+        if attention_mask is not None and tuple(attention_mask.shape) != (b, s):
+            raise ValueError(f"attention_mask must have shape {(b, s)}, got {tuple(attention_mask.shape)}.")
+        if position_ids is None:
+            position_ids = torch.arange(s, device=input_ids.device).expand(b, s)
+        key_mask = None
+        if attention_mask is not None and not bool(attention_mask.bool().all()):
+            key_mask = attention_mask.to(device=input_ids.device).bool()
+        layout = TokenLayout.padded(b, s, key_mask)
+        h = self.hidden_states(input_ids.reshape(-1), position_ids.reshape(-1), layout)
+        return self.logits_from_hidden(h).view(b, s, -1)
+
+    @torch.no_grad()
+    def init_random_(self, seed: int = 0, *, on_device: bool = False) -> DiffusionLM:
+        """Fill every parameter from ``seed``: linear weights N(0, 1/fan_in), embeddings N(0, 1), biases
+        N(0, 0.02), norms 1. By default drawn in fp32 on the CPU and copied, so the values are the same on
+        every device; ``on_device=True`` draws directly on the parameters' device (fast for 8B-size models,
+        reproducible only on the same kind of device)."""
+        gen = torch.Generator(device=self.device if on_device else "cpu").manual_seed(seed)
+        for name, p in self.named_parameters():
+            t = p if on_device else torch.empty(p.shape, dtype=torch.float32)
+            if name.endswith("norm.weight") or name.endswith("ln_f.weight"):
+                t.fill_(1.0)
+            elif name.endswith(".bias"):
+                t.normal_(0.0, 0.02, generator=gen)
+            elif p.ndim == 2 and ("wte" in name or "embed_tokens" in name):
+                t.normal_(0.0, 1.0, generator=gen)
+            elif p.ndim == 2:
+                init_linear_(t, gen)
+            else:
+                t.normal_(0.0, 0.02, generator=gen)
+            if not on_device:
+                p.copy_(t)
+        return self

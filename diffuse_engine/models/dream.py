@@ -1,0 +1,83 @@
+"""Dream: the Qwen2.5 layout (GQA, q/k/v biases) with the parameter names of Dream-org/Dream-v0-Instruct-7B:
+``model.{embed_tokens, layers.N.{self_attn.{q,k,v,o}_proj, mlp.{gate,up,down}_proj, input_layernorm,
+post_attention_layernorm}, norm}`` and ``lm_head``. Its logits are shifted: the engine reads the prediction
+for position i from row i - 1 (``ModelConfig.shifted_logits``)."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .. import ops
+from ..config import ModelConfig
+from .base import DiffusionLM
+from .layers import RMSNorm, TokenLayout, apply_rope, swiglu
+
+
+class _Attention(nn.Module):
+    def __init__(self, c: ModelConfig) -> None:
+        super().__init__()
+        d, hd = c.hidden_size, c.head_dim
+        self.q_proj = nn.Linear(d, c.num_heads * hd, bias=c.qkv_bias)
+        self.k_proj = nn.Linear(d, c.num_kv_heads * hd, bias=c.qkv_bias)
+        self.v_proj = nn.Linear(d, c.num_kv_heads * hd, bias=c.qkv_bias)
+        self.o_proj = nn.Linear(c.num_heads * hd, d, bias=False)
+
+
+class _MLP(nn.Module):
+    def __init__(self, c: ModelConfig) -> None:
+        super().__init__()
+        self.gate_proj = nn.Linear(c.hidden_size, c.intermediate_size, bias=False)
+        self.up_proj = nn.Linear(c.hidden_size, c.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(c.intermediate_size, c.hidden_size, bias=False)
+
+
+class DreamLayer(nn.Module):
+    def __init__(self, c: ModelConfig) -> None:
+        super().__init__()
+        self.n_heads, self.n_kv, self.head_dim = c.num_heads, c.num_kv_heads, c.head_dim
+        self.self_attn = _Attention(c)
+        self.mlp = _MLP(c)
+        self.input_layernorm = RMSNorm(c.hidden_size, c.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(c.hidden_size, c.rms_norm_eps)
+
+    def forward(self, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, layout: TokenLayout) -> torch.Tensor:
+        n, at, mlp = h.shape[0], self.self_attn, self.mlp
+        x = self.input_layernorm(h)
+        q = ops.linear(x, at.q_proj.weight, at.q_proj.bias).view(n, self.n_heads, self.head_dim)
+        k = ops.linear(x, at.k_proj.weight, at.k_proj.bias).view(n, self.n_kv, self.head_dim)
+        v = ops.linear(x, at.v_proj.weight, at.v_proj.bias).view(n, self.n_kv, self.head_dim)
+        q = apply_rope(q, cos, sin, full_precision=False)
+        k = apply_rope(k, cos, sin, full_precision=False)
+        h = h + ops.linear(ops.attention(q, k, v, layout).reshape(n, -1), at.o_proj.weight)
+        x = self.post_attention_layernorm(h)
+        g = swiglu(ops.linear(x, mlp.gate_proj.weight), ops.linear(x, mlp.up_proj.weight))
+        return h + ops.linear(g, mlp.down_proj.weight)
+
+
+class _Model(nn.Module):
+    def __init__(self, c: ModelConfig) -> None:
+        super().__init__()
+        self.embed_tokens = nn.Embedding(c.vocab_size, c.hidden_size)
+        self.layers = nn.ModuleList(DreamLayer(c) for _ in range(c.num_layers))
+        self.norm = RMSNorm(c.hidden_size, c.rms_norm_eps)
+
+
+class DreamModel(DiffusionLM):
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__(config)
+        self.model = _Model(config)
+        if not config.tie_word_embeddings:
+            self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+
+    def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return self.model.embed_tokens(input_ids)
+
+    def blocks(self) -> nn.ModuleList:
+        return self.model.layers
+
+    def final_norm(self, h: torch.Tensor) -> torch.Tensor:
+        return self.model.norm(h)
+
+    def lm_head_weight(self) -> torch.Tensor:
+        return self.model.embed_tokens.weight if self.config.tie_word_embeddings else self.lm_head.weight

@@ -1,0 +1,148 @@
+"""The single dispatch point for every op of the engine.
+
+Backends: ``torch`` (the references of ``kernels/reference.py`` and plain torch, everywhere), ``triton``
+(``kernels/``, CUDA tensors, or the CPU under ``TRITON_INTERPRET=1``), ``cuda`` (the native module built from
+``csrc/``). ``DIFFUSE_BACKEND=cuda|triton|torch`` forces one backend for every op that has it: an op that
+cannot run on the forced backend raises :class:`BackendUnavailableError` with the reason. Without it, the
+best available backend is chosen per call; CPU tensors use the torch path.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+from functools import lru_cache
+from typing import TYPE_CHECKING
+
+import torch
+import torch.nn.functional as F
+
+from .kernels import reference as ref
+
+if TYPE_CHECKING:
+    from .models.layers import TokenLayout
+
+BACKENDS = ("cuda", "triton", "torch")
+BACKEND_ENV = "DIFFUSE_BACKEND"
+
+# CPU matmuls are computed over row counts padded to a multiple of this: oneDNN/MKL then give every row the
+# same bits whatever the number of rows, which makes a request's tokens independent of its batch.
+INVARIANT_ROWS = 64
+
+
+class BackendUnavailableError(RuntimeError):
+    """An explicitly requested backend cannot run an op; the message says why."""
+
+
+def requested_backend() -> str | None:
+    """The backend forced through ``DIFFUSE_BACKEND``, or None for automatic choice."""
+    value = os.environ.get(BACKEND_ENV, "").strip().lower()
+    if not value or value == "auto":
+        return None
+    if value not in BACKENDS:
+        raise ValueError(f"{BACKEND_ENV}={value!r} is not a backend; use one of {', '.join(BACKENDS)} or 'auto'.")
+    return value
+
+
+@lru_cache(maxsize=1)
+def native_status() -> tuple[object | None, str]:
+    """The native module and '' when it imports, else (None, reason)."""
+    if importlib.util.find_spec("diffuse_engine._C") is None:
+        return None, ("not built: install with nvcc on PATH (and without DIFFUSE_SKIP_CUDA_BUILD=1) to compile "
+                      "csrc/")
+    try:
+        from . import _C  # type: ignore[attr-defined]
+    except ImportError as exc:
+        return None, f"built but failed to import: {exc}"
+    return _C, ""
+
+
+def backend_report() -> dict[str, tuple[bool, str]]:
+    """For each backend: whether it can run here, and why not (or what it runs on)."""
+    report: dict[str, tuple[bool, str]] = {"torch": (True, "always available (reference ops, SDPA attention)")}
+    cuda_ok = torch.cuda.is_available()
+    if importlib.util.find_spec("triton") is None:
+        report["triton"] = (False, "triton is not installed")
+    elif cuda_ok:
+        report["triton"] = (True, "CUDA device present")
+    elif os.environ.get("TRITON_INTERPRET") == "1":
+        report["triton"] = (True, "CPU interpreter (TRITON_INTERPRET=1): for tests, slow")
+    else:
+        report["triton"] = (False, "no CUDA device (set TRITON_INTERPRET=1 to run kernels on the CPU interpreter)")
+    native, why = native_status()
+    if native is None:
+        report["cuda"] = (False, why)
+    elif not cuda_ok:
+        report["cuda"] = (False, "native module built, but no CUDA device is visible")
+    else:
+        report["cuda"] = (True, "native module built and a CUDA device is visible")
+    if importlib.util.find_spec("flash_attn") is None:
+        report["flash-attn"] = (False, "flash_attn is not installed (optional: pip install flash-attn)")
+    else:
+        report["flash-attn"] = (True, "importable")
+    return report
+
+
+def _no_kernel(op: str, backend: str) -> BackendUnavailableError:
+    return BackendUnavailableError(f"{BACKEND_ENV}={backend} was requested, but op '{op}' has no {backend} "
+                                   f"implementation; unset {BACKEND_ENV} or choose 'torch'.")
+
+
+# --------------------------------------------------------------------------------------------------- linear
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """``x @ weight.T + bias`` for ``x`` ``[rows, in]``. On the CPU the row count is padded to a multiple of
+    :data:`INVARIANT_ROWS` so that every row's result is independent of the other rows (batch invariance)."""
+    rows = x.shape[0]
+    if x.device.type == "cpu" and rows % INVARIANT_ROWS:
+        padded = x.new_zeros((rows + INVARIANT_ROWS - rows % INVARIANT_ROWS, x.shape[1]))
+        padded[:rows] = x
+        return F.linear(padded, weight, bias)[:rows]
+    return F.linear(x, weight, bias)
+
+
+# ------------------------------------------------------------------------------------------------ attention
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: TokenLayout) -> torch.Tensor:
+    """Bidirectional attention within each sequence of ``layout``.
+
+    q ``[N, H, D]``, k and v ``[N, KV, D]`` (H a multiple of KV, GQA), N = ``layout.num_tokens``;
+    returns ``[N, H, D]``. Softmax scale 1/sqrt(D).
+    """
+    backend = requested_backend()
+    if backend in ("cuda", "triton"):
+        raise _no_kernel("attention", backend)
+    gqa = q.shape[1] != k.shape[1]
+    if layout.cu_seqlens is None:
+        b, s = layout.batch, layout.seq_len
+        qh, kh, vh = (t.view(b, s, t.shape[1], t.shape[2]).transpose(1, 2) for t in (q, k, v))
+        mask = None if layout.key_mask is None else layout.key_mask[:, None, None, :].to(torch.bool)
+        out = F.scaled_dot_product_attention(qh, kh, vh, attn_mask=mask, enable_gqa=gqa)
+        return out.transpose(1, 2).reshape(q.shape)
+    outs = []
+    cu = layout.cu_seqlens
+    for start, end in zip(cu[:-1], cu[1:], strict=True):
+        qh, kh, vh = (t[start:end].transpose(0, 1).unsqueeze(0) for t in (q, k, v))
+        outs.append(F.scaled_dot_product_attention(qh, kh, vh, enable_gqa=gqa)[0].transpose(0, 1))
+    return torch.cat(outs, dim=0) if len(outs) > 1 else outs[0].contiguous()
+
+
+# ------------------------------------------------------------------------------------------------- sampling
+def sample_and_score(logits: torch.Tensor, temperature: torch.Tensor, seed: torch.Tensor, step: torch.Tensor,
+                     position: torch.Tensor, *, top_k: torch.Tensor | None = None, top_p: torch.Tensor | None = None,
+                     raw_confidence: torch.Tensor | None = None,
+                     conf_exclude: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+    """Logits rows -> sampled token, its probability, top-1 probability, top-1 - top-2 margin, negative
+    entropy. Semantics: :func:`kernels.reference.sample_and_score`."""
+    backend = requested_backend()
+    if backend in ("cuda", "triton"):
+        raise _no_kernel("sample_and_score", backend)
+    return ref.sample_and_score(logits, temperature, seed, step, position, top_k=top_k, top_p=top_p,
+                                raw_confidence=raw_confidence, conf_exclude=conf_exclude)
+
+
+def counter_uniform(seed: torch.Tensor, step: torch.Tensor, position: torch.Tensor, stream: int,
+                    num_cols: int | None = None) -> torch.Tensor:
+    """Counter-based uniforms in (0, 1); semantics: :func:`kernels.reference.counter_uniform`."""
+    backend = requested_backend()
+    if backend == "triton":
+        raise _no_kernel("counter_uniform", backend)
+    return ref.counter_uniform(seed, step, position, stream, num_cols)

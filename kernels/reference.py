@@ -1,0 +1,173 @@
+"""Pure-torch references of every op in ``diffuse_engine.kernels`` and ``csrc/``.
+
+These are the semantics that the Triton and CUDA kernels must reproduce; the engine runs them directly on
+CPU tensors (see ``diffuse_engine/ops.py``).
+
+Counter-based noise
+-------------------
+Every random number the engine draws is a pure function of ``(seed, step, position, stream, column)``, so a
+request's samples do not depend on the batch it runs in, on tiling, or on the backend. The hash is
+``lowbias32`` (a 32-bit integer finaliser) chained over the key words::
+
+    h = H(seed_lo); h = H(h ^ seed_hi); h = H(h ^ step); h = H(h ^ position); h = H(h ^ stream)
+    bits(column) = H(h ^ H(column ^ 0xA511E9B3))
+    u = ((bits >> 9) + 0.5) * 2**-23          # 23 random bits, u in (0, 1), exact in fp32
+
+with all arithmetic modulo 2**32. A per-position uniform (no vocabulary axis) is column 0. Gumbel noise is
+``-log(-log(u))`` in fp32: u is at most 1 - 2**-24, so neither log reaches 0 or infinity.
+"""
+
+from __future__ import annotations
+
+import torch
+
+MASK32 = 0xFFFFFFFF
+COLUMN_SALT = 0xA511E9B3
+
+# Noise streams: which decision a random number is for.
+STREAM_SAMPLE = 1  # Gumbel noise of token sampling, one per vocabulary column
+STREAM_REMASK = 2  # LLaDA 'random' remasking: the per-position confidence
+STREAM_TRANSFER = 3  # Dream 'origin': the per-position coin that decides whether it is unmasked
+STREAM_ORDER = 4  # Dream alg_temp: Gumbel noise for sampling positions without replacement
+
+
+def _to_i32(x: torch.Tensor) -> torch.Tensor:
+    """int64 values in [0, 2**32) -> the int32 with the same bits."""
+    return (x - ((x >> 31) & 1) * (1 << 32)).to(torch.int32)
+
+
+def _i32_const(v: int) -> int:
+    return v - (1 << 32) if v >= (1 << 31) else v
+
+
+_M1 = _i32_const(0x7FEB352D)
+_M2 = _i32_const(0x846CA68B)
+
+
+def lowbias32(x: torch.Tensor) -> torch.Tensor:
+    """The lowbias32 finaliser on int32 tensors holding uint32 bit patterns (multiplication wraps mod 2**32;
+    right shifts are made logical by masking)."""
+    if x.dtype != torch.int32:
+        raise TypeError("lowbias32 works on int32 bit patterns")
+    x = x ^ ((x >> 16) & 0xFFFF)
+    x = x * _M1
+    x = x ^ ((x >> 15) & 0x1FFFF)
+    x = x * _M2
+    return x ^ ((x >> 16) & 0xFFFF)
+
+
+def row_keys(seed: torch.Tensor, step: torch.Tensor, position: torch.Tensor, stream: int) -> torch.Tensor:
+    """The per-row hash state ``h`` (int32 bit patterns) for int64 tensors of equal shape.
+    ``seed`` holds uint64 values as int64 bit patterns; ``step`` and ``position`` are in [0, 2**32)."""
+    seed = seed.to(torch.int64)
+    lo = _to_i32(seed & MASK32)
+    hi = _to_i32((seed >> 32) & MASK32)
+    h = lowbias32(lo)
+    h = lowbias32(h ^ hi)
+    h = lowbias32(h ^ _to_i32(step.to(torch.int64) & MASK32))
+    h = lowbias32(h ^ _to_i32(position.to(torch.int64) & MASK32))
+    return lowbias32(h ^ _i32_const(stream & MASK32))
+
+
+def column_hashes(num_cols: int, device: torch.device | str = "cpu") -> torch.Tensor:
+    cols = torch.arange(num_cols, device=device, dtype=torch.int32)
+    return lowbias32(cols ^ _i32_const(COLUMN_SALT))
+
+
+def bits_to_uniform(bits: torch.Tensor) -> torch.Tensor:
+    """uint32 bit patterns (int32 tensor) -> fp32 uniforms ((bits >> 9) + 0.5) * 2**-23."""
+    return (((bits >> 9) & 0x7FFFFF).to(torch.float32) + 0.5) * (2.0 ** -23)
+
+
+def counter_uniform(seed: torch.Tensor, step: torch.Tensor, position: torch.Tensor, stream: int,
+                    num_cols: int | None = None) -> torch.Tensor:
+    """Uniforms in (0, 1), fp32: ``[M]`` when ``num_cols`` is None (column 0), else ``[M, num_cols]``."""
+    h = row_keys(seed, step, position, stream)
+    if num_cols is None:
+        return bits_to_uniform(lowbias32(h ^ column_hashes(1, h.device)[0]))
+    return bits_to_uniform(lowbias32(h[:, None] ^ column_hashes(num_cols, h.device)[None, :]))
+
+
+def counter_gumbel(seed: torch.Tensor, step: torch.Tensor, position: torch.Tensor, stream: int,
+                   num_cols: int | None = None) -> torch.Tensor:
+    """Standard Gumbel noise ``-log(-log(u))`` of :func:`counter_uniform`, fp32."""
+    return -torch.log(-torch.log(counter_uniform(seed, step, position, stream, num_cols)))
+
+
+# ----------------------------------------------------------------------------------------------- sampling
+def filter_logits(z: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
+    """Dream's ``top_p_logits`` then ``top_k_logits``, per row (top_p >= 1 and top_k <= 0 disable them).
+    Removed entries get the dtype's lowest finite value, as in the published code."""
+    low = torch.finfo(z.dtype).min
+    if bool((top_p < 1).any()):
+        sorted_z, order = torch.sort(z, dim=-1, descending=True)
+        cum = torch.softmax(sorted_z, dim=-1).cumsum(dim=-1)
+        remove = cum > top_p[:, None].to(cum.dtype)
+        remove[:, 1:] = remove[:, :-1].clone()
+        remove[:, 0] = False
+        remove &= (top_p < 1)[:, None]
+        z = z.masked_fill(torch.zeros_like(remove).scatter_(-1, order, remove), low)
+    if bool((top_k > 0).any()):
+        k = top_k.clamp(min=1, max=z.shape[-1]).to(torch.int64)
+        kth = torch.sort(z, dim=-1, descending=True).values.gather(-1, (k - 1)[:, None])
+        z = z.masked_fill((z < kth) & (top_k > 0)[:, None], low)
+    return z
+
+
+def sample_and_score(logits: torch.Tensor, temperature: torch.Tensor, seed: torch.Tensor, step: torch.Tensor,
+                     position: torch.Tensor, *, top_k: torch.Tensor | None = None,
+                     top_p: torch.Tensor | None = None, raw_confidence: torch.Tensor | None = None,
+                     conf_exclude: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+    """Sample one token per row and score it.
+
+    logits ``[M, V]`` (any float dtype; computed in fp32, or fp64 for fp64 input); per-row ``temperature``,
+    ``seed``, ``step``, ``position`` ``[M]``; optional per-row ``top_k`` (<= 0: off), ``top_p`` (>= 1: off).
+
+    The token is ``argmax(z)`` at temperature 0, else ``argmax(z + G)`` with counter-based Gumbel noise G
+    (stream SAMPLE, one draw per vocabulary column), where ``z = filter(logits / T)`` (T = 1 when 0): an
+    exact sample from ``softmax(z)``. Scores come from the confidence distribution q:
+    ``softmax(z)`` (Dream), or, for rows with ``raw_confidence`` True, ``softmax(logits)`` with column
+    ``conf_exclude[row]`` (when >= 0) set to -inf (LLaDA: raw logits, no temperature).
+
+    Returns ``token`` (int64), ``prob`` = q[token], ``top1`` = max q, ``margin`` = q1 - q2 and
+    ``neg_entropy`` = sum q * log(q + 1e-10) (Dream's formula), each ``[M]`` in the work dtype.
+    """
+    if logits.ndim != 2:
+        raise ValueError(f"logits must be [rows, vocab], got shape {tuple(logits.shape)}.")
+    m, v = logits.shape
+    work = torch.float64 if logits.dtype == torch.float64 else torch.float32
+    x = logits.to(work)
+    if not bool(torch.isfinite(x).any(dim=-1).all()):
+        raise ValueError("sample_and_score: a row of logits has no finite entry (all -inf or NaN).")
+    if bool(torch.isnan(x).any()):
+        raise ValueError("sample_and_score: logits contain NaN.")
+    temperature = temperature.to(device=x.device, dtype=work)
+    hot = temperature > 0
+    z = x / torch.where(hot, temperature, torch.ones_like(temperature))[:, None]
+    if top_k is not None or top_p is not None:
+        tk = top_k if top_k is not None else torch.zeros(m, dtype=torch.int64, device=x.device)
+        tp = top_p if top_p is not None else torch.ones(m, dtype=work, device=x.device)
+        z = filter_logits(z, tk.to(x.device), tp.to(device=x.device, dtype=work))
+    noisy = z
+    if bool(hot.any()):
+        rows = hot.nonzero().squeeze(1)
+        g = counter_gumbel(seed[rows], step[rows], position[rows], STREAM_SAMPLE, v).to(work)
+        noisy = z.clone()
+        noisy[rows] = z[rows] + g
+    token = noisy.argmax(dim=-1)
+
+    q_logits = z
+    if raw_confidence is not None and bool(raw_confidence.any()):
+        raw = x
+        if conf_exclude is not None and bool((conf_exclude >= 0).any()):
+            raw = x.clone()
+            rows = (conf_exclude >= 0).nonzero().squeeze(1)
+            raw[rows, conf_exclude[rows]] = float("-inf")
+        q_logits = torch.where(raw_confidence.to(x.device)[:, None], raw, z)
+    q = torch.softmax(q_logits, dim=-1)
+    prob = q.gather(-1, token[:, None]).squeeze(1)
+    top2 = q.topk(min(2, v), dim=-1).values
+    top1 = top2[:, 0]
+    margin = top1 - top2[:, 1] if v > 1 else top1
+    neg_entropy = (q * torch.log(q + 1e-10)).sum(dim=-1)
+    return {"token": token, "prob": prob, "top1": top1, "margin": margin, "neg_entropy": neg_entropy}
