@@ -1,0 +1,197 @@
+"""The denoising engine: ``add_request / step / abort / has_unfinished``.
+
+Each :meth:`Engine.step` runs one denoising step for every running request in a single forward: requests of
+different lengths and settings batch together. A request's tokens do not depend on its batch: it keeps its own
+positions, its randomness is keyed by (seed, step, position), and CPU matmuls are batch-invariant
+(``ops.INVARIANT_ROWS``).
+"""
+
+from __future__ import annotations
+
+import itertools
+import secrets
+import time
+from collections import deque
+from dataclasses import dataclass
+
+import torch
+
+from ..models import DiffusionLM
+from ..sampling_params import SamplingParams
+from .decide import select
+from .request import Request, RequestOutput, RequestStatus, StepOutput
+from .runner import ModelRunner
+
+
+@dataclass(slots=True)
+class EngineConfig:
+    """Batch limits. ``max_num_seqs``: requests per step; ``max_num_batched_tokens``: tokens per forward
+    (prompt + canvas, doubled for classifier-free guidance)."""
+
+    max_num_seqs: int = 64
+    max_num_batched_tokens: int = 65536
+
+    def __post_init__(self) -> None:
+        for name in ("max_num_seqs", "max_num_batched_tokens"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"{name} must be a positive integer; got {value!r}.")
+
+
+class Engine:
+    """Runs requests on ``model``. ``tokenizer`` (optional) decodes each finished answer into ``text``."""
+
+    def __init__(self, model: DiffusionLM, tokenizer=None, config: EngineConfig | None = None) -> None:
+        self.model = model.eval()
+        self.model_config = model.config
+        self.tokenizer = tokenizer
+        self.config = config or EngineConfig()
+        self.runner = ModelRunner(model)
+        self.waiting: deque[Request] = deque()
+        self.running: list[Request] = []
+        self._ids = itertools.count()
+        self._known: set[str] = set()
+        self.num_steps = 0
+        self.step_seconds = 0.0
+
+    # ------------------------------------------------------------------------------------------ requests
+    def add_request(self, prompt: list[int], params: SamplingParams | None = None,
+                    request_id: str | None = None) -> str:
+        """Queue a request; returns its id. Raises ValueError (with the reason) for a request that cannot run."""
+        params = params if params is not None else SamplingParams()
+        if not isinstance(params, SamplingParams):
+            raise ValueError(f"params must be a SamplingParams, got {type(params).__name__}.")
+        cfg = self.model_config
+        prompt = self._check_prompt(prompt)
+        total = len(prompt) + params.gen_length
+        if total > cfg.max_position_embeddings:
+            raise ValueError(f"prompt ({len(prompt)} tokens) + gen_length ({params.gen_length}) = {total} exceeds the "
+                             f"model's maximum length of {cfg.max_position_embeddings} tokens.")
+        tokens = total * (2 if params.cfg_scale > 0 else 1)
+        if tokens > self.config.max_num_batched_tokens:
+            raise ValueError(f"the request needs {tokens} tokens per forward, more than max_num_batched_tokens "
+                             f"({self.config.max_num_batched_tokens}).")
+        if params.confidence_eos_eot_inf and cfg.eot_token_id is None:
+            raise ValueError("confidence_eos_eot_inf needs the model's end-of-turn token id, which neither its "
+                             "config nor its tokenizer defines.")
+        if request_id is None:
+            request_id = f"req-{next(self._ids)}"
+        elif not isinstance(request_id, str) or not request_id:
+            raise ValueError(f"request_id must be a non-empty string; got {request_id!r}.")
+        if request_id in self._known:
+            raise ValueError(f"request_id {request_id!r} is already in use by an unfinished request.")
+        seed = params.seed if params.seed is not None else secrets.randbits(63)
+        req = Request(request_id, prompt, params, params.resolved_remasking(cfg.arch), seed, cfg.mask_token_id,
+                      cfg.arch)
+        self._known.add(request_id)
+        self.waiting.append(req)
+        return request_id
+
+    def _check_prompt(self, prompt: list[int]) -> list[int]:
+        if isinstance(prompt, torch.Tensor):
+            prompt = prompt.tolist()
+        if isinstance(prompt, str):
+            raise ValueError("Engine.add_request takes token ids; encode text with the tokenizer (LLM.generate does).")
+        if not isinstance(prompt, (list, tuple)) or not all(isinstance(t, int) and not isinstance(t, bool)
+                                                             for t in prompt):
+            raise ValueError("prompt must be a list of integer token ids.")
+        if not prompt:
+            raise ValueError("prompt is empty: a request needs at least one prompt token.")
+        vocab, mask = self.model_config.vocab_size, self.model_config.mask_token_id
+        bad = [t for t in prompt if not 0 <= t < vocab]
+        if bad:
+            raise ValueError(f"prompt holds token ids outside the vocabulary [0, {vocab}): {bad[:5]}.")
+        if mask in prompt:
+            raise ValueError(f"prompt contains the mask token id {mask}; prompts must be fully observed.")
+        return list(prompt)
+
+    def abort(self, request_id: str) -> bool:
+        """Drop a request (waiting or running); returns whether it was known. Its slot is free at once."""
+        for queue in (self.waiting, self.running):
+            for req in queue:
+                if req.request_id == request_id:
+                    queue.remove(req)
+                    req.status = RequestStatus.ABORTED
+                    self._known.discard(request_id)
+                    return True
+        return False
+
+    def has_unfinished(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def num_unfinished(self) -> int:
+        return len(self.waiting) + len(self.running)
+
+    # ---------------------------------------------------------------------------------------------- step
+    def _admit(self) -> None:
+        budget = self.config.max_num_batched_tokens - sum(self._tokens(r) for r in self.running)
+        now = time.perf_counter()
+        while self.waiting and len(self.running) < self.config.max_num_seqs:
+            req = self.waiting[0]
+            if self._tokens(req) > budget:
+                break
+            self.waiting.popleft()
+            budget -= self._tokens(req)
+            req.status = RequestStatus.RUNNING
+            req.metrics.first_scheduled_time = now
+            self.running.append(req)
+
+    @staticmethod
+    def _tokens(req: Request) -> int:
+        return req.seq_len * (2 if req.params.cfg_scale > 0 else 1)
+
+    def step(self) -> list[StepOutput]:
+        """One denoising step (one forward) for every running request; returns what changed."""
+        self._admit()
+        if not self.running:
+            return []
+        t0 = time.perf_counter()
+        batch = list(self.running)
+        rows = self.runner.run(batch)
+        chosen = select(batch, rows)
+        outputs = []
+        for i, req in enumerate(batch):
+            a, b = rows.starts[i], rows.starts[i + 1]
+            pick = chosen[a:b]
+            pos, tok = rows.position[a:b][pick], rows.token[a:b][pick]
+            req.seq[pos] = tok
+            committed = list(zip((pos - req.prompt_len).tolist(), tok.tolist(), strict=True))
+            outputs.append(self._advance(req, committed))
+        self.num_steps += 1
+        self.step_seconds += time.perf_counter() - t0
+        return outputs
+
+    def _advance(self, req: Request, committed: list[tuple[int, int]]) -> StepOutput:
+        step, block = req.nfe, req.block
+        req.nfe += 1
+        req.block_step += 1
+        p, cfg = req.params, self.model_config
+        if req.block_step == p.steps_per_block:
+            start, end = req.block_span
+            ends = (req.seq[start:end] == cfg.eos_token_id)
+            if cfg.eot_token_id is not None:
+                ends |= req.seq[start:end] == cfg.eot_token_id
+            req.block += 1
+            if p.early_stop and bool(ends.any()) and req.block < p.num_blocks:
+                req.seq[end:] = cfg.eos_token_id
+                req.block = p.num_blocks
+            if req.block == p.num_blocks:
+                return self._finish(req, step, block, committed)
+            req.start_block()
+        return StepOutput(req.request_id, step, block, committed, req.canvas.tolist(), False)
+
+    def _finish(self, req: Request, step: int, block: int, committed: list[tuple[int, int]]) -> StepOutput:
+        cfg = self.model_config
+        req.status = RequestStatus.FINISHED
+        req.metrics.finished_time = time.perf_counter()
+        self.running.remove(req)
+        self._known.discard(req.request_id)
+        tokens = req.canvas.tolist()
+        stops = {cfg.eos_token_id} | ({cfg.eot_token_id} if cfg.eot_token_id is not None else set())
+        cut = next((i for i, t in enumerate(tokens) if t in stops), None)
+        text = None
+        if self.tokenizer is not None:
+            text = self.tokenizer.decode(tokens[:cut] if cut is not None else tokens)
+        out = RequestOutput(req.request_id, req.prompt_ids, tokens, text, req.nfe,
+                            "eos" if cut is not None else "length", req.seed, req.metrics)
+        return StepOutput(req.request_id, step, block, committed, tokens, True, out)

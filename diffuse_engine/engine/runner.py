@@ -1,0 +1,125 @@
+"""One forward for a whole batch of requests, and the per-row decisions of its head.
+
+Requests are packed (no padding): each keeps its own positions from 0, as if it ran alone. Only the rows the
+step can commit (the still-masked positions of each request's current block) go through the LM head; with
+Dream's shifted logits the row for position p is read from p - 1.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .. import ops
+from ..models import DiffusionLM, TokenLayout
+from .request import Request
+
+
+@dataclass(slots=True)
+class HeadRows:
+    """The candidate rows of one step, grouped by request (request i owns rows ``starts[i]:starts[i+1]``).
+
+    ``position``: sequence positions; ``token``, ``prob``, ``top1``, ``margin``, ``neg_entropy``: the outputs
+    of :func:`ops.sample_and_score` for each row, on the CPU.
+    """
+
+    starts: list[int]
+    position: torch.Tensor
+    token: torch.Tensor
+    prob: torch.Tensor
+    top1: torch.Tensor
+    margin: torch.Tensor
+    neg_entropy: torch.Tensor
+
+
+class ModelRunner:
+    def __init__(self, model: DiffusionLM) -> None:
+        self.model = model
+        self.config = model.config
+        self.device = model.device
+        self._positions_cache: dict[tuple[int, ...], torch.Tensor] = {}
+
+    def _positions(self, seqlens: list[int]) -> torch.Tensor:
+        key = tuple(seqlens)
+        cached = self._positions_cache.get(key)
+        if cached is None:
+            cached = torch.cat([torch.arange(n, dtype=torch.int64) for n in seqlens]).to(self.device)
+            if len(self._positions_cache) > 256:
+                self._positions_cache.clear()
+            self._positions_cache[key] = cached
+        return cached
+
+    @torch.inference_mode()
+    def run(self, batch: list[Request]) -> HeadRows:
+        cfg = self.config
+        shift = 1 if cfg.shifted_logits else 0
+        seqs: list[torch.Tensor] = []
+        positions: list[torch.Tensor] = []
+        starts = [0]
+        cond_rows: list[torch.Tensor] = []
+        guided: list[tuple[int, int, int, float]] = []  # (first row, last row, uncond row offset, cfg_scale)
+        offset = 0
+        for r in batch:
+            pos = r.masked_in_block()
+            positions.append(pos)
+            seqs.append(r.seq)
+            cond_rows.append(pos - shift + offset)
+            offset += r.seq_len
+            starts.append(starts[-1] + pos.numel())
+        uncond_rows: list[torch.Tensor] = []
+        num_rows = starts[-1]
+        for i, r in enumerate(batch):
+            if r.params.cfg_scale > 0:
+                un = r.seq.clone()
+                un[: r.prompt_len] = cfg.mask_token_id
+                seqs.append(un)
+                uncond_rows.append(positions[i] - shift + offset)
+                guided.append((starts[i], starts[i + 1], num_rows + sum(t.numel() for t in uncond_rows[:-1]),
+                               r.params.cfg_scale))
+                offset += r.seq_len
+        seqlens = [s.numel() for s in seqs]
+        tokens = torch.cat(seqs).to(self.device, non_blocking=True)
+        hidden = self.model.hidden_states(tokens, self._positions(seqlens), TokenLayout.packed(seqlens))
+        rows = torch.cat(cond_rows + uncond_rows).to(self.device)
+        logits = self.model.logits_from_hidden(hidden[rows])
+        work = torch.float64 if logits.dtype == torch.float64 else torch.float32
+        logits = logits.to(work)
+        if guided:
+            cond = logits[:num_rows].clone()
+            for first, last, un_first, scale in guided:
+                c = logits[first:last]
+                un = logits[un_first:un_first + (last - first)]
+                cond[first:last] = un + (scale + 1) * (c - un)
+            logits = cond
+        return self._score(batch, starts, torch.cat(positions), logits)
+
+    def _score(self, batch: list[Request], starts: list[int], position: torch.Tensor,
+               logits: torch.Tensor) -> HeadRows:
+        cfg = self.config
+        counts = [starts[i + 1] - starts[i] for i in range(len(batch))]
+
+        def per_row(values: list, dtype: torch.dtype) -> torch.Tensor:
+            return torch.repeat_interleave(torch.tensor(values, dtype=dtype), torch.tensor(counts)).to(self.device)
+
+        ban_eos = [r.params.logits_eos_inf for r in batch]
+        if any(ban_eos):
+            rows = per_row(ban_eos, torch.bool).nonzero().squeeze(1)
+            logits[rows, cfg.eos_token_id] = float("-inf")
+        seeds = [r.seed - (1 << 64) if r.seed >= (1 << 63) else r.seed for r in batch]
+        top_k = [r.params.top_k or 0 for r in batch]
+        top_p = [r.params.top_p if r.params.top_p is not None else 1.0 for r in batch]
+        exclude = [cfg.eot_token_id if r.params.confidence_eos_eot_inf else -1 for r in batch]
+        stats = ops.sample_and_score(
+            logits,
+            per_row([r.params.temperature for r in batch], torch.float32),
+            per_row(seeds, torch.int64),
+            per_row([r.nfe for r in batch], torch.int64),
+            position.to(self.device),
+            top_k=per_row(top_k, torch.int64) if any(top_k) else None,
+            top_p=per_row(top_p, torch.float32) if any(p < 1 for p in top_p) else None,
+            raw_confidence=per_row([r.remasking == "low_confidence" for r in batch], torch.bool),
+            conf_exclude=per_row(exclude, torch.int64) if any(e >= 0 for e in exclude) else None,
+        )
+        cpu = {k: v.cpu() for k, v in stats.items()}
+        return HeadRows(starts, position, cpu["token"], cpu["prob"], cpu["top1"], cpu["margin"], cpu["neg_entropy"])

@@ -1,0 +1,111 @@
+"""``LLM``: load a model folder and generate, the offline entry point (vLLM / nano-vllm shape)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import torch
+
+from .engine import Engine, EngineConfig, RequestOutput, StepOutput
+from .models import DiffusionLM
+from .sampling_params import SamplingParams
+
+Prompt = str | Sequence[int]
+
+
+class LLM:
+    """A model and its engine.
+
+    ``LLM(model_path, device=None, dtype=None)`` loads a Hugging Face-layout folder (LLaDA or Dream).
+    ``device`` defaults to CUDA when available, else CPU; ``dtype`` to the checkpoint's dtype on CUDA and fp32
+    on the CPU. ``LLM.model`` is the ``nn.Module`` (its ``forward(input_ids, attention_mask=None)`` returns
+    logits ``[batch, seq, vocab]``), ``LLM.tokenizer`` the tokenizer (None for a weights-only folder).
+    """
+
+    def __init__(self, model_path: str | Path, device: str | torch.device | None = None,
+                 dtype: str | torch.dtype | None = None, engine_config: EngineConfig | None = None) -> None:
+        from .loader import load_model
+
+        if device is None:
+            device = "cuda" if torch.cuda.is_available() else "cpu"
+        model, _, tokenizer = load_model(model_path, device=device, dtype=dtype)
+        self.engine = Engine(model, tokenizer, engine_config)
+
+    @classmethod
+    def from_model(cls, model: DiffusionLM, tokenizer=None, engine_config: EngineConfig | None = None) -> LLM:
+        """Wrap an already built model (e.g. random weights for a benchmark)."""
+        llm = cls.__new__(cls)
+        llm.engine = Engine(model, tokenizer, engine_config)
+        return llm
+
+    @property
+    def model(self) -> DiffusionLM:
+        return self.engine.model
+
+    @property
+    def tokenizer(self):
+        return self.engine.tokenizer
+
+    @property
+    def config(self):
+        return self.engine.model_config
+
+    def encode(self, prompt: Prompt) -> list[int]:
+        if isinstance(prompt, str):
+            if self.tokenizer is None:
+                raise ValueError("this model folder has no tokenizer.json: pass prompts as lists of token ids.")
+            return self.tokenizer.encode(prompt)
+        if isinstance(prompt, torch.Tensor):
+            return prompt.tolist()
+        return list(prompt)
+
+    def generate(self, prompts: Prompt | Sequence[Prompt], params: SamplingParams | Sequence[SamplingParams] | None = None,
+                 *, on_step: Callable[[list[StepOutput]], None] | None = None) -> list[RequestOutput]:
+        """Generate for one prompt or a list of prompts (strings or token-id lists); returns one output per
+        prompt, in order. ``params`` is shared, or one per prompt. ``on_step`` sees every step's outputs."""
+        if isinstance(prompts, str) or (isinstance(prompts, Sequence) and prompts
+                                        and all(isinstance(t, int) for t in prompts)):
+            prompts = [prompts]
+        if isinstance(prompts, torch.Tensor):
+            prompts = prompts.tolist() if prompts.ndim == 2 else [prompts.tolist()]
+        prompts = list(prompts)
+        if not prompts:
+            raise ValueError("no prompts given.")
+        if params is None or isinstance(params, SamplingParams):
+            params = [params or SamplingParams()] * len(prompts)
+        params = list(params)
+        if len(params) != len(prompts):
+            raise ValueError(f"got {len(params)} SamplingParams for {len(prompts)} prompts; pass one, or one per "
+                             f"prompt.")
+        ids = []
+        try:
+            for prompt, p in zip(prompts, params, strict=True):
+                ids.append(self.engine.add_request(self.encode(prompt), p))
+        except Exception:
+            for rid in ids:  # all or nothing: no half-submitted batch stays queued
+                self.engine.abort(rid)
+            raise
+        results: dict[str, RequestOutput] = {}
+        pending = set(ids)
+        while pending:
+            step = self.engine.step()
+            if not step:
+                raise RuntimeError("the engine made no progress while requests were pending.")
+            if on_step is not None:
+                on_step(step)
+            for out in step:
+                if out.finished and out.request_id in pending:
+                    results[out.request_id] = out.output
+                    pending.discard(out.request_id)
+        return [results[rid] for rid in ids]
+
+    def chat(self, conversations: list[dict[str, str]] | list[list[dict[str, str]]],
+             params: SamplingParams | Sequence[SamplingParams] | None = None, **kwargs) -> list[RequestOutput]:
+        """Apply the folder's chat template to one conversation or a list of them, then generate."""
+        if self.tokenizer is None:
+            raise ValueError("this model folder has no tokenizer, so it has no chat template.")
+        if conversations and isinstance(conversations[0], dict):
+            conversations = [conversations]
+        prompts = [self.tokenizer.apply_chat_template(c, add_generation_prompt=True) for c in conversations]
+        return self.generate(prompts, params, **kwargs)

@@ -1,0 +1,133 @@
+"""Per-request decoding settings."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+# Confidence orderings: which masked positions a step commits first.
+# LLaDA's: low_confidence (softmax of the raw logits at the sampled token), random.
+# Dream's: origin (each position unmasked by an independent coin), maskgit_plus (probability of the sampled token),
+# topk_margin (top-1 minus top-2 probability), entropy (negative entropy).
+REMASKING = ("low_confidence", "random", "origin", "maskgit_plus", "topk_margin", "entropy")
+_CONFIDENCE_ORDERINGS = ("low_confidence", "maskgit_plus", "topk_margin", "entropy")
+
+
+@dataclass(slots=True)
+class SamplingParams:
+    """How one request is decoded.
+
+    The canvas of ``gen_length`` [MASK] tokens is cut into ``gen_length / block_length`` blocks decoded left to
+    right, each in ``steps / num_blocks`` denoising steps (one forward each). The number of tokens committed
+    per step follows the model family's published schedule: LLaDA commits ``masked // steps`` per step (the
+    remainder in the first steps); Dream commits ``int(n * (1 - s / t))`` of the ``n`` still-masked positions
+    over ``linspace(1, eps, steps + 1)``, and all that remain at the last step.
+
+    Attributes:
+        gen_length: tokens to generate.
+        block_length: diffusion block size; must divide ``gen_length``. None: one block of ``gen_length``.
+        steps: denoising steps over all blocks; a multiple of the number of blocks, at most ``gen_length``.
+            None: ``gen_length`` (one token per step).
+        temperature: 0 is greedy; > 0 samples from ``softmax(logits / temperature)`` (Gumbel-max).
+        remasking: the confidence ordering, one of :data:`REMASKING`. None: the family's default
+            (``low_confidence`` for LLaDA, ``maskgit_plus`` for Dream).
+        alg_temp: Dream's position temperature: when > 0 the positions to commit are sampled without
+            replacement from ``softmax(confidence / alg_temp)`` instead of taken greedily. Only for the
+            confidence orderings (not ``random`` / ``origin``).
+        top_p: nucleus filter in (0, 1] applied before sampling and scoring (Dream's convention).
+        top_k: keep the k largest logits before sampling and scoring.
+        cfg_scale: classifier-free guidance (LLaDA): ``un + (cfg_scale + 1) * (cond - un)`` where the
+            unconditional input has the prompt replaced by [MASK]. 0 disables it.
+        logits_eos_inf: LLaDA's option: the EOS logit is set to -inf, so EOS is never predicted.
+        confidence_eos_eot_inf: LLaDA's option, with its published semantics: the end-of-turn logit is set to
+            -inf in the softmax that scores confidence (after sampling), so a predicted end-of-turn token gets
+            confidence 0 and is committed last.
+        early_stop: finish once a completed block contains EOS or end-of-turn; the blocks after it are filled
+            with EOS without spending their steps.
+        eps: Dream's final timestep (the schedule runs from 1 down to eps).
+        seed: key of the request's counter-based randomness; None draws one (reported in the output).
+    """
+
+    gen_length: int = 128
+    block_length: int | None = None
+    steps: int | None = None
+    temperature: float = 0.0
+    remasking: str | None = None
+    alg_temp: float | None = None
+    top_p: float | None = None
+    top_k: int | None = None
+    cfg_scale: float = 0.0
+    logits_eos_inf: bool = False
+    confidence_eos_eot_inf: bool = False
+    early_stop: bool = False
+    eps: float = 1e-3
+    seed: int | None = None
+
+    def __post_init__(self) -> None:
+        _int("gen_length", self.gen_length, minimum=1)
+        if self.block_length is None:
+            self.block_length = self.gen_length
+        _int("block_length", self.block_length, minimum=1)
+        if self.gen_length % self.block_length:
+            raise ValueError(f"block_length ({self.block_length}) must divide gen_length ({self.gen_length}).")
+        if self.steps is None:
+            self.steps = self.gen_length
+        _int("steps", self.steps, minimum=1)
+        if self.steps > self.gen_length:
+            raise ValueError(f"steps ({self.steps}) must not exceed gen_length ({self.gen_length}): a step commits "
+                             f"at least one token.")
+        if self.steps % self.num_blocks:
+            raise ValueError(f"steps ({self.steps}) must be divisible by the number of blocks "
+                             f"(gen_length / block_length = {self.num_blocks}).")
+        _float("temperature", self.temperature, minimum=0.0)
+        if self.remasking is not None and self.remasking not in REMASKING:
+            raise ValueError(f"remasking must be one of {', '.join(REMASKING)}; got {self.remasking!r}.")
+        if self.alg_temp is not None:
+            _float("alg_temp", self.alg_temp, minimum=0.0)
+            if self.alg_temp > 0 and self.remasking in ("random", "origin"):
+                raise ValueError(f"alg_temp applies to the confidence orderings {', '.join(_CONFIDENCE_ORDERINGS)}; "
+                                 f"it has no effect with remasking={self.remasking!r}.")
+        if self.top_p is not None:
+            _float("top_p", self.top_p)
+            if not 0.0 < self.top_p <= 1.0:
+                raise ValueError(f"top_p must be in (0, 1]; got {self.top_p!r}.")
+        if self.top_k is not None:
+            _int("top_k", self.top_k, minimum=1)
+        _float("cfg_scale", self.cfg_scale, minimum=0.0)
+        _float("eps", self.eps)
+        if not 0.0 < self.eps < 1.0:
+            raise ValueError(f"eps must be in (0, 1); got {self.eps!r}.")
+        for name in ("logits_eos_inf", "confidence_eos_eot_inf", "early_stop"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name} must be a bool; got {getattr(self, name)!r}.")
+        if self.seed is not None:
+            _int("seed", self.seed, minimum=0)
+            if self.seed >= 2 ** 64:
+                raise ValueError(f"seed must be below 2**64; got {self.seed}.")
+
+    @property
+    def num_blocks(self) -> int:
+        return self.gen_length // self.block_length
+
+    @property
+    def steps_per_block(self) -> int:
+        return self.steps // self.num_blocks
+
+    def resolved_remasking(self, arch: str) -> str:
+        if self.remasking is not None:
+            return self.remasking
+        return "low_confidence" if arch == "llada" else "maskgit_plus"
+
+
+def _int(name: str, value: object, minimum: int) -> None:
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise ValueError(f"{name} must be an integer; got {value!r}.")
+    if value < minimum:
+        raise ValueError(f"{name} must be >= {minimum}; got {value}.")
+
+
+def _float(name: str, value: object, minimum: float | None = None) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise ValueError(f"{name} must be a finite number; got {value!r}.")
+    if minimum is not None and value < minimum:
+        raise ValueError(f"{name} must be >= {minimum}; got {value!r}.")
