@@ -1,0 +1,152 @@
+"""Random-weight checkpoints in the Hugging Face folder layout of the published LLaDA and Dream models, for
+tests and benchmarks that must not download weights: ``config.json``, ``model.safetensors`` (or shards with
+``model.safetensors.index.json``), ``tokenizer.json`` and ``tokenizer_config.json``."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import save_file
+
+from . import presets
+from .config import ModelConfig
+from .loader import CONFIG_FILE, INDEX_FILE, WEIGHTS_FILE, parse_dtype
+from .models import build_model
+from .tokenizer import CHAT_TEMPLATE_FILE, TOKENIZER_CONFIG_FILE, TOKENIZER_FILE, build_byte_tokenizer
+
+# Config field -> special-token content, per family, for a bare ModelConfig (first name wins on a shared id).
+_DERIVED_SPECIALS: dict[str, tuple[tuple[str, str], ...]] = {
+    "llada": (("bos_token_id", "<|startoftext|>"), ("eos_token_id", "<|endoftext|>"),
+              ("mask_token_id", "<|mdm_mask|>"), ("eot_token_id", "<|eot_id|>")),
+    "dream": (("eos_token_id", "<|endoftext|>"), ("eot_token_id", "<|im_end|>"), ("mask_token_id", "<|mask|>")),
+}
+_FAMILY_TEMPLATES = {"llada": presets.LLADA_CHAT_TEMPLATE, "dream": presets.QWEN_CHAT_TEMPLATE}
+
+_DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16",
+                torch.float64: "float64"}
+
+
+def derive_special_tokens(config: ModelConfig) -> dict[str, int]:
+    """Special tokens (content -> id) implied by the token ids of ``config``, named as in its family's
+    published tokenizer (``<|mdm_mask|>``, ``<|endoftext|>``, ... for LLaDA; ``<|mask|>``, ``<|im_end|>`` for
+    Dream). A field that is None, or whose id another name already took, adds nothing."""
+    out: dict[str, int] = {}
+    for field, content in _DERIVED_SPECIALS[config.arch]:
+        token_id = getattr(config, field)
+        if token_id is not None and token_id not in out.values() and content not in out:
+            out[content] = token_id
+    return out
+
+
+def _resolve(preset: str | presets.Preset | ModelConfig, special_tokens: dict[str, int] | None,
+             chat_template: str | None) -> tuple[ModelConfig, dict[str, int], str, str | None, str]:
+    """(config, special tokens, chat template, bos string, eos string) of the ``preset`` argument."""
+    if isinstance(preset, str):
+        preset = presets.from_name(preset)
+    if isinstance(preset, presets.Preset):
+        specials = dict(special_tokens if special_tokens is not None else preset.special_tokens)
+        template = chat_template if chat_template is not None else preset.chat_template
+        bos, eos = preset.bos_token, preset.eos_token
+        config = preset.config
+    elif isinstance(preset, ModelConfig):
+        config = preset
+        specials = dict(special_tokens if special_tokens is not None else derive_special_tokens(config))
+        template = chat_template if chat_template is not None else _FAMILY_TEMPLATES[config.arch]
+        bos, eos = None, ""
+    else:
+        raise ValueError(f"preset must be a preset name, a Preset or a ModelConfig, got {type(preset).__name__}.")
+    # Token strings follow the special tokens actually written (the caller may have replaced them).
+    by_id = {i: c for c, i in specials.items()}
+    if bos not in specials:
+        bos = by_id.get(config.bos_token_id) if config.arch == "llada" else None
+    if eos not in specials:
+        eos = by_id.get(config.eos_token_id, "")
+    return config, specials, template, bos, eos
+
+
+def _shard(tensors: dict[str, torch.Tensor], shard_size: int) -> list[dict[str, torch.Tensor]]:
+    """Greedy split in parameter order; a tensor larger than ``shard_size`` gets a shard of its own."""
+    shards: list[dict[str, torch.Tensor]] = [{}]
+    size = 0
+    for name, t in tensors.items():
+        nbytes = t.numel() * t.element_size()
+        if shards[-1] and size + nbytes > shard_size:
+            shards.append({})
+            size = 0
+        shards[-1][name] = t
+        size += nbytes
+    return shards
+
+
+def _write_json(path: Path, data: Any) -> None:
+    path.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+
+
+def _clear(folder: Path, overwrite: bool) -> None:
+    if folder.exists() and not folder.is_dir():
+        raise ValueError(f"Checkpoint path {folder} exists and is not a directory.")
+    if folder.is_dir() and any(folder.iterdir()):
+        if not overwrite:
+            raise ValueError(f"Checkpoint folder {folder} is not empty; pass overwrite=True to replace its files.")
+        stale = [*folder.glob("*.safetensors"), *folder.glob("*.safetensors.index.json"), folder / CHAT_TEMPLATE_FILE]
+        for file in stale:
+            if file.is_file():
+                file.unlink()
+    folder.mkdir(parents=True, exist_ok=True)
+
+
+def write_random_checkpoint(path: str | Path, preset: str | presets.Preset | ModelConfig, *, seed: int = 0,
+                            dtype: str | torch.dtype = "float32", shard_size: int | None = None,
+                            special_tokens: dict[str, int] | None = None, chat_template: str | None = None,
+                            overwrite: bool = False) -> Path:
+    """Write a complete random-weight model folder at ``path`` and return it.
+
+    ``preset`` is a preset name, a :class:`~diffuse_engine.presets.Preset` or a bare :class:`ModelConfig`
+    (then ``special_tokens`` defaults to :func:`derive_special_tokens` and ``chat_template`` to the family's
+    format). Weights are ``build_model(config).init_random_(seed)`` drawn in fp32 and cast to ``dtype``, under
+    the model's state-dict names, so the folder is the same bytes for the same arguments. ``shard_size``
+    (bytes) splits the weights into ``model-0000i-of-0000N.safetensors`` shards plus an index. The tokenizer is
+    :func:`build_byte_tokenizer` over the config's vocabulary. A non-empty folder is refused unless
+    ``overwrite``, which first removes the weight files and chat template a previous call may have left.
+    """
+    config, specials, template, bos, eos = _resolve(preset, special_tokens, chat_template)
+    torch_dtype = parse_dtype(dtype)
+    if shard_size is not None and (not isinstance(shard_size, int) or shard_size <= 0):
+        raise ValueError(f"shard_size must be a positive number of bytes, got {shard_size!r}.")
+    tokenizer = build_byte_tokenizer(config.vocab_size, specials)  # validates the ids before writing anything
+    folder = Path(path)
+    _clear(folder, overwrite)
+
+    hf = config.to_hf()
+    hf["torch_dtype"] = _DTYPE_NAMES[torch_dtype]
+    _write_json(folder / CONFIG_FILE, hf)
+
+    model = build_model(config, dtype=torch.float32).init_random_(seed)
+    tensors = {name: t.detach().to(torch_dtype).contiguous() for name, t in model.state_dict().items()}
+    del model
+    metadata = {"format": "pt"}
+    if shard_size is None:
+        save_file(tensors, str(folder / WEIGHTS_FILE), metadata=metadata)
+    else:
+        shards = _shard(tensors, shard_size)
+        weight_map: dict[str, str] = {}
+        for i, shard in enumerate(shards, start=1):
+            name = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
+            save_file(shard, str(folder / name), metadata=metadata)
+            weight_map.update(dict.fromkeys(shard, name))
+        total = sum(t.numel() * t.element_size() for t in tensors.values())
+        _write_json(folder / INDEX_FILE, {"metadata": {"total_size": total}, "weight_map": weight_map})
+
+    tokenizer.save(str(folder / TOKENIZER_FILE))
+    added = {str(i): {"content": c, "lstrip": False, "normalized": False, "rstrip": False, "single_word": False,
+                      "special": True} for c, i in sorted(specials.items(), key=lambda kv: kv[1])}
+    pad = {i: c for c, i in specials.items()}.get(config.pad_token_id)
+    _write_json(folder / TOKENIZER_CONFIG_FILE, {
+        "added_tokens_decoder": added, "bos_token": bos, "chat_template": template, "clean_up_tokenization_spaces":
+        False, "eos_token": eos, "model_max_length": config.max_position_embeddings, "pad_token": pad,
+        "tokenizer_class": "PreTrainedTokenizerFast",
+    })
+    return folder

@@ -1,0 +1,192 @@
+"""Load a LLaDA or Dream model folder in the Hugging Face layout: ``config.json``, safetensors weights (one
+``model.safetensors`` or shards listed by ``model.safetensors.index.json``) and, optionally, the tokenizer.
+
+Every problem with the folder raises :class:`~diffuse_engine.errors.CheckpointError` with a sentence that
+names the file (and tensor) at fault, before any weight reaches the model.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+
+from .config import ModelConfig
+from .errors import CheckpointError
+from .models import DiffusionLM, build_model
+from .tokenizer import TOKENIZER_FILE, Tokenizer, read_json
+
+CONFIG_FILE = "config.json"
+WEIGHTS_FILE = "model.safetensors"
+INDEX_FILE = "model.safetensors.index.json"
+
+DTYPE_ALIASES: dict[str, torch.dtype] = {
+    "float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+    "float16": torch.float16, "fp16": torch.float16, "float64": torch.float64,
+}
+
+# The LM head of each family; a checkpoint of a tied-embedding config may still hold it (it is ignored).
+_HEAD_TENSOR = {"llada": "model.transformer.ff_out.weight", "dream": "lm_head.weight"}
+# Buffers that older exports persisted and that the engine recomputes.
+_IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
+# End-of-turn token of each family's chat format, for configs that do not name it.
+_EOT_TOKEN = {"llada": "<|eot_id|>", "dream": "<|im_end|>"}
+
+
+def parse_dtype(value: str | torch.dtype) -> torch.dtype:
+    """``"float32"``/``"fp32"``, ``"bfloat16"``/``"bf16"``, ``"float16"``/``"fp16"``, ``"float64"`` (also with
+    a ``torch.`` prefix) or one of those torch dtypes."""
+    if isinstance(value, torch.dtype):
+        if value in DTYPE_ALIASES.values():
+            return value
+    elif isinstance(value, str):
+        key = value.strip().lower().removeprefix("torch.")
+        if key in DTYPE_ALIASES:
+            return DTYPE_ALIASES[key]
+    raise ValueError(f"dtype {value!r} is not supported; use one of {', '.join(DTYPE_ALIASES)} or the matching "
+                     f"torch dtype.")
+
+
+def _read_config(folder: Path) -> tuple[ModelConfig, dict]:
+    file = folder / CONFIG_FILE
+    if not file.is_file():
+        raise CheckpointError(f"Model folder {folder} has no {CONFIG_FILE}.")
+    raw = read_json(file)
+    try:
+        return ModelConfig.from_hf(raw), raw
+    except ValueError as exc:
+        raise CheckpointError(f"{file} does not describe a supported model: {exc}") from None
+
+
+def _weight_files(folder: Path) -> list[tuple[Path, list[str] | None]]:
+    """The safetensors files to read, each with the tensor names the index assigns to it (None: all)."""
+    single = folder / WEIGHTS_FILE
+    if single.is_file():
+        return [(single, None)]
+    index_file = folder / INDEX_FILE
+    if not index_file.is_file():
+        others = sorted(p.name for p in folder.glob("*.bin")) + sorted(p.name for p in folder.glob("*.pt"))
+        hint = f" (it holds {', '.join(others[:3])}: only safetensors weights are supported)" if others else ""
+        raise CheckpointError(f"Model folder {folder} has neither {WEIGHTS_FILE} nor {INDEX_FILE}{hint}.")
+    index = read_json(index_file)
+    weight_map = index.get("weight_map") if isinstance(index, dict) else None
+    if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+        raise CheckpointError(f"{index_file} has no 'weight_map' object mapping tensor names to file names.")
+    files: dict[str, list[str]] = {}
+    for name, file_name in weight_map.items():
+        files.setdefault(file_name, []).append(name)
+    out = []
+    for file_name, names in files.items():
+        shard = folder / file_name
+        if not shard.is_file():
+            raise CheckpointError(f"{index_file} names the shard {file_name}, which does not exist in {folder}.")
+        out.append((shard, names))
+    return out
+
+
+def _skipped(name: str, ignored: set[str]) -> bool:
+    return name in ignored or name.endswith(_IGNORED_SUFFIXES)
+
+
+def _read_file(file: Path, names: list[str] | None, expected: dict[str, torch.Size], ignored: set[str],
+               found: dict[str, Path]) -> Iterator[tuple[str, torch.Tensor]]:
+    """Yield the expected tensors of one safetensors file, recording every name it holds in ``found``."""
+    try:
+        handle = safe_open(str(file), framework="pt", device="cpu")
+    except Exception as exc:  # noqa: BLE001 - safetensors raises its own error types for corrupt files
+        raise CheckpointError(f"{file} is not a readable safetensors file: {exc}.") from None
+    with handle:
+        available = set(handle.keys())
+        for name in names if names is not None else sorted(available):
+            if name not in available:
+                raise CheckpointError(f"The index assigns tensor {name} to {file.name}, but {file} does not hold it.")
+            if name in found:
+                raise CheckpointError(f"Tensor {name} is stored twice, in {found[name]} and {file}.")
+            found[name] = file
+            if _skipped(name, ignored) or name not in expected:
+                continue  # unexpected names are reported together once every file is read
+            shape = torch.Size(handle.get_slice(name).get_shape())
+            if shape != expected[name]:
+                raise CheckpointError(f"Tensor {name} has shape {tuple(shape)} in the checkpoint but the config "
+                                      f"implies {tuple(expected[name])} ({file}).")
+            try:
+                tensor = handle.get_tensor(name)
+            except Exception as exc:  # noqa: BLE001
+                raise CheckpointError(f"Tensor {name} of {file} cannot be read: {exc}.") from None
+            if not tensor.is_floating_point():
+                raise CheckpointError(f"Tensor {name} of {file} has dtype {tensor.dtype}; weights must be floating "
+                                      f"point.")
+            yield name, tensor
+
+
+def _iter_tensors(files: list[tuple[Path, list[str] | None]], expected: dict[str, torch.Size],
+                  ignored: set[str]) -> Iterator[tuple[str, torch.Tensor]]:
+    """Yield the checkpoint's tensors one at a time after checking names and shapes against ``expected``."""
+    found: dict[str, Path] = {}
+    for file, names in files:
+        yield from _read_file(file, names, expected, ignored, found)
+    where = files[0][0].parent
+    unexpected = sorted(n for n in found if n not in expected and not _skipped(n, ignored))
+    if unexpected:
+        raise CheckpointError(f"The checkpoint in {where} holds {len(unexpected)} tensor(s) that the config does not "
+                              f"imply: {_names(unexpected)}.")
+    missing = sorted(set(expected) - set(found))
+    if missing:
+        raise CheckpointError(f"The checkpoint in {where} lacks {len(missing)} tensor(s) that the config requires: "
+                              f"{_names(missing)}.")
+
+
+def _names(names: list[str], limit: int = 5) -> str:
+    shown = ", ".join(names[:limit])
+    return shown + (f" and {len(names) - limit} more" if len(names) > limit else "")
+
+
+def _default_dtype(device: torch.device, config: ModelConfig, raw: dict) -> torch.dtype:
+    if device.type == "cpu":
+        return torch.float32  # bf16 matmuls are slow on most CPUs
+    try:
+        return parse_dtype(raw.get("torch_dtype") or config.torch_dtype)
+    except ValueError:
+        return torch.bfloat16
+
+
+def load_model(path: str | Path, *, device: str | torch.device = "cpu",
+               dtype: torch.dtype | str | None = None) -> tuple[DiffusionLM, ModelConfig, Tokenizer | None]:
+    """Load the model folder ``path`` onto ``device``.
+
+    Returns ``(model, config, tokenizer)``: the model in eval mode without gradients, its config (with
+    ``eot_token_id`` taken from the tokenizer when ``config.json`` does not set it), and the tokenizer, or None
+    when the folder has no ``tokenizer.json`` (a weights-only folder is valid). ``dtype`` None means the
+    config's ``torch_dtype`` on accelerators and float32 on the CPU. Weights are read one tensor at a time,
+    cast to ``dtype`` and moved to ``device``; the model is first built on the meta device so that nothing is
+    allocated twice.
+    """
+    folder = Path(path)
+    if not folder.is_dir():
+        raise CheckpointError(f"Model folder {folder} does not exist or is not a directory.")
+    device = torch.device(device)
+    target = parse_dtype(dtype) if dtype is not None else None
+    config, raw = _read_config(folder)
+    target = target or _default_dtype(device, config, raw)
+    files = _weight_files(folder)
+
+    tokenizer = Tokenizer.from_dir(folder) if (folder / TOKENIZER_FILE).is_file() else None
+    if config.eot_token_id is None and tokenizer is not None:
+        eot = tokenizer.token_to_id(_EOT_TOKEN[config.arch])
+        if eot is not None and eot < config.vocab_size:
+            config = config.replace(eot_token_id=eot)
+
+    model = build_model(config, dtype=target, meta=True)
+    expected = {name: t.shape for name, t in model.state_dict().items()}
+    ignored = {_HEAD_TENSOR[config.arch]} if config.tie_word_embeddings else set()
+    state = {name: t.to(device=device, dtype=target) for name, t in _iter_tensors(files, expected, ignored)}
+    model.load_state_dict(state, strict=True, assign=True)
+    del state
+    leftover = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
+    if leftover:
+        raise CheckpointError(f"The checkpoint in {folder} left {_names(leftover)} uninitialised.")
+    model.eval()
+    model.requires_grad_(False)
+    return model, config, tokenizer
