@@ -142,7 +142,7 @@ def _llada_from_hf(raw: dict[str, Any]) -> ModelConfig:
     known = set(_LLADA_DEFAULTS) | {"d_model", "n_heads", "n_kv_heads", "n_layers", "mlp_hidden_size", "mlp_ratio",
                                     "embedding_size", "vocab_size", "rms_norm_eps", "rope_theta",
                                     "max_sequence_length", "include_qkv_bias", "weight_tying", "mask_token_id",
-                                    "eos_token_id", "pad_token_id", "bos_token_id", "eot_token_id"}
+                                    "eos_token_id", "pad_token_id", "bos_token_id", "eot_token_id", "torch_dtype"}
     return ModelConfig(
         arch="llada",
         hidden_size=d_model,
@@ -161,7 +161,7 @@ def _llada_from_hf(raw: dict[str, Any]) -> ModelConfig:
         pad_token_id=_opt_int(raw.get("pad_token_id")),
         bos_token_id=_opt_int(raw.get("bos_token_id")),
         eot_token_id=_opt_int(raw.get("eot_token_id")),
-        torch_dtype="bfloat16",
+        torch_dtype=str(raw.get("torch_dtype", "bfloat16")),
         extra={k: v for k, v in raw.items() if k not in known},
     )
 
@@ -240,6 +240,7 @@ def _llada_to_hf(c: ModelConfig) -> dict[str, Any]:
         "rope_theta": c.rope_theta, "max_sequence_length": c.max_position_embeddings,
         "include_qkv_bias": c.qkv_bias, "weight_tying": c.tie_word_embeddings, "mask_token_id": c.mask_token_id,
         "eos_token_id": c.eos_token_id, "pad_token_id": c.pad_token_id if c.pad_token_id is not None else c.eos_token_id,
+        "torch_dtype": c.torch_dtype,
     })
     if c.bos_token_id is not None:
         out["bos_token_id"] = c.bos_token_id

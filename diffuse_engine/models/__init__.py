@@ -15,16 +15,20 @@ MODEL_REGISTRY: dict[str, type[DiffusionLM]] = {"llada": LLaDAModelLM, "dream": 
 
 def build_model(config: ModelConfig, *, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32,
                 meta: bool = False) -> DiffusionLM:
-    """An uninitialised model of ``config`` (parameters allocated on ``device`` in ``dtype``, or on the meta
-    device when ``meta`` so that a loader can assign checkpoint tensors without a first allocation)."""
+    """An uninitialised model of ``config``: parameters allocated (not filled) on ``device`` in ``dtype``, or
+    left on the meta device when ``meta`` so that a loader can assign checkpoint tensors without a first
+    allocation. Fill it with ``init_random_`` or a loader."""
     cls = MODEL_REGISTRY[config.arch]
-    previous = torch.get_default_dtype()
-    torch.set_default_dtype(dtype)
-    try:
-        with torch.device("meta" if meta else device):
-            model = cls(config)
-    finally:
-        torch.set_default_dtype(previous)
+    with torch.device("meta"):
+        model = cls(config)
+    if meta:
+        return model
+    # Materialise each parameter directly in the target dtype and device (no fp32 copy of an 8B model).
+    for module in model.modules():
+        for name, p in list(module._parameters.items()):
+            if p is not None:
+                module._parameters[name] = torch.nn.Parameter(torch.empty(p.shape, dtype=dtype, device=device),
+                                                              requires_grad=False)
     return model
 
 
