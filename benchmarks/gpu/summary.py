@@ -1,0 +1,50 @@
+"""Print the suite's short table from the files in its output folder and write it as summary.md:
+op, shape, time, achieved GB/s or TFLOP/s, % of floor, baseline, ratio."""
+
+from __future__ import annotations
+
+import csv
+import json
+import sys
+import xml.etree.ElementTree as ET
+from pathlib import Path
+
+
+def read_csv(path: Path) -> list[dict]:
+    if not path.exists():
+        return []
+    with path.open() as f:
+        return list(csv.DictReader(f))
+
+
+def main(out: Path) -> None:
+    lines = []
+    ceil_path = out / "ceilings.json"
+    if ceil_path.exists():
+        c = json.loads(ceil_path.read_text())
+        lines.append(f"device: {c['device']}  copy {float(c['bandwidth_gbs']):.0f} GB/s  "
+                     f"matmul {float(c['peak_tflops']):.1f} TFLOP/s ({c['matmul_dtype']})  commit {c['commit']}")
+    junit = out / "gpu-tests.xml"
+    if junit.exists():
+        suite = ET.parse(junit).getroot()
+        suite = suite if suite.tag == "testsuite" else suite.find("testsuite")
+        lines.append(f"gpu tests: {suite.get('tests')} run, {suite.get('failures')} failed, {suite.get('errors')} "
+                     f"errors, {suite.get('skipped')} skipped")
+    table = [("op", "shape", "time_ms", "achieved", "%floor", "baseline", "ratio")]
+    for r in read_csv(out / "noise.csv"):
+        table.append(("counter_noise", r.get("shape", ""), r.get("ms", ""), f"{r.get('gbs', '')} GB/s",
+                      r.get("pct_of_bw", ""), r.get("baseline", ""), r.get("ratio", "")))
+    for r in read_csv(out / "engine.csv"):
+        shape = f"B={r['batch']} P={r['prompt_len']} G={r['gen_length']} blk={r['block_length']} tps={r['tokens_per_step']}"
+        table.append(("engine_step", shape, r["step_ms"], f"{r['engine_tok_s']} tok/s", r.get("pct_of_floor") or "",
+                      f"ref {r['reference_tok_s']} tok/s" if r.get("reference_tok_s") else "",
+                      r.get("speedup") or ""))
+    widths = [max(len(str(row[i])) for row in table) for i in range(len(table[0]))]
+    lines += ["  ".join(str(v).ljust(w) for v, w in zip(row, widths)) for row in table]
+    text = "\n".join(lines)
+    (out / "summary.md").write_text("```\n" + text + "\n```\n")
+    print(text)
+
+
+if __name__ == "__main__":
+    main(Path(sys.argv[1]))
