@@ -42,6 +42,24 @@ def find_nvcc() -> str | None:
     return str(default) if default.exists() else None
 
 
+def find_cuda_home(nvcc: str) -> Path:
+    """The toolkit root (holding include/cuda_runtime.h and the static runtime). ``nvcc`` may be a wrapper script
+    outside the toolkit (e.g. /usr/local/bin/nvcc running /usr/local/cuda-13.0/bin/nvcc), so its own location is
+    only one candidate; nvcc's dry run names the real one (TOP=...)."""
+    candidates = [os.environ.get("CUDA_HOME"), os.environ.get("CUDA_PATH"), Path(nvcc).resolve().parent.parent]
+    try:
+        dry = subprocess.run([nvcc, "--dryrun", "-x", "cu", "-c", os.devnull, "-o", os.devnull],
+                             capture_output=True, text=True, timeout=60)
+        candidates += [m.strip() for m in re.findall(r"^#\$ TOP=(.+)$", dry.stdout + dry.stderr, re.M)]
+    except (OSError, subprocess.SubprocessError):
+        pass
+    candidates.append("/usr/local/cuda")
+    for cand in candidates:
+        if cand and (Path(cand) / "include" / "cuda_runtime.h").exists():
+            return Path(cand).resolve()
+    raise RuntimeError(f"cannot find the CUDA toolkit of {nvcc} (include/cuda_runtime.h); set CUDA_HOME")
+
+
 def want_native() -> tuple[bool, str]:
     if os.environ.get("DIFFUSE_SKIP_CUDA_BUILD", "0") == "1":
         return False, "DIFFUSE_SKIP_CUDA_BUILD=1"
@@ -66,12 +84,15 @@ class NvccBuildExt(build_ext):
 
     def _build(self, ext: Extension) -> None:
         nvcc = find_nvcc()
-        cuda_home = Path(nvcc).resolve().parent.parent
+        cuda_home = find_cuda_home(nvcc)
         archs = os.environ.get("DIFFUSE_CUDA_ARCHS", "compute_90a,sm_90a").split(";")
         obj_dir = Path(self.build_temp) / "cuda_objs"
         obj_dir.mkdir(parents=True, exist_ok=True)
-        cu_sources = [s for s in ext.sources if s.endswith(".cu")]
-        ext.sources = [s for s in ext.sources if not s.endswith(".cu")]
+        # Keep the full source list on the extension: build_extension may run more than once per install.
+        all_sources = getattr(ext, "_all_sources", None) or list(ext.sources)
+        ext._all_sources = all_sources
+        cu_sources = [s for s in all_sources if s.endswith(".cu")]
+        ext.sources = [s for s in all_sources if not s.endswith(".cu")]
         objects = []
         for src in cu_sources:
             obj = obj_dir / (Path(src).stem + ".o")
@@ -83,7 +104,11 @@ class NvccBuildExt(build_ext):
             print(" ".join(cmd))
             subprocess.check_call(cmd)
             objects.append(str(obj))
-        ext.extra_objects = objects + list(ext.extra_objects or [])
+        ext.extra_objects = objects
+        # The .cu files and headers are not in ext.sources: list them so a change to them relinks the module.
+        ext.depends = sorted(set(list(ext.depends) + cu_sources + [str(p) for p in CSRC.glob("*.cuh")]
+                                 + [str(p) for p in CSRC.glob("*.h")]))
+        print(f"diffuse-engine: CUDA objects compiled for {', '.join(archs)} with {nvcc} (toolkit {cuda_home}).")
         ext.library_dirs = [str(cuda_home / "lib64"), str(cuda_home / "lib64" / "stubs")]
         # Static CUDA runtime: the module imports on machines without CUDA libraries (and without a GPU).
         ext.libraries = ["cudart_static", "dl", "rt", "pthread"]
