@@ -140,7 +140,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
                     row.update({"reference_s": round(ref_s, 4), "reference_tok_s": round(gen_length / ref_s, 2),
                                 "speedup": round(ref_s / engine_s, 2),
                                 "identical_tokens": f"{same}/{gen_length}"})
-                row = {**{c: None for c in base}, **{c: None for c in EXTRA_COLUMNS}, **row}
+                row = {**row, **{c: row.get(c) for c in EXTRA_COLUMNS}}
                 rows.append(row)
                 print_table([row], [c for c in row if c not in base and row[c] is not None])
                 sys.stdout.flush()

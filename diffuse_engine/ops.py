@@ -27,7 +27,7 @@ BACKEND_ENV = "DIFFUSE_BACKEND"
 
 # CPU matmuls are computed over row counts padded to a multiple of this: oneDNN/MKL then give every row the
 # same bits whatever the number of rows, which makes a request's tokens independent of its batch.
-INVARIANT_ROWS = 64
+INVARIANT_ROWS = 16
 
 
 class BackendUnavailableError(RuntimeError):
@@ -128,15 +128,15 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: TokenLa
 # ------------------------------------------------------------------------------------------------- sampling
 def sample_and_score(logits: torch.Tensor, temperature: torch.Tensor, seed: torch.Tensor, step: torch.Tensor,
                      position: torch.Tensor, *, top_k: torch.Tensor | None = None, top_p: torch.Tensor | None = None,
-                     raw_confidence: torch.Tensor | None = None,
-                     conf_exclude: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
-    """Logits rows -> sampled token, its probability, top-1 probability, top-1 - top-2 margin, negative
-    entropy. Semantics: :func:`kernels.reference.sample_and_score`."""
+                     raw_confidence: torch.Tensor | None = None, conf_exclude: torch.Tensor | None = None,
+                     scores: tuple[str, ...] = ("margin", "neg_entropy")) -> dict[str, torch.Tensor]:
+    """Logits rows -> sampled token, its probability, top-1 probability, and the requested ``scores``
+    (top-1 - top-2 margin, negative entropy). Semantics: :func:`kernels.reference.sample_and_score`."""
     backend = requested_backend()
     if backend in ("cuda", "triton"):
         raise _no_kernel("sample_and_score", backend)
     return ref.sample_and_score(logits, temperature, seed, step, position, top_k=top_k, top_p=top_p,
-                                raw_confidence=raw_confidence, conf_exclude=conf_exclude)
+                                raw_confidence=raw_confidence, conf_exclude=conf_exclude, scores=scores)
 
 
 def _counter_noise(op: str, seed: torch.Tensor, step: torch.Tensor, position: torch.Tensor, stream: int,

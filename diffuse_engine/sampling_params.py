@@ -39,9 +39,10 @@ class SamplingParams:
         cfg_scale: classifier-free guidance (LLaDA): ``un + (cfg_scale + 1) * (cond - un)`` where the
             unconditional input has the prompt replaced by [MASK]. 0 disables it.
         logits_eos_inf: LLaDA's option: the EOS logit is set to -inf, so EOS is never predicted.
-        confidence_eos_eot_inf: LLaDA's option, with its published semantics: the end-of-turn logit is set to
-            -inf in the softmax that scores confidence (after sampling), so a predicted end-of-turn token gets
-            confidence 0 and is committed last.
+        confidence_eos_eot_inf: LLaDA's option, with its published semantics: after sampling, the end-of-turn
+            logit (and, at temperature 0, also the EOS logit, because the published code then aliases the noisy
+            and the raw logits) is set to -inf in the softmax that scores confidence, so such a predicted token
+            gets confidence 0 and is committed last.
         early_stop: finish once a completed block contains EOS or end-of-turn; the blocks after it are filled
             with EOS without spending their steps.
         eps: Dream's final timestep (the schedule runs from 1 down to eps).

@@ -117,7 +117,8 @@ def filter_logits(z: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor) -> 
 def sample_and_score(logits: torch.Tensor, temperature: torch.Tensor, seed: torch.Tensor, step: torch.Tensor,
                      position: torch.Tensor, *, top_k: torch.Tensor | None = None,
                      top_p: torch.Tensor | None = None, raw_confidence: torch.Tensor | None = None,
-                     conf_exclude: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+                     conf_exclude: torch.Tensor | None = None,
+                     scores: tuple[str, ...] = ("margin", "neg_entropy")) -> dict[str, torch.Tensor]:
     """Sample one token per row and score it.
 
     logits ``[M, V]`` (any float dtype; computed in fp32, or fp64 for fp64 input); per-row ``temperature``,
@@ -126,24 +127,25 @@ def sample_and_score(logits: torch.Tensor, temperature: torch.Tensor, seed: torc
     The token is ``argmax(z)`` at temperature 0, else ``argmax(z + G)`` with counter-based Gumbel noise G
     (stream SAMPLE, one draw per vocabulary column), where ``z = filter(logits / T)`` (T = 1 when 0): an
     exact sample from ``softmax(z)``. Scores come from the confidence distribution q:
-    ``softmax(z)`` (Dream), or, for rows with ``raw_confidence`` True, ``softmax(logits)`` with column
-    ``conf_exclude[row]`` (when >= 0) set to -inf (LLaDA: raw logits, no temperature).
+    ``softmax(z)`` (Dream), or, for rows with ``raw_confidence`` True, ``softmax(logits)`` with the columns
+    ``conf_exclude[row]`` (``[M]`` or ``[M, K]``; entries < 0 are unused) set to -inf (LLaDA: raw logits, no
+    temperature).
 
-    Returns ``token`` (int64), ``prob`` = q[token], ``top1`` = max q, ``margin`` = q1 - q2 and
-    ``neg_entropy`` = sum q * log(q + 1e-10) (Dream's formula), each ``[M]`` in the work dtype.
+    Returns ``token`` (int64), ``prob`` = q[token], ``top1`` = max q, and those of ``scores`` that are asked
+    for: ``margin`` = q1 - q2, ``neg_entropy`` = sum q * log(q + 1e-10) (Dream's formula); each ``[M]`` in the
+    work dtype. A row whose logits contain NaN or +inf, or have no finite entry, raises ValueError.
     """
     if logits.ndim != 2:
         raise ValueError(f"logits must be [rows, vocab], got shape {tuple(logits.shape)}.")
+    unknown = set(scores) - {"margin", "neg_entropy"}
+    if unknown:
+        raise ValueError(f"unknown scores {sorted(unknown)}; available: margin, neg_entropy.")
     m, v = logits.shape
     work = torch.float64 if logits.dtype == torch.float64 else torch.float32
     x = logits.to(work)
-    if not bool(torch.isfinite(x).any(dim=-1).all()):
-        raise ValueError("sample_and_score: a row of logits has no finite entry (all -inf or NaN).")
-    if bool(torch.isnan(x).any()):
-        raise ValueError("sample_and_score: logits contain NaN.")
     temperature = temperature.to(device=x.device, dtype=work)
     hot = temperature > 0
-    z = x / torch.where(hot, temperature, torch.ones_like(temperature))[:, None]
+    z = x / torch.where(hot, temperature, torch.ones_like(temperature))[:, None] if bool(hot.any()) else x
     if top_k is not None or top_p is not None:
         tk = top_k if top_k is not None else torch.zeros(m, dtype=torch.int64, device=x.device)
         tp = top_p if top_p is not None else torch.ones(m, dtype=work, device=x.device)
@@ -161,13 +163,24 @@ def sample_and_score(logits: torch.Tensor, temperature: torch.Tensor, seed: torc
         raw = x
         if conf_exclude is not None and bool((conf_exclude >= 0).any()):
             raw = x.clone()
-            rows = (conf_exclude >= 0).nonzero().squeeze(1)
-            raw[rows, conf_exclude[rows]] = float("-inf")
-        q_logits = torch.where(raw_confidence.to(x.device)[:, None], raw, z)
-    q = torch.softmax(q_logits, dim=-1)
-    prob = q.gather(-1, token[:, None]).squeeze(1)
-    top2 = q.topk(min(2, v), dim=-1).values
-    top1 = top2[:, 0]
-    margin = top1 - top2[:, 1] if v > 1 else top1
-    neg_entropy = (q * torch.log(q + 1e-10)).sum(dim=-1)
-    return {"token": token, "prob": prob, "top1": top1, "margin": margin, "neg_entropy": neg_entropy}
+            cols = conf_exclude.to(x.device).reshape(m, -1)
+            rows, k = (cols >= 0).nonzero(as_tuple=True)
+            raw[rows, cols[rows, k]] = float("-inf")
+        q_logits = raw if bool(raw_confidence.all()) else torch.where(raw_confidence.to(x.device)[:, None], raw, z)
+    # q = exp(q_logits - mx) / s, without materialising q unless the entropy needs it.
+    mx = q_logits.max(dim=-1, keepdim=True).values
+    e = torch.exp(q_logits - mx)
+    s = e.sum(dim=-1)
+    prob = e.gather(-1, token[:, None]).squeeze(1) / s
+    top1 = 1.0 / s
+    bad = ~(torch.isfinite(mx.squeeze(1)) & torch.isfinite(s) & (s > 0))
+    if bool(bad.any()):
+        row = int(bad.nonzero()[0, 0])
+        raise ValueError(f"sample_and_score: logits row {row} contains NaN or +inf, or has no finite entry.")
+    out = {"token": token, "prob": prob, "top1": top1}
+    if "margin" in scores:
+        out["margin"] = top1 - (e.topk(2, dim=-1).values[:, 1] / s if v > 1 else 0.0)
+    if "neg_entropy" in scores:
+        q = e / s[:, None]
+        out["neg_entropy"] = (q * torch.log(q + 1e-10)).sum(dim=-1)
+    return out

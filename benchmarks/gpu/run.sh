@@ -20,7 +20,7 @@ echo "# install+build: $((SECONDS - start)) s"
 run $PY benchmarks/gpu/ceilings.py --out "$OUT_DIR/ceilings.json"
 run $PY -m pytest -m gpu -q -p no:cacheprovider tests --junitxml "$OUT_DIR/gpu-tests.xml"
 echo "# tests done: $((SECONDS - start)) s"
-run $PY benchmarks/bench_noise.py --out "$OUT_DIR/noise.csv"
+run $PY benchmarks/bench_noise.py --csv "$OUT_DIR/noise.csv"
 run $PY benchmarks/bench_engine.py --preset llada-8b --device cuda --dtype bfloat16 --init on-device \
     --prompt-len 64 --gen-lengths 256 --block-length 32 --batches 1,8 --tokens-per-step 1,2,4,8 \
     --ceilings --reference on --out "$OUT_DIR/engine.csv"

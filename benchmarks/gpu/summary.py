@@ -32,8 +32,11 @@ def main(out: Path) -> None:
                      f"errors, {suite.get('skipped')} skipped")
     table = [("op", "shape", "time_ms", "achieved", "%floor", "baseline", "ratio")]
     for r in read_csv(out / "noise.csv"):
-        table.append(("counter_noise", r.get("shape", ""), r.get("ms", ""), f"{r.get('gbs', '')} GB/s",
-                      r.get("pct_of_bw", ""), r.get("baseline", ""), r.get("ratio", "")))
+        if r.get("provider") == "torch":
+            continue
+        table.append((f"noise_{r.get('op', '')}/{r.get('provider', '')}", r.get("shape", ""), r.get("ms", ""),
+                      f"{r.get('gbps', '')} GB/s", r.get("pct_copy_bw", ""), "torch reference",
+                      r.get("ratio_vs_torch", "")))
     for r in read_csv(out / "engine.csv"):
         shape = f"B={r['batch']} P={r['prompt_len']} G={r['gen_length']} blk={r['block_length']} tps={r['tokens_per_step']}"
         table.append(("engine_step", shape, r["step_ms"], f"{r['engine_tok_s']} tok/s", r.get("pct_of_floor") or "",

@@ -44,7 +44,8 @@ def select(batch: list[Request], rows: HeadRows) -> torch.Tensor:
     req_of_row = torch.repeat_interleave(torch.arange(len(batch)), torch.tensor(counts))
 
     conf = rows.prob.clone()
-    by_name = {"topk_margin": rows.margin, "entropy": rows.neg_entropy}
+    by_name = {name: score for name, score in (("topk_margin", rows.margin), ("entropy", rows.neg_entropy))
+               if score is not None}
     need_uniform = False
     for i, r in enumerate(batch):
         a, b = starts[i], starts[i + 1]

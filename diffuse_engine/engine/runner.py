@@ -16,12 +16,17 @@ from ..models import DiffusionLM, TokenLayout
 from .request import Request
 
 
+# Orderings that need a score beyond the sampled token's probability.
+SCORE_OF = {"topk_margin": "margin", "entropy": "neg_entropy"}
+
+
 @dataclass(slots=True)
 class HeadRows:
     """The candidate rows of one step, grouped by request (request i owns rows ``starts[i]:starts[i+1]``).
 
     ``position``: sequence positions; ``token``, ``prob``, ``top1``, ``margin``, ``neg_entropy``: the outputs
-    of :func:`ops.sample_and_score` for each row, on the CPU.
+    of :func:`ops.sample_and_score` for each row, on the CPU (``margin`` / ``neg_entropy`` only when a request
+    of the batch orders by them, else None).
     """
 
     starts: list[int]
@@ -29,8 +34,8 @@ class HeadRows:
     token: torch.Tensor
     prob: torch.Tensor
     top1: torch.Tensor
-    margin: torch.Tensor
-    neg_entropy: torch.Tensor
+    margin: torch.Tensor | None
+    neg_entropy: torch.Tensor | None
 
 
 class ModelRunner:
@@ -100,7 +105,7 @@ class ModelRunner:
         counts = [starts[i + 1] - starts[i] for i in range(len(batch))]
 
         def per_row(values: list, dtype: torch.dtype) -> torch.Tensor:
-            return torch.repeat_interleave(torch.tensor(values, dtype=dtype), torch.tensor(counts)).to(self.device)
+            return torch.repeat_interleave(torch.tensor(values, dtype=dtype), torch.tensor(counts), dim=0).to(self.device)
 
         ban_eos = [r.params.logits_eos_inf for r in batch]
         if any(ban_eos):
@@ -109,7 +114,11 @@ class ModelRunner:
         seeds = [r.seed - (1 << 64) if r.seed >= (1 << 63) else r.seed for r in batch]
         top_k = [r.params.top_k or 0 for r in batch]
         top_p = [r.params.top_p if r.params.top_p is not None else 1.0 for r in batch]
-        exclude = [cfg.eot_token_id if r.params.confidence_eos_eot_inf else -1 for r in batch]
+        # LLaDA's confidence_eos_eot_inf as published: `logits_with_noise[:, :, eos] = logits[:, :, eot] = -inf`
+        # after sampling. At temperature 0 `add_gumbel_noise` returns the logits tensor itself, so EOS leaves the
+        # confidence softmax too; at temperature > 0 only EOT does.
+        exclude = [[cfg.eot_token_id, cfg.eos_token_id if r.params.temperature == 0 else -1]
+                   if r.params.confidence_eos_eot_inf else [-1, -1] for r in batch]
         stats = ops.sample_and_score(
             logits,
             per_row([r.params.temperature for r in batch], torch.float32),
@@ -119,7 +128,9 @@ class ModelRunner:
             top_k=per_row(top_k, torch.int64) if any(top_k) else None,
             top_p=per_row(top_p, torch.float32) if any(p < 1 for p in top_p) else None,
             raw_confidence=per_row([r.remasking == "low_confidence" for r in batch], torch.bool),
-            conf_exclude=per_row(exclude, torch.int64) if any(e >= 0 for e in exclude) else None,
+            conf_exclude=per_row(exclude, torch.int64) if any(e[0] >= 0 for e in exclude) else None,
+            scores=tuple(SCORE_OF[name] for name in sorted({r.remasking for r in batch}) if name in SCORE_OF),
         )
         cpu = {k: v.cpu() for k, v in stats.items()}
-        return HeadRows(starts, position, cpu["token"], cpu["prob"], cpu["top1"], cpu["margin"], cpu["neg_entropy"])
+        return HeadRows(starts, position, cpu["token"], cpu["prob"], cpu["top1"], cpu.get("margin"),
+                        cpu.get("neg_entropy"))
