@@ -144,7 +144,7 @@ setup(
     packages=["diffuse_engine", "diffuse_engine.models", "diffuse_engine.engine", "diffuse_engine.kernels"],
     package_dir={"diffuse_engine.kernels": "kernels"},
     install_requires=[
-        "torch>=2.4,<2.15",
+        "torch>=2.5,<2.15",
         "triton>=3.0; platform_system == 'Linux'",
         "safetensors>=0.4",
         "tokenizers>=0.19",

@@ -127,7 +127,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
                                      torch.tensor([], dtype=dtype).element_size())
                     floor = max(cost["bytes"] / (ceilings["bandwidth_gbs"] * 1e9),
                                 cost["flops"] / (ceilings["peak_tflops"] * 1e12))
-                    row.update({"floor_ms": round(1e3 * floor, 3), "pct_of_floor": round(100 * floor * nfe / engine_s, 1),
+                    row.update({"floor_ms": round(1e3 * floor, 3),
+                                "pct_of_floor": round(100 * floor * nfe / engine_s, 1),
                                 "bound": "memory" if cost["bytes"] / ceilings["bandwidth_gbs"] / 1e9 >=
                                 cost["flops"] / ceilings["peak_tflops"] / 1e12 else "compute"})
                 if args.reference == "on" and batch == 1:

@@ -22,9 +22,9 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
-from diffuse_engine.kernels import reference as ref
 
 from diffuse_engine import native, ops
+from diffuse_engine.kernels import reference as ref
 
 ROOT = Path(__file__).resolve().parent.parent
 CSV_PATH = ROOT / "benchmarks" / "results" / "noise.csv"

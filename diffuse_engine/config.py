@@ -239,7 +239,8 @@ def _llada_to_hf(c: ModelConfig) -> dict[str, Any]:
         "embedding_size": c.vocab_size, "vocab_size": c.vocab_size, "rms_norm_eps": c.rms_norm_eps,
         "rope_theta": c.rope_theta, "max_sequence_length": c.max_position_embeddings,
         "include_qkv_bias": c.qkv_bias, "weight_tying": c.tie_word_embeddings, "mask_token_id": c.mask_token_id,
-        "eos_token_id": c.eos_token_id, "pad_token_id": c.pad_token_id if c.pad_token_id is not None else c.eos_token_id,
+        "eos_token_id": c.eos_token_id,
+        "pad_token_id": c.pad_token_id if c.pad_token_id is not None else c.eos_token_id,
         "torch_dtype": c.torch_dtype,
     })
     if c.bos_token_id is not None:
@@ -255,7 +256,8 @@ def _dream_to_hf(c: ModelConfig) -> dict[str, Any]:
     out.update({
         "hidden_size": c.hidden_size, "num_hidden_layers": c.num_layers, "num_attention_heads": c.num_heads,
         "num_key_value_heads": c.num_kv_heads, "intermediate_size": c.intermediate_size, "vocab_size": c.vocab_size,
-        "rms_norm_eps": c.rms_norm_eps, "rope_theta": c.rope_theta, "max_position_embeddings": c.max_position_embeddings,
+        "rms_norm_eps": c.rms_norm_eps, "rope_theta": c.rope_theta,
+        "max_position_embeddings": c.max_position_embeddings,
         "tie_word_embeddings": c.tie_word_embeddings, "mask_token_id": c.mask_token_id, "eos_token_id": c.eos_token_id,
         "pad_token_id": c.pad_token_id if c.pad_token_id is not None else c.eos_token_id,
         "bos_token_id": c.bos_token_id if c.bos_token_id is not None else c.eos_token_id,

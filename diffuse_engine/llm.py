@@ -60,8 +60,9 @@ class LLM:
             return prompt.tolist()
         return list(prompt)
 
-    def generate(self, prompts: Prompt | Sequence[Prompt], params: SamplingParams | Sequence[SamplingParams] | None = None,
-                 *, on_step: Callable[[list[StepOutput]], None] | None = None) -> list[RequestOutput]:
+    def generate(self, prompts: Prompt | Sequence[Prompt],
+                 params: SamplingParams | Sequence[SamplingParams] | None = None, *,
+                 on_step: Callable[[list[StepOutput]], None] | None = None) -> list[RequestOutput]:
         """Generate for one prompt or a list of prompts (strings or token-id lists); returns one output per
         prompt, in order. ``params`` is shared, or one per prompt. ``on_step`` sees every step's outputs."""
         if isinstance(prompts, str) or (isinstance(prompts, Sequence) and prompts

@@ -84,7 +84,7 @@ def _llada_gumbel(logits: torch.Tensor, temperature: float, noise, step: int) ->
         b, s, v = logits.shape
         if b != 1:
             raise ValueError("keyed noise is per request: run the oracle one prompt at a time")
-        u = noise.uniform_vocab(step, torch.arange(s), v).view(1, s, v)
+        u = noise.uniform_vocab(step, torch.arange(s), v).view(1, s, v).to(logits.device)
     gumbel_noise = (-torch.log(u)) ** temperature
     return logits.exp() / gumbel_noise
 
@@ -108,13 +108,13 @@ def llada_generate(model, prompt: torch.Tensor, steps: int = 128, gen_length: in
                    eos_id: int | None = None, eot_id: int | None = None, noise=None) -> torch.Tensor:
     """LLaDA's ``generate``: returns the whole sequence ``[batch, prompt + gen_length]``.
 
-    ``model(x)`` must return logits ``[batch, seq, vocab]``. ``eos_id`` / ``eot_id`` play the roles of the
-    published 126081 / 126348.
+    ``model(x)`` must return logits ``[batch, seq, vocab]``; the loop runs on ``prompt``'s device.
+    ``eos_id`` / ``eot_id`` play the roles of the published 126081 / 126348.
     """
     if prompt.ndim != 2:
         raise ValueError("prompt must be [batch, length]")
     plen = prompt.shape[1]
-    x = torch.full((prompt.shape[0], plen + gen_length), mask_id, dtype=torch.long)
+    x = torch.full((prompt.shape[0], plen + gen_length), mask_id, dtype=torch.long, device=prompt.device)
     x[:, :plen] = prompt.clone()
     prompt_index = x != mask_id
 
@@ -156,18 +156,18 @@ def llada_generate(model, prompt: torch.Tensor, steps: int = 128, gen_length: in
                 x0_p = torch.squeeze(torch.gather(p, dim=-1, index=torch.unsqueeze(x0, -1)), -1)
             elif remasking == "random":
                 if noise is None:
-                    x0_p = torch.rand((x0.shape[0], x0.shape[1]), dtype=torch.float64)
+                    x0_p = torch.rand((x0.shape[0], x0.shape[1]), dtype=torch.float64, device=x0.device)
                 else:
                     if x0.shape[0] != 1:
                         raise ValueError("keyed noise is per request: run the oracle one prompt at a time")
-                    x0_p = noise.uniform_pos(nfe, torch.arange(x0.shape[1])).view(1, -1)
+                    x0_p = noise.uniform_pos(nfe, torch.arange(x0.shape[1])).view(1, -1).to(x0.device)
             else:
                 raise NotImplementedError(remasking)
 
             x0_p[:, hi:] = -torch.inf
 
             x0 = torch.where(mask_index, x0, x)
-            confidence = torch.where(mask_index, x0_p, torch.tensor(-torch.inf, dtype=x0_p.dtype))
+            confidence = torch.where(mask_index, x0_p, torch.tensor(-torch.inf, dtype=x0_p.dtype, device=x0_p.device))
 
             transfer_index = torch.zeros_like(x0, dtype=torch.bool)
             for j in range(confidence.shape[0]):

@@ -16,9 +16,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from diffuse_engine.kernels import reference as ref
 
 from diffuse_engine import native, ops
+from diffuse_engine.kernels import reference as ref
 
 REQUIRE_NATIVE = os.environ.get("DIFFUSE_REQUIRE_NATIVE", "0") == "1"
 GUMBEL_ATOL = 1e-5

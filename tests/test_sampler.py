@@ -13,8 +13,9 @@ import math
 
 import pytest
 import torch
-from diffuse_engine.kernels import reference as ref
 from scipy.stats import binomtest, chisquare
+
+from diffuse_engine.kernels import reference as ref
 
 V = 50
 N_DRAWS = 120_000

@@ -38,12 +38,13 @@ def main(out: Path) -> None:
                       f"{r.get('gbps', '')} GB/s", r.get("pct_copy_bw", ""), "torch reference",
                       r.get("ratio_vs_torch", "")))
     for r in read_csv(out / "engine.csv"):
-        shape = f"B={r['batch']} P={r['prompt_len']} G={r['gen_length']} blk={r['block_length']} tps={r['tokens_per_step']}"
+        shape = (f"B={r['batch']} P={r['prompt_len']} G={r['gen_length']} blk={r['block_length']} "
+                 f"tps={r['tokens_per_step']}")
         table.append(("engine_step", shape, r["step_ms"], f"{r['engine_tok_s']} tok/s", r.get("pct_of_floor") or "",
                       f"ref {r['reference_tok_s']} tok/s" if r.get("reference_tok_s") else "",
                       r.get("speedup") or ""))
     widths = [max(len(str(row[i])) for row in table) for i in range(len(table[0]))]
-    lines += ["  ".join(str(v).ljust(w) for v, w in zip(row, widths)) for row in table]
+    lines += ["  ".join(str(v).ljust(w) for v, w in zip(row, widths, strict=True)) for row in table]
     text = "\n".join(lines)
     (out / "summary.md").write_text("```\n" + text + "\n```\n")
     print(text)

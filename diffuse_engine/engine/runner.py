@@ -15,7 +15,6 @@ from .. import ops
 from ..models import DiffusionLM, TokenLayout
 from .request import Request
 
-
 # Orderings that need a score beyond the sampled token's probability.
 SCORE_OF = {"topk_margin": "margin", "entropy": "neg_entropy"}
 
@@ -105,7 +104,8 @@ class ModelRunner:
         counts = [starts[i + 1] - starts[i] for i in range(len(batch))]
 
         def per_row(values: list, dtype: torch.dtype) -> torch.Tensor:
-            return torch.repeat_interleave(torch.tensor(values, dtype=dtype), torch.tensor(counts), dim=0).to(self.device)
+            expanded = torch.repeat_interleave(torch.tensor(values, dtype=dtype), torch.tensor(counts), dim=0)
+            return expanded.to(self.device)
 
         ban_eos = [r.params.logits_eos_inf for r in batch]
         if any(ban_eos):

@@ -12,8 +12,6 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .. import ops
-
 
 class RMSNorm(nn.Module):
     """``weight * (x / sqrt(mean(x^2) + eps))``, normalised in fp32 and cast back (LLaDA and Qwen2 agree)."""
