@@ -95,7 +95,7 @@ def llada_num_transfer_tokens(mask_index: torch.Tensor, steps: int) -> torch.Ten
     mask_num = mask_index.sum(dim=1, keepdim=True)
     base = mask_num // steps
     remainder = mask_num % steps
-    out = torch.zeros(mask_num.size(0), steps, dtype=torch.int64) + base
+    out = torch.zeros(mask_num.size(0), steps, dtype=torch.int64, device=mask_index.device) + base
     for i in range(mask_num.size(0)):
         out[i, : int(remainder[i])] += 1
     return out
