@@ -97,7 +97,8 @@ def test_batch_limits_queue_requests(model):
         done += sum(o.finished for o in engine.step())
     assert done == 5
     with pytest.raises(ValueError, match="max_num_batched_tokens"):
-        Engine(model, config=EngineConfig(max_num_batched_tokens=16)).add_request([1] * 10, SamplingParams(gen_length=8))
+        small = Engine(model, config=EngineConfig(max_num_batched_tokens=16))
+        small.add_request([1] * 10, SamplingParams(gen_length=8))
     with pytest.raises(ValueError, match="max_num_seqs"):
         EngineConfig(max_num_seqs=0)
 
@@ -159,3 +160,49 @@ def test_weights_only_model_needs_token_ids(model):
         llm.generate("text without a tokenizer", SamplingParams(gen_length=8))
     with pytest.raises(ValueError, match="takes token ids"):
         Engine(model).add_request("text", SamplingParams(gen_length=8))
+
+
+@pytest.mark.parametrize("dtype,tolerance", [(torch.bfloat16, 0.05), (torch.float16, 0.01)])
+@pytest.mark.parametrize("preset", ["llada-tiny", "dream-tiny"])
+def test_half_precision_on_cpu(preset, dtype, tolerance):
+    """The low-precision dtypes run end to end on the CPU, and their logits stay within the dtype's rounding
+    of fp32 (bf16 keeps 8 mantissa bits, fp16 11: relative errors of a few 1e-3 per op, compounded over two
+    layers). Whole trajectories are not compared: one flipped near-tie changes every later step."""
+    config = from_name(preset).config
+    fp32 = build_model(config).init_random_(3)
+    half = build_model(config, dtype=dtype)
+    half.load_state_dict(fp32.state_dict())
+    ids = torch.tensor([[1, 2, 3, 4] + [config.mask_token_id] * 28])
+    want, got = fp32(ids), half(ids).float()
+    assert (got - want).abs().max() <= tolerance * want.abs().max()
+    params = SamplingParams(gen_length=32, block_length=16, steps=16, temperature=0.7, seed=5)
+    out = LLM.from_model(half).generate([[1, 2, 3, 4]], params)[0]
+    assert len(out.token_ids) == 32 and out.nfe == 16
+    assert LLM.from_model(half).generate([[1, 2, 3, 4]], params)[0].token_ids == out.token_ids
+
+
+@pytest.mark.parametrize("preset", ["llada-tiny", "dream-tiny"])
+def test_model_that_predicts_mask_follows_the_published_loops(preset):
+    """A random model can predict [MASK] itself; the committed position then stays masked. The published loops
+    offer it again (LLaDA scores every masked position before the block's end; Dream has one block), and so
+    does the engine: tokens equal the oracles'."""
+    from oracles import dream_generate, llada_generate
+
+    config = from_name(preset).config
+    model = build_model(config, dtype=torch.float64).init_random_(0)
+    with torch.no_grad():
+        x = torch.tensor([[1, 2, 3] + [config.mask_token_id] * 32])
+        top = model(x)[0, 3:].argmax(-1).bincount().argmax()
+        head = model.lm_head_weight()
+        head[config.mask_token_id] = head[top] * 1.2
+    prompt = [1, 2, 3]
+    if preset == "llada-tiny":
+        params = SamplingParams(gen_length=32, block_length=8, steps=16)
+        want = llada_generate(model, torch.tensor([prompt]), steps=16, gen_length=32, block_length=8,
+                              mask_id=config.mask_token_id)
+    else:
+        params = SamplingParams(gen_length=32, steps=16)
+        want = dream_generate(model, torch.tensor([prompt]), 32, 16, mask_id=config.mask_token_id)
+    got = LLM.from_model(model).generate([prompt], params)[0].token_ids
+    assert config.mask_token_id in want[0].tolist(), "the model must commit [MASK] at least once"
+    assert got == want[0, len(prompt):].tolist()

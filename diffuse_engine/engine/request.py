@@ -41,7 +41,8 @@ class RequestOutput:
     """The result of one request.
 
     ``token_ids``: the whole generated canvas (``gen_length`` tokens, prompt excluded), including the EOS
-    padding that follows the answer. ``text``: the answer decoded up to the first EOS / end-of-turn token, with
+    padding that follows the answer (a model that predicts [MASK] itself can leave mask ids in it, exactly as the
+    published decoding loops do; trained models do not). ``text``: the answer decoded up to the first EOS / end-of-turn token, with
     special tokens skipped (None when the engine has no tokenizer). ``nfe``: forward evaluations spent.
     ``finish_reason``: ``"eos"`` (the answer ended), ``"length"`` (the canvas is full without EOS).
     ``seed``: the key of the request's randomness (give it back in SamplingParams to reproduce the output).
@@ -120,12 +121,17 @@ class Request:
         start = self.prompt_len + self.block * self.params.block_length
         return start, start + self.params.block_length
 
-    def masked_in_block(self) -> torch.Tensor:
-        """Sequence positions of the current block that are still masked, ascending."""
-        start, end = self.block_span
-        return (self.seq[start:end] == self.mask_id).nonzero().squeeze(1) + start
+    def candidates(self) -> torch.Tensor:
+        """Sequence positions a step may commit, ascending: every still-masked canvas position up to the end of
+        the current block. Normally these all lie in the current block; a model that predicts [MASK] itself
+        leaves a committed position masked, and the published loops (LLaDA scores every masked position
+        before the block's end; Dream has one block) then offer it again in later steps and blocks."""
+        _, end = self.block_span
+        return (self.seq[self.prompt_len:end] == self.mask_id).nonzero().squeeze(1) + self.prompt_len
 
     def start_block(self) -> None:
+        """Enter the current block: LLaDA's per-step counts come from the block's own masked positions."""
         self.block_step = 0
-        num_masked = int(self.masked_in_block().numel())
+        start, end = self.block_span
+        num_masked = int((self.seq[start:end] == self.mask_id).sum())
         self.block_counts = llada_transfer_counts(num_masked, self.params.steps_per_block)

@@ -1,8 +1,8 @@
 """One forward for a whole batch of requests, and the per-row decisions of its head.
 
 Requests are packed (no padding): each keeps its own positions from 0, as if it ran alone. Only the rows the
-step can commit (the still-masked positions of each request's current block) go through the LM head; with
-Dream's shifted logits the row for position p is read from p - 1.
+step can commit (``Request.candidates``: the still-masked positions up to the end of each request's current
+block) go through the LM head; with Dream's shifted logits the row for position p is read from p - 1.
 """
 
 from __future__ import annotations
@@ -65,7 +65,7 @@ class ModelRunner:
         guided: list[tuple[int, int, int, float]] = []  # (first row, last row, uncond row offset, cfg_scale)
         offset = 0
         for r in batch:
-            pos = r.masked_in_block()
+            pos = r.candidates()
             positions.append(pos)
             seqs.append(r.seq)
             cond_rows.append(pos - shift + offset)
