@@ -42,8 +42,9 @@ class RequestOutput:
 
     ``token_ids``: the whole generated canvas (``gen_length`` tokens, prompt excluded), including the EOS
     padding that follows the answer (a model that predicts [MASK] itself can leave mask ids in it, exactly as
-    the published decoding loops do; trained models do not). ``text``: the answer decoded up to the first EOS / end-of-turn token, with
-    special tokens skipped (None when the engine has no tokenizer). ``nfe``: forward evaluations spent.
+    the published decoding loops do; trained models do not). ``text``: the answer decoded up to the first EOS /
+    end-of-turn token, with special tokens skipped (None when the engine has no tokenizer). ``nfe``: forward
+    evaluations spent.
     ``finish_reason``: ``"eos"`` (the answer ended), ``"length"`` (the canvas is full without EOS).
     ``seed``: the key of the request's randomness (give it back in SamplingParams to reproduce the output).
     """
