@@ -17,13 +17,9 @@ from .runner import HeadRows
 from .schedule import dream_transfer_count, dream_transfer_probability
 
 
-def _seed_i64(seed: int) -> int:
-    return seed - (1 << 64) if seed >= (1 << 63) else seed
-
-
 def _row_keys(batch: list[Request], counts: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
     c = torch.tensor(counts)
-    seeds = torch.repeat_interleave(torch.tensor([_seed_i64(r.seed) for r in batch], dtype=torch.int64), c)
+    seeds = torch.repeat_interleave(torch.tensor([r.seed_bits for r in batch], dtype=torch.int64), c)
     steps = torch.repeat_interleave(torch.tensor([r.nfe for r in batch], dtype=torch.int64), c)
     return seeds, steps
 
@@ -62,7 +58,7 @@ def select(batch: list[Request], rows: HeadRows) -> torch.Tensor:
 
     alg_temp = [r.params.alg_temp or 0.0 for r in batch]
     if any(t > 0 for t in alg_temp):
-        gumbel = -torch.log(-torch.log(ops.counter_uniform(seeds, steps, rows.position, STREAM_ORDER)))
+        gumbel = ops.counter_gumbel(seeds, steps, rows.position, STREAM_ORDER)
         for i, t in enumerate(alg_temp):
             if t > 0:
                 a, b = starts[i], starts[i + 1]

@@ -105,6 +105,11 @@ class Request:
         self.start_block()
 
     @property
+    def seed_bits(self) -> int:
+        """The uint64 seed as the int64 with the same bits (how noise kernels take it)."""
+        return self.seed - (1 << 64) if self.seed >= (1 << 63) else self.seed
+
+    @property
     def prompt_len(self) -> int:
         return len(self.prompt_ids)
 

@@ -111,7 +111,6 @@ class ModelRunner:
         if any(ban_eos):
             rows = per_row(ban_eos, torch.bool).nonzero().squeeze(1)
             logits[rows, cfg.eos_token_id] = float("-inf")
-        seeds = [r.seed - (1 << 64) if r.seed >= (1 << 63) else r.seed for r in batch]
         top_k = [r.params.top_k or 0 for r in batch]
         top_p = [r.params.top_p if r.params.top_p is not None else 1.0 for r in batch]
         # LLaDA's confidence_eos_eot_inf as published: `logits_with_noise[:, :, eos] = logits[:, :, eot] = -inf`
@@ -122,7 +121,7 @@ class ModelRunner:
         stats = ops.sample_and_score(
             logits,
             per_row([r.params.temperature for r in batch], torch.float32),
-            per_row(seeds, torch.int64),
+            per_row([r.seed_bits for r in batch], torch.int64),
             per_row([r.nfe for r in batch], torch.int64),
             position.to(self.device),
             top_k=per_row(top_k, torch.int64) if any(top_k) else None,
