@@ -141,7 +141,9 @@ setup(
     long_description=(ROOT / "README.md").read_text() if (ROOT / "README.md").exists() else "",
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
-    packages=["diffuse_engine", "diffuse_engine.models", "diffuse_engine.engine", "diffuse_engine.kernels"],
+    packages=["diffuse_engine", "diffuse_engine.models", "diffuse_engine.engine", "diffuse_engine.kernels",
+              "diffuse_engine.tasks", "diffuse_engine.zoo"],
+    package_data={"diffuse_engine.zoo": ["*/*.json", "*/*.safetensors", "*/*.md", "*/*.csv"]},
     package_dir={"diffuse_engine.kernels": "kernels"},
     install_requires=[
         "torch>=2.5,<2.15",
@@ -153,7 +155,8 @@ setup(
         "pybind11>=2.12",
     ],
     extras_require={
-        "test": ["pytest>=7", "pytest-benchmark>=4", "scipy"],
+        "test": ["pytest>=7", "pytest-benchmark>=4", "scipy", "matplotlib"],
+        "eval": ["matplotlib"],
         "flash": ["flash-attn"],
     },
     entry_points={"console_scripts": ["diffuse-engine=diffuse_engine.cli:main"]},

@@ -117,6 +117,26 @@ def write_random_checkpoint(path: str | Path, preset: str | presets.Preset | Mod
     if shard_size is not None and (not isinstance(shard_size, int) or shard_size <= 0):
         raise ValueError(f"shard_size must be a positive number of bytes, got {shard_size!r}.")
     tokenizer = build_byte_tokenizer(config.vocab_size, specials)  # validates the ids before writing anything
+    model = build_model(config, dtype=torch.float32).init_random_(seed)
+    return save_model_folder(path, model, special_tokens=specials, chat_template=template, bos_token=bos,
+                             eos_token=eos, dtype=torch_dtype, shard_size=shard_size, overwrite=overwrite,
+                             tokenizer=tokenizer)
+
+
+def save_model_folder(path: str | Path, model: torch.nn.Module, *, special_tokens: dict[str, int],
+                      chat_template: str | None, bos_token: str | None, eos_token: str,
+                      dtype: str | torch.dtype = "float32", shard_size: int | None = None, overwrite: bool = False,
+                      tokenizer=None) -> Path:
+    """Write ``model`` (a :class:`~diffuse_engine.models.DiffusionLM`, e.g. a trained one) as a Hugging Face
+    folder at ``path``: config, weights in ``dtype`` under the model's state-dict names, the byte-level
+    tokenizer with ``special_tokens`` and a tokenizer config. Other files in the folder are left alone; weight
+    files are replaced only with ``overwrite``."""
+    config: ModelConfig = model.config
+    torch_dtype = parse_dtype(dtype)
+    if shard_size is not None and (not isinstance(shard_size, int) or shard_size <= 0):
+        raise ValueError(f"shard_size must be a positive number of bytes, got {shard_size!r}.")
+    if tokenizer is None:
+        tokenizer = build_byte_tokenizer(config.vocab_size, special_tokens)
     folder = Path(path)
     _clear(folder, overwrite)
 
@@ -124,9 +144,7 @@ def write_random_checkpoint(path: str | Path, preset: str | presets.Preset | Mod
     hf["torch_dtype"] = _DTYPE_NAMES[torch_dtype]
     _write_json(folder / CONFIG_FILE, hf)
 
-    model = build_model(config, dtype=torch.float32).init_random_(seed)
-    tensors = {name: t.detach().to(torch_dtype).contiguous() for name, t in model.state_dict().items()}
-    del model
+    tensors = {name: t.detach().to("cpu", torch_dtype).contiguous() for name, t in model.state_dict().items()}
     metadata = {"format": "pt"}
     if shard_size is None:
         save_file(tensors, str(folder / WEIGHTS_FILE), metadata=metadata)
@@ -142,11 +160,12 @@ def write_random_checkpoint(path: str | Path, preset: str | presets.Preset | Mod
 
     tokenizer.save(str(folder / TOKENIZER_FILE))
     added = {str(i): {"content": c, "lstrip": False, "normalized": False, "rstrip": False, "single_word": False,
-                      "special": True} for c, i in sorted(specials.items(), key=lambda kv: kv[1])}
-    pad = {i: c for c, i in specials.items()}.get(config.pad_token_id)
+                      "special": True} for c, i in sorted(special_tokens.items(), key=lambda kv: kv[1])}
+    pad = {i: c for c, i in special_tokens.items()}.get(config.pad_token_id)
     _write_json(folder / TOKENIZER_CONFIG_FILE, {
-        "added_tokens_decoder": added, "bos_token": bos, "chat_template": template, "clean_up_tokenization_spaces":
-        False, "eos_token": eos, "model_max_length": config.max_position_embeddings, "pad_token": pad,
+        "added_tokens_decoder": added, "bos_token": bos_token, "chat_template": chat_template,
+        "clean_up_tokenization_spaces": False, "eos_token": eos_token,
+        "model_max_length": config.max_position_embeddings, "pad_token": pad,
         "tokenizer_class": "PreTrainedTokenizerFast",
     })
     return folder

@@ -1,4 +1,5 @@
-"""The ``diffuse-engine`` command: ``generate``, ``info``, ``presets`` and ``init-random``.
+"""The ``diffuse-engine`` command: ``generate``, ``info``, ``presets``, ``init-random``, and the quality tools
+``train``, ``eval`` and ``sweep`` (in :mod:`diffuse_engine.cli_quality`).
 
 Exit status: 0 on success, 2 for bad input (arguments, sampling parameters, a missing or broken model folder:
 anything raising ``ValueError``), 1 for other failures, 130 when interrupted. Errors are printed as
@@ -92,6 +93,10 @@ def build_parser() -> argparse.ArgumentParser:
     rnd.add_argument("--shard-size", type=int, metavar="BYTES", help="split the weights into shards of at most BYTES")
     rnd.add_argument("--overwrite", action="store_true", help="replace a previous checkpoint in DIR")
     rnd.set_defaults(func=cmd_init_random)
+
+    from .cli_quality import add_quality_commands
+
+    add_quality_commands(sub)
     return parser
 
 
@@ -99,7 +104,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line ``argv`` (default ``sys.argv[1:]``); returns the exit status."""
     parser = build_parser()
     try:
+        argv = list(sys.argv[1:] if argv is None else argv)
         args = parser.parse_args(argv)
+        args.argv = argv
         return args.func(args)
     except SystemExit as exc:  # --help, --version
         return exc.code if isinstance(exc.code, int) else 0

@@ -161,11 +161,15 @@ def load_model(path: str | Path, *, device: str | torch.device = "cpu",
     when the folder has no ``tokenizer.json`` (a weights-only folder is valid). ``dtype`` None means the
     config's ``torch_dtype`` on accelerators and float32 on the CPU. Weights are read one tensor at a time,
     cast to ``dtype`` and moved to ``device``; the model is first built on the meta device so that nothing is
-    allocated twice.
+    allocated twice. ``path`` may also be the name of a shipped model (see :mod:`diffuse_engine.zoo`).
     """
-    folder = Path(path)
+    from .zoo import resolve_model_path, shipped_models
+
+    folder = resolve_model_path(path)
     if not folder.is_dir():
-        raise CheckpointError(f"Model folder {folder} does not exist or is not a directory.")
+        names = ", ".join(shipped_models()) or "none"
+        raise CheckpointError(f"Model folder {folder} does not exist or is not a directory (shipped models: "
+                              f"{names}).")
     device = torch.device(device)
     target = parse_dtype(dtype) if dtype is not None else None
     config, raw = _read_config(folder)

@@ -1,0 +1,159 @@
+"""``diffuse-engine train``, ``eval`` and ``sweep``: train tiny models on tasks with exact checkers, measure a
+model's accuracy and speed, and sweep the quality/speed knob (policies x steps x block sizes)."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import shlex
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from .tasks import CORPORA, TASKS
+
+DEFAULT_SWEEP_DIR = "benchmarks/results/quality"
+
+
+def _int_list(text: str) -> list[int]:
+    try:
+        values = [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+    if not values:
+        raise argparse.ArgumentTypeError("expected at least one integer")
+    return values
+
+
+def _str_list(text: str) -> list[str]:
+    values = [x.strip() for x in text.split(",") if x.strip()]
+    if not values:
+        raise argparse.ArgumentTypeError("expected at least one name")
+    return values
+
+
+def add_quality_commands(sub: argparse._SubParsersAction) -> None:
+    from .evaluate import POLICIES
+    from .train import TrainConfig
+
+    names = [*TASKS, *CORPORA]
+    defaults = TrainConfig(task="addition", out="")
+
+    tr = sub.add_parser("train", help="train a tiny masked-diffusion model on a task (CPU)",
+                        description="Train a LLaDA-style model with the masked-diffusion objective and write it "
+                                    "as a checkpoint folder with a model card.")
+    tr.add_argument("--task", required=True, choices=names)
+    tr.add_argument("--out", required=True, metavar="DIR", help="checkpoint folder to write")
+    for f in dataclasses.fields(TrainConfig):
+        if f.name in ("task", "out", "overwrite"):
+            continue
+        default = getattr(defaults, f.name)
+        kind = int if f.name in ("threads", "test_limit") else type(default)
+        tr.add_argument("--" + f.name.replace("_", "-"), type=kind, default=default,
+                        help=f"(default {default})")
+    tr.add_argument("--overwrite", action="store_true", help="replace a checkpoint already in DIR")
+    tr.add_argument("--quiet", action="store_true", help="no progress bar")
+    tr.set_defaults(func=cmd_train)
+
+    for name, func, text in (("eval", cmd_eval, "accuracy, NFE, tokens per forward and tokens/s of a model on a task"),
+                             ("sweep", cmd_sweep, "accuracy vs NFE and seconds over policies x steps x blocks")):
+        p = sub.add_parser(name, help=text, description=text[0].upper() + text[1:] + ".")
+        p.add_argument("--model", required=True, metavar="DIR", help="model folder, or a shipped model's name")
+        p.add_argument("--task", required=True, choices=names if name == "eval" else list(TASKS))
+        p.add_argument("--limit", type=int, metavar="K", help="first K examples of the test set")
+        p.add_argument("--device", help="cpu, cuda or cuda:N (default: cuda when available)")
+        p.add_argument("--dtype", help="float32, bfloat16, float16")
+        if name == "eval":
+            p.add_argument("--policy", default="low_confidence", choices=list(POLICIES))
+            p.add_argument("--steps", type=int, help="denoising steps (default: one token per step)")
+            p.add_argument("--block-length", type=int, help="block size (default: the task's)")
+            p.add_argument("--json", action="store_true", help="print one JSON object")
+        else:
+            p.add_argument("--policies", type=_str_list, help=f"comma-separated (default: all: {','.join(POLICIES)})")
+            p.add_argument("--steps", type=_int_list, help="comma-separated step counts (default: halving)")
+            p.add_argument("--block-lengths", type=_int_list, help="comma-separated (default: canvas and half)")
+            p.add_argument("--out", default=DEFAULT_SWEEP_DIR, metavar="DIR",
+                           help=f"folder for the CSV and PNGs (default {DEFAULT_SWEEP_DIR})")
+            p.add_argument("--name", help="file stem (default: <model>_<task>)")
+            p.add_argument("--no-plot", action="store_true", help="write the CSV only")
+        p.set_defaults(func=func)
+
+
+def _command(args: argparse.Namespace) -> str:
+    """The command line that ran (recorded with results)."""
+    return " ".join(["diffuse-engine", *(shlex.quote(a) for a in getattr(args, "argv", sys.argv[1:]))])
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from .train import TrainConfig, train
+
+    fields = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)}
+    result = train(TrainConfig(**fields), command=_command(args), progress=not args.quiet)
+    print(f"wrote {result.folder} after {result.steps} steps in {result.wall_s:.0f} s")
+    for key, value in result.metrics.items():
+        if key != "samples":
+            print(f"  {key}: {value}")
+    return 0
+
+
+def _llm(args: argparse.Namespace):
+    from .cli import _check_device
+    from .llm import LLM
+
+    return LLM(args.model, device=_check_device(args.device), dtype=args.dtype)
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from .evaluate import elbo_bits, evaluate_task
+    from .tasks import TextCorpus, get_task
+
+    task = get_task(args.task)
+    llm = _llm(args)
+    if isinstance(task, TextCorpus):
+        t0 = time.perf_counter()
+        r: dict[str, Any] = {"task": task.name, **elbo_bits(llm.model, llm.tokenizer, task.held_out_text(),
+                                                            max_windows=args.limit)}
+        r["wall_s"] = round(time.perf_counter() - t0, 3)
+        if args.json:
+            print(json.dumps(r))
+        else:
+            print(f"{task.name}: held-out {r['bits_per_char']:.4f} bits/char ({r['bits_per_byte']:.4f} bits/byte), "
+                  f"ELBO over {r['windows']} windows x {r['samples_per_window']} samples, {r['wall_s']:.1f} s")
+        return 0
+    res = evaluate_task(llm, task, args.policy, steps=args.steps, block_length=args.block_length, limit=args.limit)
+    if args.json:
+        print(json.dumps(res.as_dict()))
+        return 0
+    print(f"{task.name} [{res.policy}, {res.steps} steps, block {res.block_length}, gen {res.gen_length}]: "
+          f"accuracy {100 * res.accuracy:.2f}% ({res.correct}/{res.n}), NFE {res.nfe:.1f}, "
+          f"{res.tokens_per_forward:.2f} tokens/forward, {res.tokens_per_s:,.0f} tokens/s, {res.wall_s:.2f} s")
+    for f in res.failures:
+        print(f"  wrong: {f['prompt']!r} -> {f['output']!r} (expected {f['expected']!r})")
+    return 0
+
+
+def cmd_sweep(args: argparse.Namespace) -> int:
+    from .sweep import plot, run_sweep, write_csv
+    from .tasks import get_task
+
+    task = get_task(args.task)
+    llm = _llm(args)
+    model_name = Path(args.model).name or str(args.model)
+    stem = args.name or f"{model_name}_{task.name}"
+
+    def show(row: dict[str, Any]) -> None:
+        print(f"{row['policy']:<15} block {row['block_length']:>3} steps {row['steps']:>3}: "
+              f"accuracy {100 * row['accuracy']:6.2f}%  NFE {row['nfe']:6.2f}  TPF {row['tokens_per_forward']:5.2f}  "
+              f"{row['wall_s']:.2f} s", flush=True)
+
+    rows = run_sweep(llm, task, model_name=model_name, policies=args.policies, steps=args.steps,
+                     block_lengths=args.block_lengths, limit=args.limit, command=_command(args), progress=show)
+    out = Path(args.out)
+    csv_path = write_csv(rows, out / f"{stem}.csv")
+    print(f"appended {len(rows)} rows to {csv_path}")
+    if not args.no_plot:
+        for path in plot(rows, out, stem):
+            print(f"wrote {path}")
+    return 0
