@@ -121,12 +121,13 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 # ------------------------------------------------------------------------------------------------- generate
-def sampling_params_from_args(args: argparse.Namespace) -> SamplingParams:
-    """SamplingParams from the flags that were given (the others keep the dataclass defaults)."""
+def sampling_params_from_args(args: argparse.Namespace, llm=None) -> SamplingParams:
+    """SamplingParams from the flags that were given; the others keep the model folder's generation defaults
+    (``llm.default_params``) or the dataclass defaults."""
     given = {f.name: getattr(args, f.name) for f in dataclasses.fields(SamplingParams)
              if getattr(args, f.name, None) is not None}
     try:
-        return SamplingParams(**given)
+        return llm.default_params(**given) if llm is not None else SamplingParams(**given)
     except ValueError as exc:
         raise UsageError(f"invalid sampling parameters: {exc}") from None
 
@@ -144,7 +145,6 @@ def _check_device(device: str | None) -> str | None:
 
 def cmd_generate(args: argparse.Namespace) -> int:
     """``generate``: load the folder, decode one prompt, print the answer (or JSON)."""
-    params = sampling_params_from_args(args)
     if args.chat and args.prompt_ids is not None:
         raise UsageError("--chat applies to a --prompt text, not to --prompt-ids.")
     device = _check_device(args.device)
@@ -153,6 +153,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     from .llm import LLM
 
     llm = LLM(args.model, device=device, dtype=args.dtype)
+    params = sampling_params_from_args(args, llm)
     tok, cfg = llm.tokenizer, llm.config
     if args.chat:
         if tok is None or not tok.has_chat_template:

@@ -29,15 +29,29 @@ class LLM:
 
         if device is None:
             device = "cuda" if torch.cuda.is_available() else "cpu"
+        from .loader import read_generation_defaults, resolve_model_path
+
         model, _, tokenizer = load_model(model_path, device=device, dtype=dtype)
         self.engine = Engine(model, tokenizer, engine_config)
+        self.generation_defaults = read_generation_defaults(resolve_model_path(model_path))
 
     @classmethod
     def from_model(cls, model: DiffusionLM, tokenizer=None, engine_config: EngineConfig | None = None) -> LLM:
         """Wrap an already built model (e.g. random weights for a benchmark)."""
         llm = cls.__new__(cls)
         llm.engine = Engine(model, tokenizer, engine_config)
+        llm.generation_defaults = {}
         return llm
+
+    def default_params(self, **overrides) -> SamplingParams:
+        """SamplingParams from the model folder's ``generation_defaults.json`` (e.g. a trained task model's
+        canvas and block size), with ``overrides`` on top. Overriding ``gen_length`` drops the folder's
+        ``block_length`` and ``steps`` (they were chosen for its canvas) unless they are overridden too."""
+        base = dict(self.generation_defaults)
+        if "gen_length" in overrides:
+            base.pop("block_length", None)
+            base.pop("steps", None)
+        return SamplingParams(**{**base, **overrides})
 
     @property
     def model(self) -> DiffusionLM:
@@ -64,7 +78,8 @@ class LLM:
                  params: SamplingParams | Sequence[SamplingParams] | None = None, *,
                  on_step: Callable[[list[StepOutput]], None] | None = None) -> list[RequestOutput]:
         """Generate for one prompt or a list of prompts (strings or token-id lists); returns one output per
-        prompt, in order. ``params`` is shared, or one per prompt. ``on_step`` sees every step's outputs."""
+        prompt, in order. ``params`` is shared, or one per prompt (None: :meth:`default_params`). ``on_step``
+        sees every step's outputs."""
         if isinstance(prompts, str) or (isinstance(prompts, Sequence) and prompts
                                         and all(isinstance(t, int) for t in prompts)):
             prompts = [prompts]
@@ -74,7 +89,7 @@ class LLM:
         if not prompts:
             raise ValueError("no prompts given.")
         if params is None or isinstance(params, SamplingParams):
-            params = [params or SamplingParams()] * len(prompts)
+            params = [params or self.default_params()] * len(prompts)
         params = list(params)
         if len(params) != len(prompts):
             raise ValueError(f"got {len(params)} SamplingParams for {len(prompts)} prompts; pass one, or one per "

@@ -7,8 +7,11 @@ names the file (and tensor) at fault, before any weight reaches the model.
 
 from __future__ import annotations
 
+import dataclasses
+import json
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors import safe_open
@@ -152,6 +155,41 @@ def _default_dtype(device: torch.device, config: ModelConfig, raw: dict) -> torc
         return torch.bfloat16
 
 
+GENERATION_DEFAULTS_FILE = "generation_defaults.json"
+
+
+def resolve_model_path(path: str | Path) -> Path:
+    """The folder of ``path``: itself, or the shipped model of that name (see :mod:`diffuse_engine.zoo`)."""
+    from .zoo import resolve_model_path as _resolve
+
+    return _resolve(path)
+
+
+def read_generation_defaults(folder: str | Path) -> dict[str, Any]:
+    """The SamplingParams fields stored in the folder's ``generation_defaults.json`` ({} when absent).
+    Unknown fields or invalid values raise CheckpointError."""
+    from .sampling_params import SamplingParams
+
+    path = Path(folder) / GENERATION_DEFAULTS_FILE
+    if not path.is_file():
+        return {}
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError) as exc:
+        raise CheckpointError(f"{path} is not valid JSON: {exc}") from None
+    if not isinstance(data, dict):
+        raise CheckpointError(f"{path} must hold a JSON object of SamplingParams fields.")
+    known = {f.name for f in dataclasses.fields(SamplingParams)}
+    unknown = sorted(set(data) - known)
+    if unknown:
+        raise CheckpointError(f"{path} has fields that SamplingParams does not know: {', '.join(unknown)}.")
+    try:
+        SamplingParams(**data)
+    except ValueError as exc:
+        raise CheckpointError(f"{path} holds invalid sampling parameters: {exc}") from None
+    return data
+
+
 def load_model(path: str | Path, *, device: str | torch.device = "cpu",
                dtype: torch.dtype | str | None = None) -> tuple[DiffusionLM, ModelConfig, Tokenizer | None]:
     """Load the model folder ``path`` onto ``device``.
@@ -163,7 +201,7 @@ def load_model(path: str | Path, *, device: str | torch.device = "cpu",
     cast to ``dtype`` and moved to ``device``; the model is first built on the meta device so that nothing is
     allocated twice. ``path`` may also be the name of a shipped model (see :mod:`diffuse_engine.zoo`).
     """
-    from .zoo import resolve_model_path, shipped_models
+    from .zoo import shipped_models
 
     folder = resolve_model_path(path)
     if not folder.is_dir():

@@ -287,6 +287,7 @@ def train(cfg: TrainConfig, *, command: str | None = None, progress: bool = True
     model.eval().requires_grad_(False)
     save_model_folder(out, model, special_tokens=specials, chat_template=preset.chat_template,
                       bos_token=preset.bos_token, eos_token=preset.eos_token, dtype=cfg.save_dtype, overwrite=True)
+    write_generation_defaults(out, task)
     metrics = (evaluate_fn or ev.final_metrics)(model, tokenizer, task, cfg.test_limit)
     result = TrainResult(out, cfg.steps, wall, tokens_seen, examples_seen, ema or float("nan"), metrics)
     summary = {"config": dataclasses.asdict(cfg), "command": command or " ".join(["diffuse-engine", *sys.argv[1:]]),
@@ -310,6 +311,21 @@ def _init_for_training_(model: DiffusionLM, gen: torch.Generator) -> None:
         std = scale if name.endswith(("attn_out.weight", ".ff_out.weight", "o_proj.weight", "down_proj.weight")) \
             else 0.02
         p.copy_(torch.randn(p.shape, generator=gen) * std)
+
+
+def generation_defaults(task: Task | TextCorpus) -> dict[str, Any]:
+    """The SamplingParams a trained model is used with by default: its task's canvas and block size, one token
+    per step, greedy, LLaDA's confidence ordering (text: 64 characters in blocks of 32)."""
+    g, b = (64, 32) if isinstance(task, TextCorpus) else (task.gen_length, task.block_length)
+    return {"gen_length": g, "block_length": b, "steps": g, "temperature": 0.0, "remasking": "low_confidence"}
+
+
+def write_generation_defaults(folder: str | Path, task: Task | TextCorpus) -> Path:
+    from .loader import GENERATION_DEFAULTS_FILE
+
+    path = Path(folder) / GENERATION_DEFAULTS_FILE
+    path.write_text(json.dumps(generation_defaults(task), indent=2) + "\n")
+    return path
 
 
 def data_sizes(task: Task | TextCorpus) -> dict[str, Any]:
@@ -348,6 +364,7 @@ def model_card(summary: dict[str, Any]) -> str:
         for s in m["samples"]:
             lines += [f"Prompt: `{s['prompt']!r}`", "", "Output:", "", "```", s["output"], "```", ""]
     lines += ["", "Files: `config.json`, `model.safetensors`, `tokenizer.json`, `tokenizer_config.json` (the LLaDA "
-              "Hugging Face layout the engine loads), `training.json` (this summary as data), `train_log.csv` "
-              "(loss per step, validation metric every few hundred steps).", ""]
+              "Hugging Face layout the engine loads), `generation_defaults.json` (the SamplingParams used when none "
+              "are given), `training.json` (this summary as data), `train_log.csv` (loss per step, validation "
+              "metric every few hundred steps).", ""]
     return "\n".join(lines)
