@@ -221,3 +221,18 @@ def test_cli_eval_and_sweep_end_to_end(tmp_path, capsys):
     assert main(["sweep", "--model", str(folder), "--task", "addition", "--steps", "x"]) == 2
     assert main(["eval", "--model", str(tmp_path / "missing"), "--task", "addition"]) == 2
     assert "shipped models" in capsys.readouterr().err
+
+
+def test_generation_defaults_file_is_validated(tmp_path):
+    from diffuse_engine.errors import CheckpointError
+    from diffuse_engine.loader import read_generation_defaults
+
+    assert read_generation_defaults(tmp_path) == {}
+    path = tmp_path / "generation_defaults.json"
+    path.write_text('{"gen_length": 6, "steps": 3}')
+    assert read_generation_defaults(tmp_path) == {"gen_length": 6, "steps": 3}
+    for text, message in (("{", "not valid JSON"), ("[1]", "JSON object"), ('{"gen_len": 6}', "does not know: gen_len"),
+                          ('{"gen_length": 6, "block_length": 4}', "invalid sampling parameters")):
+        path.write_text(text)
+        with pytest.raises(CheckpointError, match=message):
+            read_generation_defaults(tmp_path)
