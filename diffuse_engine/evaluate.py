@@ -32,7 +32,7 @@ def policy_params(policy: str, *, gen_length: int, block_length: int, steps: int
     if policy not in POLICIES:
         raise ValueError(f"unknown policy {policy!r}; available: {', '.join(POLICIES)}.")
     fields = {"gen_length": gen_length, "block_length": block_length, "steps": steps, "temperature": 0.0,
-              "seed": seed, **POLICIES[policy], **extra}
+              "seed": seed, **POLICIES[policy], **extra}  # extra may set temperature
     return SamplingParams(**fields)
 
 
@@ -128,13 +128,20 @@ def elbo_bits(model: DiffusionLM, tokenizer: Tokenizer, text: str, *, seq_len: i
 
 
 def text_samples(llm: LLM, corpus: TextCorpus, *, n: int = 3, prompt_chars: int = 48, gen_length: int = 64,
-                 block_length: int = 32, steps: int | None = None, policy: str = "low_confidence") -> list[dict]:
-    """Continuations of the first ``prompt_chars`` characters of ``n`` held-out topics."""
-    topics = corpus.held_out_topics()[:n]
-    prompts = [corpus.topics[t].lstrip()[:prompt_chars] for t in topics]
-    sp = policy_params(policy, gen_length=gen_length, block_length=block_length, steps=steps or gen_length)
-    outs = llm.generate(prompts, sp)
-    return [{"prompt": p, "output": o.text or ""} for p, o in zip(prompts, outs, strict=True)]
+                 block_length: int = 16, temperature: float = 0.8, policy: str = "low_confidence") -> list[dict]:
+    """Continuations of ``n`` held-out passages: each prompt is the ``prompt_chars`` characters that follow the
+    first sentence end a third of the way into a held-out topic; one token per step, request i seeded i."""
+    prompts = []
+    for name in corpus.held_out_topics()[:n]:
+        body = corpus.topics[name]
+        start = body.find(". ", len(body) // 3)
+        start = start + 2 if start >= 0 else 0
+        prompts.append(body[start:start + prompt_chars])
+    params = [policy_params(policy, gen_length=gen_length, block_length=block_length, steps=gen_length, seed=i,
+                            temperature=temperature) for i in range(len(prompts))]
+    outs = llm.generate(prompts, params)
+    return [{"prompt": p, "output": o.text or "", "params": f"{policy}, T={temperature}, block {block_length}, "
+             f"{gen_length} steps, seed {i}"} for i, (p, o) in enumerate(zip(prompts, outs, strict=True))]
 
 
 # ---------------------------------------------------------------------------------------- training metrics

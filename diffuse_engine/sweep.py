@@ -111,13 +111,17 @@ def plot(rows: list[dict[str, Any]], out_dir: Path, stem: str) -> list[Path]:
         curves.setdefault((r["policy"], int(r["block_length"])), []).append(r)
     paths = []
     first = rows[0]
+    policies = sorted({p for p, _ in curves})
+    blocks = sorted({b for _, b in curves}, reverse=True)
+    styles = ["-", "--", ":", "-."]
     for x_key, label, suffix in (("nfe", "forward evaluations per request (NFE)", "nfe"),
                                  ("wall_s", f"seconds for {first['n']} requests", "seconds")):
         fig, ax = plt.subplots(figsize=(7, 4.5))
         for (policy, block), pts in sorted(curves.items()):
             pts = sorted(pts, key=lambda r: float(r[x_key]))
             ax.plot([float(p[x_key]) for p in pts], [100 * float(p["accuracy"]) for p in pts], marker="o",
-                    label=f"{policy}, block {block}")
+                    markersize=4, color=f"C{policies.index(policy) % 10}",
+                    linestyle=styles[blocks.index(block) % len(styles)], label=f"{policy}, block {block}")
         ax.set_xscale("log", base=2)
         ax.set_xlabel(label)
         ax.set_ylabel("accuracy (%)")

@@ -315,8 +315,11 @@ def _init_for_training_(model: DiffusionLM, gen: torch.Generator) -> None:
 
 def generation_defaults(task: Task | TextCorpus) -> dict[str, Any]:
     """The SamplingParams a trained model is used with by default: its task's canvas and block size, one token
-    per step, greedy, LLaDA's confidence ordering (text: 64 characters in blocks of 32)."""
-    g, b = (64, 32) if isinstance(task, TextCorpus) else (task.gen_length, task.block_length)
+    per step, greedy, LLaDA's confidence ordering. Text: 64 characters in blocks of 16 at temperature 0.8
+    (greedy decoding of a small character model collapses into runs of spaces)."""
+    if isinstance(task, TextCorpus):
+        return {"gen_length": 64, "block_length": 16, "steps": 64, "temperature": 0.8, "remasking": "low_confidence"}
+    g, b = task.gen_length, task.block_length
     return {"gen_length": g, "block_length": b, "steps": g, "temperature": 0.0, "remasking": "low_confidence"}
 
 
@@ -362,7 +365,8 @@ def model_card(summary: dict[str, Any]) -> str:
     if m.get("samples"):
         lines += ["", "## Samples", ""]
         for s in m["samples"]:
-            lines += [f"Prompt: `{s['prompt']!r}`", "", "Output:", "", "```", s["output"], "```", ""]
+            lines += [f"Prompt: `{s['prompt']!r}` ({s.get('params', '')})", "", "Output:", "", "```", s["output"],
+                      "```", ""]
     lines += ["", "Files: `config.json`, `model.safetensors`, `tokenizer.json`, `tokenizer_config.json` (the LLaDA "
               "Hugging Face layout the engine loads), `generation_defaults.json` (the SamplingParams used when none "
               "are given), `training.json` (this summary as data), `train_log.csv` (loss per step, validation "
