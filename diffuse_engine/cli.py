@@ -212,7 +212,7 @@ def info_record() -> dict[str, Any]:
     """Everything ``info`` reports, as a JSON-ready dict."""
     import torch
 
-    from .ops import BACKEND_ENV, backend_report, requested_backend
+    from .ops import ATTENTION_ENV, BACKEND_ENV, attention_report, backend_report, requested_backend
 
     triton = next((v for v in map(_dist_version, ("triton", "pytorch-triton")) if v), None)
     cuda: dict[str, Any] = {"available": torch.cuda.is_available(), "torch_cuda_version": torch.version.cuda,
@@ -234,6 +234,8 @@ def info_record() -> dict[str, Any]:
         "torch": torch.__version__, "triton": triton, "cuda": cuda,
         "backends": {name: {"available": ok, "reason": why} for name, (ok, why) in backend_report().items()},
         "diffuse_backend": {"value": env, "forced": forced, "error": env_error},
+        "attention": {name: {"available": ok, "reason": why} for name, (ok, why) in attention_report().items()},
+        "attention_env": os.environ.get(ATTENTION_ENV),
     }
 
 
@@ -254,6 +256,10 @@ def cmd_info(args: argparse.Namespace) -> int:
                              for name, b in rec["backends"].items()]
     lines.append("DIFFUSE_BACKEND not set (best available backend per op)" if env["value"] is None else
                  f"DIFFUSE_BACKEND={env['value']}" + (f"  (invalid: {env['error']})" if env["error"] else ""))
+    lines += ["attention backends"] + [f"  {name:<11} {'yes' if b['available'] else 'no':<4} {b['reason']}"
+                                       for name, b in rec["attention"].items()]
+    lines.append("DIFFUSE_ATTENTION_BACKEND not set (automatic)" if rec["attention_env"] is None else
+                 f"DIFFUSE_ATTENTION_BACKEND={rec['attention_env']}")
     print("\n".join(lines))
     return 0
 

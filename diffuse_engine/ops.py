@@ -79,8 +79,21 @@ def backend_report() -> dict[str, tuple[bool, str]]:
     if importlib.util.find_spec("flash_attn") is None:
         report["flash-attn"] = (False, "flash_attn is not installed (optional: pip install flash-attn)")
     else:
-        report["flash-attn"] = (True, "importable")
+        report["flash-attn"] = (True, "importable (attention on fp16/bf16 CUDA tensors)")
     return report
+
+
+def attention_report() -> dict[str, tuple[bool, str]]:
+    """For each attention backend: whether it can run on this machine's default device, and why not."""
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    probe = torch.empty(1, 1, 1, device=device, dtype=torch.bfloat16 if device == "cuda" else torch.float32)
+    from .models.layers import TokenLayout
+
+    out = {}
+    for name in ATTENTION_BACKENDS:
+        ok, why = _attention_runs(name, probe, TokenLayout.packed([1]), None)
+        out[name] = (ok, why or f"runs on {device}")
+    return out
 
 
 def _no_kernel(op: str, backend: str) -> BackendUnavailableError:
@@ -101,27 +114,113 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
 
 
 # ------------------------------------------------------------------------------------------------ attention
-def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: TokenLayout) -> torch.Tensor:
-    """Bidirectional attention within each sequence of ``layout``.
+ATTENTION_BACKENDS = ("triton", "sdpa", "flash-attn", "reference")
+ATTENTION_ENV = "DIFFUSE_ATTENTION_BACKEND"
+
+
+def attention_backend(q: torch.Tensor, layout: TokenLayout, block_size: int | None = None,
+                      requested: str | None = None) -> str:
+    """The attention backend for these inputs: ``requested``, else ``DIFFUSE_ATTENTION_BACKEND``, else the one
+    forced by ``DIFFUSE_BACKEND`` (triton -> triton, torch -> sdpa, cuda -> refused: no CUDA attention kernel),
+    else automatic: on CUDA the Triton kernel for packed batches and block-causal masks (one launch instead of
+    one SDPA call per sequence) and SDPA otherwise; SDPA on the CPU. An explicit choice that cannot run raises
+    :class:`BackendUnavailableError` saying why."""
+    choice = requested or os.environ.get(ATTENTION_ENV, "").strip().lower() or None
+    if choice == "auto":
+        choice = None
+    if choice is not None and choice not in ATTENTION_BACKENDS:
+        raise ValueError(f"attention backend {choice!r} is not one of {', '.join(ATTENTION_BACKENDS)} (or 'auto').")
+    if choice is None:
+        forced = requested_backend()
+        if forced == "cuda":
+            raise _no_kernel("attention", "cuda")
+        choice = {"triton": "triton", "torch": "sdpa"}.get(forced or "")
+    if choice is None:
+        if q.device.type == "cuda" and _triton_runs(q)[0] and (layout.cu_seqlens is not None or block_size):
+            return "triton"
+        return "sdpa"
+    ok, why = _attention_runs(choice, q, layout, block_size)
+    if not ok:
+        raise BackendUnavailableError(f"attention backend {choice!r} cannot run here: {why}.")
+    return choice
+
+
+def _triton_runs(t: torch.Tensor) -> tuple[bool, str]:
+    if importlib.util.find_spec("triton") is None:
+        return False, "triton is not installed"
+    if t.device.type == "cuda":
+        return True, ""
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        return True, ""
+    return False, f"tensors are on {t.device.type}: Triton needs CUDA, or TRITON_INTERPRET=1 for its CPU interpreter"
+
+
+def _attention_runs(choice: str, q: torch.Tensor, layout: TokenLayout, block_size: int | None) -> tuple[bool, str]:
+    if choice == "triton":
+        return _triton_runs(q)
+    if choice == "flash-attn":
+        if importlib.util.find_spec("flash_attn") is None:
+            return False, "flash_attn is not installed (optional: pip install flash-attn)"
+        if q.device.type != "cuda" or q.dtype not in (torch.float16, torch.bfloat16):
+            return False, "flash-attn needs fp16/bf16 CUDA tensors"
+        if block_size or layout.key_mask is not None:
+            return False, "flash-attn has no block-causal or key-padding mask in its varlen API"
+    return True, ""
+
+
+def _cu_seqlens(layout: TokenLayout, device: torch.device) -> tuple[torch.Tensor, int]:
+    if layout.cu_seqlens is not None:
+        cu = layout.cu_seqlens
+        longest = max(b - a for a, b in zip(cu[:-1], cu[1:], strict=True))
+        return torch.tensor(cu, dtype=torch.int32, device=device), longest
+    b, s = layout.batch, layout.seq_len
+    return torch.arange(0, (b + 1) * s, s, dtype=torch.int32, device=device), s
+
+
+def _block_causal_mask(n: int, block_size: int, device: torch.device) -> torch.Tensor:
+    blk = torch.arange(n, device=device) // block_size
+    return blk[:, None] >= blk[None, :]
+
+
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: TokenLayout, *,
+              block_size: int | None = None, backend: str | None = None) -> torch.Tensor:
+    """Attention within each sequence of ``layout``: bidirectional, or block-causal with ``block_size`` (a
+    query in block j of its sequence sees the keys of blocks <= j, blocks counted from the sequence's start).
 
     q ``[N, H, D]``, k and v ``[N, KV, D]`` (H a multiple of KV, GQA), N = ``layout.num_tokens``;
-    returns ``[N, H, D]``. Softmax scale 1/sqrt(D).
+    returns ``[N, H, D]``. Softmax scale 1/sqrt(D). ``backend`` (or ``DIFFUSE_ATTENTION_BACKEND``) picks
+    one of :data:`ATTENTION_BACKENDS`; see :func:`attention_backend`.
     """
-    backend = requested_backend()
-    if backend in ("cuda", "triton"):
-        raise _no_kernel("attention", backend)
+    choice = attention_backend(q, layout, block_size, backend)
+    if choice in ("triton", "reference"):
+        cu, max_len = _cu_seqlens(layout, q.device)
+        key_valid = None if layout.key_mask is None else layout.key_mask.reshape(-1)
+        if choice == "reference":
+            return ref.attention_reference(q, k, v, cu, block_size=block_size, key_valid=key_valid)
+        from .kernels.attention import attention as triton_attention
+
+        return triton_attention(q, k, v, cu, max_len, block_size=block_size, key_valid=key_valid)
+    if choice == "flash-attn":
+        from flash_attn import flash_attn_varlen_func
+
+        cu, max_len = _cu_seqlens(layout, q.device)
+        return flash_attn_varlen_func(q, k, v, cu, cu, max_len, max_len, causal=False)
     gqa = q.shape[1] != k.shape[1]
     if layout.cu_seqlens is None:
         b, s = layout.batch, layout.seq_len
         qh, kh, vh = (t.view(b, s, t.shape[1], t.shape[2]).transpose(1, 2) for t in (q, k, v))
         mask = None if layout.key_mask is None else layout.key_mask[:, None, None, :].to(torch.bool)
+        if block_size:
+            causal = _block_causal_mask(s, block_size, q.device)[None, None]
+            mask = causal if mask is None else mask & causal
         out = F.scaled_dot_product_attention(qh, kh, vh, attn_mask=mask, enable_gqa=gqa)
         return out.transpose(1, 2).reshape(q.shape)
     outs = []
     cu = layout.cu_seqlens
     for start, end in zip(cu[:-1], cu[1:], strict=True):
         qh, kh, vh = (t[start:end].transpose(0, 1).unsqueeze(0) for t in (q, k, v))
-        outs.append(F.scaled_dot_product_attention(qh, kh, vh, enable_gqa=gqa)[0].transpose(0, 1))
+        mask = _block_causal_mask(end - start, block_size, q.device) if block_size else None
+        outs.append(F.scaled_dot_product_attention(qh, kh, vh, attn_mask=mask, enable_gqa=gqa)[0].transpose(0, 1))
     return torch.cat(outs, dim=0) if len(outs) > 1 else outs[0].contiguous()
 
 

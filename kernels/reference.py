@@ -184,3 +184,94 @@ def sample_and_score(logits: torch.Tensor, temperature: torch.Tensor, seed: torc
         q = e / s[:, None]
         out["neg_entropy"] = (q * torch.log(q + 1e-10)).sum(dim=-1)
     return out
+
+
+# ------------------------------------------------------------------------------------ cached block attention
+def block_attention_cached_reference(q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor,
+                                     k_cache: torch.Tensor, v_cache: torch.Tensor, block_table: torch.Tensor,
+                                     cache_lens: torch.Tensor, block_start: torch.Tensor, cos: torch.Tensor,
+                                     sin: torch.Tensor, *, write_cache: bool = False, scale: float | None = None
+                                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Non-causal attention of a diffusion block over a paged KV cache (``kernels/attention_cached.py``).
+
+    q ``[B, L, H, D]`` and k_new ``[B, L, KV, D]`` are pre-RoPE, v_new ``[B, L, KV, D]``; cos / sin ``[B, L, D]``
+    rotate them (rotate-half convention) in fp32, or fp64 for fp64 inputs, and the results are rounded back to
+    the input dtype. ``k_cache`` / ``v_cache`` ``[num_pages, page_size, KV, D]`` hold post-RoPE keys; logical
+    position p of request b lives at page ``block_table[b, p // page_size]``, slot ``p % page_size``. Request b
+    sees the cached positions ``[0, min(block_start, cache_len))`` and ``[block_start + L, cache_len)`` plus its
+    L fresh keys; query head h uses kv head ``h // (H // KV)``. Scores and softmax are in the input dtype.
+
+    Returns ``(out [B, L, H, D], k_cache_after, v_cache_after)``: clones of the caches, with the rotated k_new
+    and v_new stored at positions [block_start, block_start + L) when ``write_cache``.
+    """
+    B, L, H, D = q.shape
+    kv_heads = k_new.shape[2]
+    page_size = k_cache.shape[1]
+    scale = D ** -0.5 if scale is None else scale
+    work = torch.float64 if q.dtype == torch.float64 else torch.float32
+    half = D // 2
+
+    def rope(x: torch.Tensor, b: int) -> torch.Tensor:
+        xw = x.to(work)
+        c, s = cos[b, :, None, :].to(work), sin[b, :, None, :].to(work)
+        return (xw * c + torch.cat((-xw[..., half:], xw[..., :half]), dim=-1) * s).to(x.dtype)
+
+    k_after, v_after = k_cache.clone(), v_cache.clone()
+    out = torch.empty_like(q)
+    for b in range(B):
+        cache_len, start = int(cache_lens[b]), int(block_start[b])
+        qb, kb = rope(q[b], b), rope(k_new[b], b)
+        table = block_table[b].to(torch.int64)
+
+        def gather(cache: torch.Tensor, lo: int, hi: int, table: torch.Tensor = table) -> torch.Tensor:
+            pos = torch.arange(lo, max(lo, hi), device=cache.device)
+            return cache[table[pos // page_size], pos % page_size]
+
+        keys = torch.cat((gather(k_cache, 0, min(start, cache_len)), kb, gather(k_cache, start + L, cache_len)))
+        vals = torch.cat((gather(v_cache, 0, min(start, cache_len)), v_new[b],
+                          gather(v_cache, start + L, cache_len)))
+        keys = keys.repeat_interleave(H // kv_heads, dim=1)
+        vals = vals.repeat_interleave(H // kv_heads, dim=1)
+        scores = torch.einsum("lhd,nhd->hln", qb, keys) * scale
+        out[b] = torch.einsum("hln,nhd->lhd", torch.softmax(scores, dim=-1), vals)
+        if write_cache:
+            pos = torch.arange(start, start + L, device=q.device)
+            k_after[table[pos // page_size], pos % page_size] = kb
+            v_after[table[pos // page_size], pos % page_size] = v_new[b]
+    return out, k_after, v_after
+
+
+# ------------------------------------------------------------------------------------------ packed attention
+def attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor | list[int], *,
+                        block_size: int | None = None, key_valid: torch.Tensor | None = None,
+                        scale: float | None = None) -> torch.Tensor:
+    """Attention within each packed sequence (``kernels/attention.py``), computed in the inputs' dtype.
+
+    q ``[N, H, D]``, k and v ``[N, KV, D]`` (H a multiple of KV: query head h uses key/value head h // (H/KV));
+    ``cu_seqlens`` ``[B+1]`` cumulative starts. A query of sequence b sees the keys of sequence b, only those of
+    blocks <= its own with ``block_size`` (blocks of ``block_size`` positions from the sequence's first token),
+    and only keys whose ``key_valid`` ``[N]`` entry is nonzero. Scores are ``q k^T * scale`` (default
+    1/sqrt(D)); a query that sees no key outputs zeros.
+    """
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    group = q.shape[1] // k.shape[1]
+    cu = cu_seqlens.tolist() if isinstance(cu_seqlens, torch.Tensor) else list(cu_seqlens)
+    out = torch.zeros_like(q)
+    for start, end in zip(cu[:-1], cu[1:], strict=True):
+        n = end - start
+        if n == 0:
+            continue
+        qs = q[start:end].transpose(0, 1)  # [H, n, D]
+        ks = k[start:end].repeat_interleave(group, dim=1).transpose(0, 1)
+        vs = v[start:end].repeat_interleave(group, dim=1).transpose(0, 1)
+        scores = (qs @ ks.transpose(1, 2)) * scale  # [H, n, n]
+        visible = torch.ones(n, n, dtype=torch.bool, device=q.device)
+        if block_size is not None:
+            blk = torch.arange(n, device=q.device) // block_size
+            visible &= blk[:, None] >= blk[None, :]
+        if key_valid is not None:
+            visible &= key_valid[start:end].to(torch.bool)[None, :]
+        probs = torch.softmax(scores.masked_fill(~visible, float("-inf")), dim=-1)
+        probs = probs.masked_fill(~visible.any(dim=-1)[:, None], 0.0)  # all -inf rows: NaN -> 0
+        out[start:end] = (probs @ vs).transpose(0, 1)
+    return out

@@ -37,6 +37,12 @@ def main(out: Path) -> None:
         table.append((f"noise_{r.get('op', '')}/{r.get('provider', '')}", r.get("shape", ""), r.get("ms", ""),
                       f"{r.get('gbps', '')} GB/s", r.get("pct_copy_bw", ""), "torch reference",
                       r.get("ratio_vs_torch", "")))
+    for r in read_csv(out / "attention.csv"):
+        if r.get("provider") == "sdpa":
+            continue
+        achieved = f"{float(r['tflops']):.1f} TFLOP/s" if r.get("tflops") else f"{float(r['gbps']):.0f} GB/s"
+        table.append((f"attn_{r['op']}/{r['provider']}", r["shape"], f"{float(r['ms']):.4g}", achieved,
+                      f"{float(r['pct_floor']):.1f}", "torch SDPA", f"{float(r['ratio_vs_sdpa']):.2f}"))
     for r in read_csv(out / "engine.csv"):
         shape = (f"B={r['batch']} P={r['prompt_len']} G={r['gen_length']} blk={r['block_length']} "
                  f"tps={r['tokens_per_step']}")
