@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import warnings
 from functools import lru_cache
 from typing import TYPE_CHECKING
 
@@ -136,13 +137,19 @@ def attention_backend(q: torch.Tensor, layout: TokenLayout, block_size: int | No
             raise _no_kernel("attention", "cuda")
         choice = {"triton": "triton", "torch": "sdpa"}.get(forced or "")
     if choice is None:
-        if q.device.type == "cuda" and _triton_runs(q)[0] and (layout.cu_seqlens is not None or block_size):
+        if (q.device.type == "cuda" and _triton_runs(q)[0] and _TRITON_ATTENTION_FAILURE is None
+                and (layout.cu_seqlens is not None or block_size)):
             return "triton"
         return "sdpa"
     ok, why = _attention_runs(choice, q, layout, block_size)
     if not ok:
         raise BackendUnavailableError(f"attention backend {choice!r} cannot run here: {why}.")
     return choice
+
+
+# Set when the automatic choice tried the Triton kernel and it failed to compile or launch (e.g. an older
+# Triton): automatic choice then stays on SDPA for the process; an explicit choice still raises.
+_TRITON_ATTENTION_FAILURE: str | None = None
 
 
 def _triton_runs(t: torch.Tensor) -> tuple[bool, str]:
@@ -191,6 +198,9 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: TokenLa
     returns ``[N, H, D]``. Softmax scale 1/sqrt(D). ``backend`` (or ``DIFFUSE_ATTENTION_BACKEND``) picks
     one of :data:`ATTENTION_BACKENDS`; see :func:`attention_backend`.
     """
+    global _TRITON_ATTENTION_FAILURE
+    explicit = backend or os.environ.get(ATTENTION_ENV, "").strip().lower() not in ("", "auto") \
+        or requested_backend() is not None
     choice = attention_backend(q, layout, block_size, backend)
     if choice in ("triton", "reference"):
         cu, max_len = _cu_seqlens(layout, q.device)
@@ -199,7 +209,15 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: TokenLa
             return ref.attention_reference(q, k, v, cu, block_size=block_size, key_valid=key_valid)
         from .kernels.attention import attention as triton_attention
 
-        return triton_attention(q, k, v, cu, max_len, block_size=block_size, key_valid=key_valid)
+        if explicit:
+            return triton_attention(q, k, v, cu, max_len, block_size=block_size, key_valid=key_valid)
+        try:
+            return triton_attention(q, k, v, cu, max_len, block_size=block_size, key_valid=key_valid)
+        except Exception as exc:  # noqa: BLE001 - automatic choice must not fail where SDPA runs
+            _TRITON_ATTENTION_FAILURE = f"{type(exc).__name__}: {exc}"
+            warnings.warn(f"Triton attention failed ({_TRITON_ATTENTION_FAILURE}); using SDPA from now on. Set "
+                          f"{ATTENTION_ENV}=triton to see the error raised.", RuntimeWarning, stacklevel=2)
+            return attention(q, k, v, layout, block_size=block_size, backend="sdpa")
     if choice == "flash-attn":
         from flash_attn import flash_attn_varlen_func
 

@@ -139,3 +139,30 @@ def test_attention_benchmark_runs_on_the_cpu(tmp_path, monkeypatch):
         assert float(r["ms"]) > 0 and float(r["pct_floor"]) > 0 and r["device"].startswith("cpu")
         assert float(r["tflops"] or r["gbps"]) > 0
     assert all(float(r["ratio_vs_sdpa"]) == 1.0 for r in rows if r["provider"] == "sdpa")
+
+
+def test_automatic_choice_falls_back_to_sdpa_when_the_kernel_fails(monkeypatch):
+    """Automatic choice on CUDA picks Triton for packed batches; if the kernel cannot compile or launch (an
+    older Triton), the call is answered by SDPA with a warning and later calls skip Triton. An explicit
+    choice raises instead."""
+    import diffuse_engine.kernels.attention as kernel
+
+    calls = []
+
+    def broken(*args, **kwargs):
+        calls.append(1)
+        raise RuntimeError("no such intrinsic")
+
+    monkeypatch.setattr(kernel, "attention", broken)
+    monkeypatch.setattr(ops, "_TRITON_ATTENTION_FAILURE", None)
+    monkeypatch.setattr(ops, "attention_backend", lambda q, layout, block_size=None, requested=None:
+                        requested or ("sdpa" if ops._TRITON_ATTENTION_FAILURE else "triton"))
+    seqlens = [3, 5]
+    q, k, v = _inputs(8, 4, 2, 8)
+    with pytest.warns(RuntimeWarning, match="no such intrinsic"):
+        got = ops.attention(q, k, v, TokenLayout.packed(seqlens))
+    torch.testing.assert_close(got.double(), plain_attention(q, k, v, seqlens), atol=2e-5, rtol=2e-5)
+    ops.attention(q, k, v, TokenLayout.packed(seqlens))
+    assert len(calls) == 1 and "no such intrinsic" in ops._TRITON_ATTENTION_FAILURE
+    with pytest.raises(RuntimeError, match="no such intrinsic"):
+        ops.attention(q, k, v, TokenLayout.packed(seqlens), backend="triton")
