@@ -242,6 +242,69 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: TokenLa
     return torch.cat(outs, dim=0) if len(outs) > 1 else outs[0].contiguous()
 
 
+def block_attention_cached(q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor, k_cache: torch.Tensor,
+                           v_cache: torch.Tensor, block_table: torch.Tensor, cache_lens: torch.Tensor,
+                           block_start: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, *,
+                           write_cache: bool = False, backend: str | None = None) -> torch.Tensor:
+    """A diffusion block's queries over a paged KV cache plus the block's fresh keys (non-causal), RoPE applied
+    to q and k_new here; with ``write_cache`` the block's post-RoPE K and V are stored in the cache in place.
+    Arguments as :func:`kernels.attention_cached.block_attention_cached`. Backends: ``triton`` (one launch,
+    automatic on CUDA), ``sdpa`` (a gather and SDPA per request), ``reference``; flash-attn has no form of
+    this op (its KV-cache API cannot leave the block's own cached range out)."""
+    choice = backend or os.environ.get(ATTENTION_ENV, "").strip().lower() or None
+    if choice in (None, "auto"):
+        forced = requested_backend()
+        if forced == "cuda":
+            raise _no_kernel("block_attention_cached", "cuda")
+        choice = {"triton": "triton", "torch": "sdpa"}.get(forced or "") or (
+            "triton" if q.device.type == "cuda" and _triton_runs(q)[0] else "sdpa")
+    if choice not in ATTENTION_BACKENDS:
+        raise ValueError(f"attention backend {choice!r} is not one of {', '.join(ATTENTION_BACKENDS)} (or 'auto').")
+    if choice == "flash-attn":
+        raise BackendUnavailableError("attention backend 'flash-attn' cannot run block_attention_cached: its KV-cache "
+                                      "API cannot leave the block's own cached positions out.")
+    args = (q, k_new, v_new, k_cache, v_cache, block_table, cache_lens, block_start, cos, sin)
+    if choice == "triton":
+        ok, why = _triton_runs(q)
+        if not ok:
+            raise BackendUnavailableError(f"attention backend 'triton' cannot run here: {why}.")
+        from .kernels.attention_cached import block_attention_cached as kernel
+
+        return kernel(*args, write_cache=write_cache)
+    if choice == "reference":
+        out, k_after, v_after = ref.block_attention_cached_reference(*args, write_cache=write_cache)
+        if write_cache:
+            k_cache.copy_(k_after)
+            v_cache.copy_(v_after)
+        return out
+    b, L, h, d = q.shape
+    page = k_cache.shape[1]
+    cs, sn = cos.float()[:, :, None, :], sin.float()[:, :, None, :]
+
+    def rope(x: torch.Tensor) -> torch.Tensor:  # rotate-half in fp32, rounded back to x's dtype
+        xf = x.float()
+        return (xf * cs + torch.cat((-xf[..., d // 2:], xf[..., :d // 2]), dim=-1) * sn).to(x.dtype)
+
+    qr, kr = rope(q), rope(k_new).to(k_cache.dtype)
+    out = torch.empty_like(q)
+    starts, lens = block_start.tolist(), cache_lens.tolist()
+    for i in range(b):
+        table = block_table[i].long()
+        prefix = torch.arange(0, min(starts[i], lens[i]), device=q.device)
+        suffix = torch.arange(starts[i] + L, max(lens[i], starts[i] + L), device=q.device)
+        pos = torch.cat((prefix, suffix))
+        keys = torch.cat((k_cache[table[pos // page], pos % page], kr[i]))
+        vals = torch.cat((v_cache[table[pos // page], pos % page], v_new[i].to(v_cache.dtype)))
+        o = F.scaled_dot_product_attention(qr[i].transpose(0, 1)[None], keys.transpose(0, 1)[None].to(q.dtype),
+                                           vals.transpose(0, 1)[None].to(q.dtype), enable_gqa=h != keys.shape[1])
+        out[i] = o[0].transpose(0, 1)
+        if write_cache:
+            slots = torch.arange(starts[i], starts[i] + L, device=q.device)
+            k_cache[table[slots // page], slots % page] = kr[i]
+            v_cache[table[slots // page], slots % page] = v_new[i].to(v_cache.dtype)
+    return out
+
+
 # ------------------------------------------------------------------------------------------------- sampling
 def sample_and_score(logits: torch.Tensor, temperature: torch.Tensor, seed: torch.Tensor, step: torch.Tensor,
                      position: torch.Tensor, *, top_k: torch.Tensor | None = None, top_p: torch.Tensor | None = None,

@@ -166,3 +166,34 @@ def test_automatic_choice_falls_back_to_sdpa_when_the_kernel_fails(monkeypatch):
     assert len(calls) == 1 and "no such intrinsic" in ops._TRITON_ATTENTION_FAILURE
     with pytest.raises(RuntimeError, match="no such intrinsic"):
         ops.attention(q, k, v, TokenLayout.packed(seqlens), backend="triton")
+
+
+@pytest.mark.parametrize("write_cache", [False, True])
+def test_block_attention_cached_backends_agree(monkeypatch, write_cache):
+    """ops.block_attention_cached: SDPA and Triton (CPU interpreter) paths against the fp64 reference, with the
+    cache written in place by each."""
+    from diffuse_engine.kernels.reference import block_attention_cached_reference
+
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    gen = torch.Generator().manual_seed(3)
+    b, L, h, kv, d, page = 2, 5, 4, 2, 16, 8
+    q, k_new, v_new = (torch.randn(b, L, n, d, generator=gen) for n in (h, kv, kv))
+    k_cache, v_cache = (torch.randn(8, page, kv, d, generator=gen) for _ in range(2))
+    block_table = torch.tensor([[3, 0, 5, 1], [2, 7, 4, 6]], dtype=torch.int32)
+    cache_lens = torch.tensor([20, 9], dtype=torch.int32)  # request 0 has a suffix, request 1 a prefix only
+    block_start = torch.tensor([6, 9], dtype=torch.int32)
+    ang = torch.rand(b, L, d // 2, generator=gen) * 6
+    cos, sin = torch.cat([ang.cos()] * 2, -1), torch.cat([ang.sin()] * 2, -1)
+    args64 = [t.double() if t.is_floating_point() else t for t in
+              (q, k_new, v_new, k_cache, v_cache, block_table, cache_lens, block_start, cos, sin)]
+    want, k_want, v_want = block_attention_cached_reference(*args64, write_cache=write_cache)
+    for backend in ("sdpa", "triton", "reference"):
+        kc, vc = k_cache.clone(), v_cache.clone()
+        got = ops.block_attention_cached(q, k_new, v_new, kc, vc, block_table, cache_lens, block_start, cos, sin,
+                                         write_cache=write_cache, backend=backend)
+        torch.testing.assert_close(got.double(), want, atol=1e-5, rtol=1e-5, msg=backend)
+        torch.testing.assert_close(kc.double(), k_want, atol=1e-6, rtol=1e-6, msg=backend)
+        torch.testing.assert_close(vc.double(), v_want, atol=0, rtol=0, msg=backend)
+    with pytest.raises(ops.BackendUnavailableError, match="flash-attn"):
+        ops.block_attention_cached(q, k_new, v_new, k_cache, v_cache, block_table, cache_lens, block_start, cos,
+                                   sin, backend="flash-attn")
