@@ -118,7 +118,8 @@ def sample_and_score(logits: torch.Tensor, temperature: torch.Tensor, seed: torc
                      position: torch.Tensor, *, top_k: torch.Tensor | None = None,
                      top_p: torch.Tensor | None = None, raw_confidence: torch.Tensor | None = None,
                      conf_exclude: torch.Tensor | None = None,
-                     scores: tuple[str, ...] = ("margin", "neg_entropy")) -> dict[str, torch.Tensor]:
+                     scores: tuple[str, ...] = ("margin", "neg_entropy"),
+                     entropy_eps: float = 1e-10) -> dict[str, torch.Tensor]:
     """Sample one token per row and score it.
 
     logits ``[M, V]`` (any float dtype; computed in fp32, or fp64 for fp64 input); per-row ``temperature``,
@@ -132,7 +133,8 @@ def sample_and_score(logits: torch.Tensor, temperature: torch.Tensor, seed: torc
     temperature).
 
     Returns ``token`` (int64), ``prob`` = q[token], ``top1`` = max q, and those of ``scores`` that are asked
-    for: ``margin`` = q1 - q2, ``neg_entropy`` = sum q * log(q + 1e-10) (Dream's formula); each ``[M]`` in the
+    for: ``margin`` = q1 - q2, ``neg_entropy`` = sum q * log(q + entropy_eps) (Dream's formula with its 1e-10;
+    ``entropy_eps=0`` gives the exact sum q log q, 0 log 0 = 0, which the kernels compute); each ``[M]`` in the
     work dtype. A row whose logits contain NaN or +inf, or have no finite entry, raises ValueError.
     """
     if logits.ndim != 2:
@@ -182,7 +184,7 @@ def sample_and_score(logits: torch.Tensor, temperature: torch.Tensor, seed: torc
         out["margin"] = top1 - (e.topk(2, dim=-1).values[:, 1] / s if v > 1 else 0.0)
     if "neg_entropy" in scores:
         q = e / s[:, None]
-        out["neg_entropy"] = (q * torch.log(q + 1e-10)).sum(dim=-1)
+        out["neg_entropy"] = torch.special.xlogy(q, q + entropy_eps).sum(dim=-1)
     return out
 
 
@@ -274,4 +276,43 @@ def attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_se
         probs = torch.softmax(scores.masked_fill(~visible, float("-inf")), dim=-1)
         probs = probs.masked_fill(~visible.any(dim=-1)[:, None], 0.0)  # all -inf rows: NaN -> 0
         out[start:end] = (probs @ vs).transpose(0, 1)
+    return out
+
+
+# ------------------------------------------------------------------------------------------------ row stats
+def row_stats_reference(logits: torch.Tensor, rows: torch.Tensor, temperature: torch.Tensor, seed: torch.Tensor,
+                        step: torch.Tensor, position: torch.Tensor, *, raw_confidence: torch.Tensor | None = None,
+                        conf_exclude: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+    """What the fused sampling kernels compute (``kernels/row_stats.py``, ``csrc/row_stats*``,
+    ``kernels/lm_head_stats.py``): :func:`sample_and_score` of the rows ``logits[rows]`` (``rows`` ``[M]``
+    int64/int32 indices; the per-row arguments are ``[M]``, ``conf_exclude`` ``[M, K]``), with the exact
+    negative entropy (``entropy_eps=0``) and no top-k / top-p filter, and without raising: a row whose
+    confidence logits hold NaN or +inf, or no finite entry, gets ``invalid`` = 1, token -1 and NaN scores.
+
+    Returns ``token`` (int64), ``prob``, ``top1``, ``margin``, ``neg_entropy`` (work dtype: fp64 for fp64
+    logits, else fp32) and ``invalid`` (int32), each ``[M]``."""
+    x = logits[rows.to(torch.int64)]
+    m = x.shape[0]
+    work = torch.float64 if x.dtype == torch.float64 else torch.float32
+    q_logits = x.to(work)
+    if raw_confidence is not None and conf_exclude is not None:
+        q_logits = q_logits.clone()
+        cols = conf_exclude.to(torch.int64).reshape(m, -1)
+        r, k = ((cols >= 0) & raw_confidence.bool()[:, None]).nonzero(as_tuple=True)
+        q_logits[r, cols[r, k]] = float("-inf")
+    if raw_confidence is None or not bool(raw_confidence.all()):
+        hot = temperature > 0
+        z = q_logits / torch.where(hot, temperature.to(work), torch.ones_like(temperature, dtype=work))[:, None]
+        q_logits = z if raw_confidence is None else torch.where(raw_confidence.bool()[:, None], q_logits, z)
+    mx = q_logits.max(dim=-1).values
+    s = torch.exp(q_logits - mx[:, None]).sum(dim=-1)
+    finite = torch.isfinite(q_logits) | (q_logits == float("-inf"))
+    invalid = ~(finite.all(dim=-1) & torch.isfinite(mx) & torch.isfinite(s) & (s > 0))
+    safe = torch.where(invalid[:, None], torch.zeros_like(x), x)
+    out = sample_and_score(safe, temperature, seed, step, position, raw_confidence=raw_confidence,
+                           conf_exclude=conf_exclude, scores=("margin", "neg_entropy"), entropy_eps=0.0)
+    out["token"] = torch.where(invalid, torch.full_like(out["token"], -1), out["token"])
+    for key in ("prob", "top1", "margin", "neg_entropy"):
+        out[key] = torch.where(invalid, torch.full_like(out[key], float("nan")), out[key])
+    out["invalid"] = invalid.to(torch.int32)
     return out
