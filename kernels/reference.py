@@ -295,6 +295,8 @@ def row_stats_reference(logits: torch.Tensor, rows: torch.Tensor, temperature: t
     m = x.shape[0]
     work = torch.float64 if x.dtype == torch.float64 else torch.float32
     q_logits = x.to(work)
+    if conf_exclude is not None and conf_exclude.numel() == 0:
+        conf_exclude = None
     if raw_confidence is not None and conf_exclude is not None:
         q_logits = q_logits.clone()
         cols = conf_exclude.to(torch.int64).reshape(m, -1)
@@ -308,7 +310,11 @@ def row_stats_reference(logits: torch.Tensor, rows: torch.Tensor, temperature: t
     s = torch.exp(q_logits - mx[:, None]).sum(dim=-1)
     finite = torch.isfinite(q_logits) | (q_logits == float("-inf"))
     invalid = ~(finite.all(dim=-1) & torch.isfinite(mx) & torch.isfinite(s) & (s > 0))
+    # Invalid rows are scored on zeros without exclusions (then overwritten), so that nothing raises.
     safe = torch.where(invalid[:, None], torch.zeros_like(x), x)
+    if conf_exclude is not None:
+        conf_exclude = torch.where(invalid.reshape(-1, *([1] * (conf_exclude.ndim - 1))),
+                                   torch.full_like(conf_exclude, -1), conf_exclude)
     out = sample_and_score(safe, temperature, seed, step, position, raw_confidence=raw_confidence,
                            conf_exclude=conf_exclude, scores=("margin", "neg_entropy"), entropy_eps=0.0)
     out["token"] = torch.where(invalid, torch.full_like(out["token"], -1), out["token"])
