@@ -10,6 +10,7 @@
 #include <string>
 
 #include "noise.cuh"
+#include "row_stats.cuh"
 
 namespace py = pybind11;
 
@@ -61,6 +62,63 @@ T* ptr(std::uintptr_t p) {
   return reinterpret_cast<T*>(p);
 }
 
+// Row stats: the pointers and sizes as the Python launcher passes them, checked against what would crash the
+// process (null pointers, sizes out of range); the tensors themselves are validated in diffuse_engine/native.py.
+diffuse::RowStatsArgs row_stats_args(const char* op, std::uintptr_t logits, int dtype, std::int64_t logit_rows,
+                                     std::int64_t row_stride, std::int64_t vocab, std::uintptr_t rows,
+                                     std::int64_t num_rows, std::uintptr_t temperature, std::uintptr_t seed,
+                                     std::uintptr_t step, std::uintptr_t position, std::uintptr_t raw_confidence,
+                                     std::uintptr_t conf_exclude, std::int64_t exclude_k, std::uintptr_t token,
+                                     std::uintptr_t prob, std::uintptr_t top1, std::uintptr_t margin,
+                                     std::uintptr_t neg_entropy, std::uintptr_t invalid) {
+  const std::string name(op);
+  if (dtype != diffuse::kRowStatsF32 && dtype != diffuse::kRowStatsF16 && dtype != diffuse::kRowStatsBF16) {
+    throw std::invalid_argument(name + ": dtype must be 0 (fp32), 1 (fp16) or 2 (bf16), got " +
+                                std::to_string(dtype) + ".");
+  }
+  if (vocab < 1 || vocab >= (std::int64_t{1} << 31)) {
+    throw std::invalid_argument(name + ": V must be in [1, 2**31 - 1].");
+  }
+  if (logit_rows < 0 || num_rows < 0 || num_rows >= (std::int64_t{1} << 31)) {
+    throw std::invalid_argument(name + ": R must be >= 0 and M in [0, 2**31 - 1].");
+  }
+  if (row_stride < vocab) throw std::invalid_argument(name + ": row_stride must be >= V.");
+  if (exclude_k < 0 || exclude_k > diffuse::kRowStatsMaxExclude) {
+    throw std::invalid_argument(name + ": K must be in [0, " + std::to_string(diffuse::kRowStatsMaxExclude) + "].");
+  }
+  if (num_rows > 0) {
+    if ((logit_rows > 0 && logits == 0) || rows == 0 || temperature == 0 || seed == 0 || step == 0 ||
+        position == 0 || token == 0 || prob == 0 || top1 == 0 || margin == 0 || neg_entropy == 0 || invalid == 0) {
+      throw std::invalid_argument(name + ": a data pointer is null.");
+    }
+    if (exclude_k > 0 && conf_exclude == 0) {
+      throw std::invalid_argument(name + ": conf_exclude_ptr is null but K > 0.");
+    }
+  }
+  diffuse::RowStatsArgs a;
+  a.logits = ptr<const void>(logits);
+  a.dtype = dtype;
+  a.logit_rows = logit_rows;
+  a.row_stride = row_stride;
+  a.vocab = vocab;
+  a.rows = ptr<const std::int64_t>(rows);
+  a.num_rows = num_rows;
+  a.temperature = ptr<const float>(temperature);
+  a.seed = ptr<const std::int64_t>(seed);
+  a.step = ptr<const std::int64_t>(step);
+  a.position = ptr<const std::int64_t>(position);
+  a.raw_confidence = ptr<const std::uint8_t>(raw_confidence);
+  a.conf_exclude = exclude_k > 0 ? ptr<const std::int64_t>(conf_exclude) : nullptr;
+  a.exclude_k = exclude_k;
+  a.token = ptr<std::int64_t>(token);
+  a.prob = ptr<float>(prob);
+  a.top1 = ptr<float>(top1);
+  a.margin = ptr<float>(margin);
+  a.neg_entropy = ptr<float>(neg_entropy);
+  a.invalid = ptr<std::int32_t>(invalid);
+  return a;
+}
+
 }  // namespace
 
 PYBIND11_MODULE(_C, m) {
@@ -97,6 +155,59 @@ PYBIND11_MODULE(_C, m) {
       "Launch the counter-noise kernel writing device memory out[M, V] (fp32) on the given cudaStream_t (an int; 0 "
       "is the default stream) of the current device. Asynchronous; raises RuntimeError when no CUDA device or "
       "driver is available or the launch fails.");
+
+  m.def(
+      "row_stats_cpu",
+      [](std::uintptr_t logits, int dtype, std::int64_t logit_rows, std::int64_t row_stride, std::int64_t vocab,
+         std::uintptr_t rows, std::int64_t num_rows, std::uintptr_t temperature, std::uintptr_t seed,
+         std::uintptr_t step, std::uintptr_t position, std::uintptr_t raw_confidence, std::uintptr_t conf_exclude,
+         std::int64_t exclude_k, std::uintptr_t token, std::uintptr_t prob, std::uintptr_t top1, std::uintptr_t margin,
+         std::uintptr_t neg_entropy, std::uintptr_t invalid, std::int64_t tile_cols) {
+        if (tile_cols < 1) throw std::invalid_argument("row_stats_cpu: tile_cols must be >= 1.");
+        const diffuse::RowStatsArgs a = row_stats_args("row_stats_cpu", logits, dtype, logit_rows, row_stride, vocab,
+                                                       rows, num_rows, temperature, seed, step, position,
+                                                       raw_confidence, conf_exclude, exclude_k, token, prob, top1,
+                                                       margin, neg_entropy, invalid);
+        py::gil_scoped_release release;
+        diffuse::row_stats_cpu(a, tile_cols);
+      },
+      py::arg("logits_ptr"), py::arg("dtype"), py::arg("R"), py::arg("row_stride"), py::arg("V"), py::arg("rows_ptr"),
+      py::arg("M"), py::arg("temperature_ptr"), py::arg("seed_ptr"), py::arg("step_ptr"), py::arg("pos_ptr"),
+      py::arg("raw_confidence_ptr"), py::arg("conf_exclude_ptr"), py::arg("K"), py::arg("token_ptr"),
+      py::arg("prob_ptr"), py::arg("top1_ptr"), py::arg("margin_ptr"), py::arg("neg_entropy_ptr"),
+      py::arg("invalid_ptr"), py::arg("tile_cols") = 256,
+      "Row stats of host memory: logits [R, row_stride] (dtype 0 fp32, 1 fp16, 2 bf16; the first V columns used), "
+      "rows [M] int64, temperature [M] fp32, seed/step/position [M] int64, raw_confidence [M] uint8 (0 = none), "
+      "conf_exclude [M, K] int64 (0 = none) -> token [M] int64, prob/top1/margin/neg_entropy [M] fp32, invalid [M] "
+      "int32. Each row is merged from tiles of tile_cols columns. Blocking; releases the GIL.");
+
+  m.def(
+      "row_stats_cuda",
+      [](std::uintptr_t logits, int dtype, std::int64_t logit_rows, std::int64_t row_stride, std::int64_t vocab,
+         std::uintptr_t rows, std::int64_t num_rows, std::uintptr_t temperature, std::uintptr_t seed,
+         std::uintptr_t step, std::uintptr_t position, std::uintptr_t raw_confidence, std::uintptr_t conf_exclude,
+         std::int64_t exclude_k, std::uintptr_t token, std::uintptr_t prob, std::uintptr_t top1, std::uintptr_t margin,
+         std::uintptr_t neg_entropy, std::uintptr_t invalid, std::uintptr_t cuda_stream) {
+        const diffuse::RowStatsArgs a = row_stats_args("row_stats_cuda", logits, dtype, logit_rows, row_stride,
+                                                       vocab, rows, num_rows, temperature, seed, step, position,
+                                                       raw_confidence, conf_exclude, exclude_k, token, prob, top1,
+                                                       margin, neg_entropy, invalid);
+        require_device("row_stats_cuda");
+        int status = 0;
+        {
+          py::gil_scoped_release release;
+          status = diffuse::row_stats_cuda(a, cuda_stream);
+        }
+        check_cuda("row_stats_cuda", status);
+      },
+      py::arg("logits_ptr"), py::arg("dtype"), py::arg("R"), py::arg("row_stride"), py::arg("V"), py::arg("rows_ptr"),
+      py::arg("M"), py::arg("temperature_ptr"), py::arg("seed_ptr"), py::arg("step_ptr"), py::arg("pos_ptr"),
+      py::arg("raw_confidence_ptr"), py::arg("conf_exclude_ptr"), py::arg("K"), py::arg("token_ptr"),
+      py::arg("prob_ptr"), py::arg("top1_ptr"), py::arg("margin_ptr"), py::arg("neg_entropy_ptr"),
+      py::arg("invalid_ptr"), py::arg("cuda_stream"),
+      "Launch the row-stats kernel on device memory (arguments as row_stats_cpu; one block per selected row) on the "
+      "given cudaStream_t (an int; 0 is the default stream) of the current device. Asynchronous; raises "
+      "RuntimeError when no CUDA device or driver is available or the launch fails.");
 
   m.def("cuda_device_count", &device_count,
         "Number of visible CUDA devices; 0 (never an exception) without a driver or a device.");

@@ -311,12 +311,95 @@ def sample_and_score(logits: torch.Tensor, temperature: torch.Tensor, seed: torc
                      raw_confidence: torch.Tensor | None = None, conf_exclude: torch.Tensor | None = None,
                      scores: tuple[str, ...] = ("margin", "neg_entropy")) -> dict[str, torch.Tensor]:
     """Logits rows -> sampled token, its probability, top-1 probability, and the requested ``scores``
-    (top-1 - top-2 margin, negative entropy). Semantics: :func:`kernels.reference.sample_and_score`."""
+    (top-1 - top-2 margin, negative entropy). Semantics: :func:`kernels.reference.sample_and_score`.
+
+    CUDA logits (fp32/fp16/bf16) without top-k / top-p filters go through the one-pass :func:`row_stats`
+    kernel (native CUDA, else Triton), whose negative entropy is the exact sum q log q (Dream's formula adds
+    1e-10 inside the log: a difference below V * 1e-10); everything else through the torch reference."""
     backend = requested_backend()
-    if backend in ("cuda", "triton"):
-        raise _no_kernel("sample_and_score", backend)
+    fused_ok = top_k is None and top_p is None and logits.dtype != torch.float64
+    if backend in ("cuda", "triton") and not fused_ok:
+        raise BackendUnavailableError(f"{BACKEND_ENV}={backend} was requested, but sample_and_score has no "
+                                      f"{backend} kernel for top-k / top-p filters or fp64 logits.")
+    if fused_ok and (backend in ("cuda", "triton") or (backend is None and logits.device.type == "cuda")):
+        rows = torch.arange(logits.shape[0], device=logits.device)
+        out = row_stats(logits, rows, temperature, seed, step, position, raw_confidence=raw_confidence,
+                        conf_exclude=conf_exclude)
+        return {k: out[k] for k in ("token", "prob", "top1", *scores)}
     return ref.sample_and_score(logits, temperature, seed, step, position, top_k=top_k, top_p=top_p,
                                 raw_confidence=raw_confidence, conf_exclude=conf_exclude, scores=scores)
+
+
+def _stats_backend(t: torch.Tensor, op: str, native_ok: bool) -> str:
+    """cuda / triton / torch for a fused sampling op on ``t``: the forced backend (raising when it cannot run),
+    else on CUDA the native kernel when built (``native_ok``), else Triton; torch on the CPU."""
+    backend = requested_backend()
+    if backend == "cuda":
+        if not native_ok:
+            raise _no_kernel(op, "cuda")
+        if native_status()[0] is None:
+            raise BackendUnavailableError(f"{BACKEND_ENV}=cuda was requested for {op}, but {native_status()[1]}.")
+        return "cuda"
+    if backend == "triton":
+        ok, why = _triton_runs(t)
+        if not ok:
+            raise BackendUnavailableError(f"{BACKEND_ENV}=triton was requested for {op}, but {why}.")
+        return "triton"
+    if backend == "torch" or t.device.type != "cuda":
+        return "torch"
+    if native_ok and native_status()[0] is not None:
+        return "cuda"
+    return "triton" if _triton_runs(t)[0] else "torch"
+
+
+def _raise_invalid(out: dict[str, torch.Tensor], op: str) -> dict[str, torch.Tensor]:
+    bad = out["invalid"].nonzero()
+    if bad.numel():
+        raise ValueError(f"{op}: row {int(bad[0, 0])} has NaN or +inf logits, or no finite entry.")
+    return out
+
+
+def row_stats(logits: torch.Tensor, rows: torch.Tensor, temperature: torch.Tensor, seed: torch.Tensor,
+              step: torch.Tensor, position: torch.Tensor, *, raw_confidence: torch.Tensor | None = None,
+              conf_exclude: torch.Tensor | None = None, check: bool = True) -> dict[str, torch.Tensor]:
+    """One pass over the vocabulary for the rows ``logits[rows]``: sampled token, prob, top1, margin, exact
+    neg_entropy, invalid (see :func:`kernels.reference.row_stats_reference`). Backends: the native CUDA kernel
+    (C++ twin on CPU tensors when forced), Triton, the torch reference. ``check`` raises ValueError for invalid
+    rows (one device sync); without it they come back flagged."""
+    choice = _stats_backend(logits, "row_stats", native_ok=True)
+    args = (logits, rows, temperature, seed, step, position)
+    if choice == "cuda":
+        from . import native
+
+        out = native.row_stats(*args, raw_confidence=raw_confidence, conf_exclude=conf_exclude)
+    elif choice == "triton":
+        from .kernels.row_stats import row_stats as kernel
+
+        out = kernel(*args, raw_confidence=raw_confidence, conf_exclude=conf_exclude)
+    else:
+        out = ref.row_stats_reference(*args, raw_confidence=raw_confidence, conf_exclude=conf_exclude)
+    return _raise_invalid(out, "row_stats") if check else out
+
+
+def lm_head_stats(hidden: torch.Tensor, weight: torch.Tensor, rows: torch.Tensor, temperature: torch.Tensor,
+                  seed: torch.Tensor, step: torch.Tensor, position: torch.Tensor, *,
+                  raw_confidence: torch.Tensor | None = None, conf_exclude: torch.Tensor | None = None,
+                  check: bool = True) -> dict[str, torch.Tensor]:
+    """The fused LM head: :func:`row_stats` of ``hidden[rows] @ weight.T`` without writing the logits (Triton
+    on CUDA or under the interpreter); the torch path computes the fp32 logits of the rows, then the
+    reference statistics."""
+    choice = _stats_backend(hidden, "lm_head_stats", native_ok=False)
+    if choice == "triton":
+        from .kernels.lm_head_stats import lm_head_stats as kernel
+
+        out = kernel(hidden, weight, rows, temperature, seed, step, position, raw_confidence=raw_confidence,
+                     conf_exclude=conf_exclude)
+    else:
+        logits = linear(hidden[rows.long()], weight).float()
+        out = ref.row_stats_reference(logits, torch.arange(logits.shape[0], device=logits.device), temperature,
+                                      seed, step, position, raw_confidence=raw_confidence,
+                                      conf_exclude=conf_exclude)
+    return _raise_invalid(out, "lm_head_stats") if check else out
 
 
 def _counter_noise(op: str, seed: torch.Tensor, step: torch.Tensor, position: torch.Tensor, stream: int,

@@ -2,8 +2,8 @@
 # The one-command GPU suite (shared/GPU.md): install without downloads, build csrc/ for sm_90a, measure the
 # card's ceilings, run every GPU test, run the kernel and end-to-end benchmarks, print the short table.
 # Usage: benchmarks/gpu/run.sh [OUT_DIR]   (default: $OUT, else benchmarks/results/gpu-<date>)
-# Writes at most 8 files into OUT_DIR: suite.log ceilings.json gpu-tests.xml noise.csv attention.csv engine.csv
-# summary.md
+# Writes at most 8 files into OUT_DIR: suite.log ceilings.json gpu-tests.xml noise.csv attention.csv sampling.csv
+# engine.csv summary.md
 set -uo pipefail
 cd "$(dirname "$0")/../.."
 OUT_DIR=${1:-${OUT:-benchmarks/results/gpu-$(date +%F)}}
@@ -23,6 +23,8 @@ run $PY -m pytest -m gpu -q -p no:cacheprovider tests --junitxml "$OUT_DIR/gpu-t
 echo "# tests done: $((SECONDS - start)) s"
 run $PY benchmarks/bench_noise.py --csv "$OUT_DIR/noise.csv"
 run $PY benchmarks/bench_attention.py --csv "$OUT_DIR/attention.csv"
+run $PY benchmarks/bench_sample.py --csv "$OUT_DIR/sampling.csv"
+run $PY benchmarks/bench_lm_head.py --csv "$OUT_DIR/sampling.csv"
 run $PY benchmarks/bench_engine.py --preset llada-8b --device cuda --dtype bfloat16 --init on-device \
     --prompt-len 64 --gen-lengths 256 --block-length 32 --batches 1,8 --tokens-per-step 1,2,4,8 \
     --ceilings --reference on --out "$OUT_DIR/engine.csv"

@@ -43,6 +43,12 @@ def main(out: Path) -> None:
         achieved = f"{float(r['tflops']):.1f} TFLOP/s" if r.get("tflops") else f"{float(r['gbps']):.0f} GB/s"
         table.append((f"attn_{r['op']}/{r['provider']}", r["shape"], f"{float(r['ms']):.4g}", achieved,
                       f"{float(r['pct_floor']):.1f}", "torch SDPA", f"{float(r['ratio_vs_sdpa']):.2f}"))
+    for r in read_csv(out / "sampling.csv"):
+        if r.get("provider") in ("torch", "matmul+torch"):
+            continue
+        achieved = f"{float(r['gbps']):.0f} GB/s" + (f", {float(r['tflops']):.1f} TFLOP/s" if r.get("tflops") else "")
+        table.append((f"{r['op']}/{r['provider']}", r["shape"], f"{float(r['ms']):.4g}", achieved,
+                      f"{float(r['pct_floor']):.1f}", r["baseline"], f"{float(r['ratio']):.2f}"))
     for r in read_csv(out / "engine.csv"):
         shape = (f"B={r['batch']} P={r['prompt_len']} G={r['gen_length']} blk={r['block_length']} "
                  f"tps={r['tokens_per_step']}")

@@ -26,10 +26,15 @@ from .runner import ModelRunner
 @dataclass(slots=True)
 class EngineConfig:
     """Batch limits. ``max_num_seqs``: requests per step; ``max_num_batched_tokens``: tokens per forward
-    (prompt + canvas, doubled for classifier-free guidance)."""
+    (prompt + canvas, doubled for classifier-free guidance). ``fused_head``: compute the LM head and the
+    sampling statistics in one kernel that never writes logits (:func:`ops.lm_head_stats`) when a step's
+    requests allow it (no top-k / top-p, no logits_eos_inf, no classifier-free guidance); None = on CUDA
+    only, False = never, True = also on the CPU (through the torch path or, under TRITON_INTERPRET=1 with
+    DIFFUSE_BACKEND=triton, the Triton kernel)."""
 
     max_num_seqs: int = 64
     max_num_batched_tokens: int = 65536
+    fused_head: bool | None = None
 
     def __post_init__(self) -> None:
         for name in ("max_num_seqs", "max_num_batched_tokens"):
@@ -46,7 +51,7 @@ class Engine:
         self.model_config = model.config
         self.tokenizer = tokenizer
         self.config = config or EngineConfig()
-        self.runner = ModelRunner(model)
+        self.runner = ModelRunner(model, fused_head=self.config.fused_head)
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
         self._ids = itertools.count()

@@ -38,10 +38,11 @@ class HeadRows:
 
 
 class ModelRunner:
-    def __init__(self, model: DiffusionLM) -> None:
+    def __init__(self, model: DiffusionLM, fused_head: bool | None = None) -> None:
         self.model = model
         self.config = model.config
         self.device = model.device
+        self.fused_head = fused_head
         self._positions_cache: dict[tuple[int, ...], torch.Tensor] = {}
 
     def _positions(self, seqlens: list[int]) -> torch.Tensor:
@@ -86,6 +87,10 @@ class ModelRunner:
         tokens = torch.cat(seqs).to(self.device, non_blocking=True)
         hidden = self.model.hidden_states(tokens, self._positions(seqlens), TokenLayout.packed(seqlens))
         rows = torch.cat(cond_rows + uncond_rows).to(self.device)
+        if not guided and self._fuse(batch, hidden):
+            kwargs = self._score_args(batch, starts, torch.cat(positions))
+            stats = ops.lm_head_stats(hidden, self.model.lm_head_weight(), rows, *kwargs.pop("args"), **kwargs)
+            return self._rows(starts, torch.cat(positions), stats)
         logits = self.model.logits_from_hidden(hidden[rows])
         work = torch.float64 if logits.dtype == torch.float64 else torch.float32
         logits = logits.to(work)
@@ -97,6 +102,45 @@ class ModelRunner:
                 cond[first:last] = un + (scale + 1) * (c - un)
             logits = cond
         return self._score(batch, starts, torch.cat(positions), logits)
+
+    def _fuse(self, batch: list[Request], hidden: torch.Tensor) -> bool:
+        """Whether this step's head can be the fused kernel (its statistics cover every request's settings)."""
+        if self.fused_head is False or hidden.dtype == torch.float64:
+            return False
+        if self.fused_head is None and hidden.device.type != "cuda":
+            return False
+        return all(not r.params.top_k and (r.params.top_p is None or r.params.top_p >= 1)
+                   and not r.params.logits_eos_inf for r in batch)
+
+    def _score_args(self, batch: list[Request], starts: list[int], position: torch.Tensor) -> dict:
+        """Per-row sampling arguments of the candidate rows: ``args`` (temperature, seed, step, position) and
+        the keyword arguments of :func:`ops.sample_and_score`."""
+        cfg = self.config
+        counts = [starts[i + 1] - starts[i] for i in range(len(batch))]
+
+        def per_row(values: list, dtype: torch.dtype) -> torch.Tensor:
+            expanded = torch.repeat_interleave(torch.tensor(values, dtype=dtype), torch.tensor(counts), dim=0)
+            return expanded.to(self.device)
+
+        # LLaDA's confidence_eos_eot_inf as published: `logits_with_noise[:, :, eos] = logits[:, :, eot] = -inf`
+        # after sampling. At temperature 0 `add_gumbel_noise` returns the logits tensor itself, so EOS leaves the
+        # confidence softmax too; at temperature > 0 only EOT does.
+        exclude = [[cfg.eot_token_id, cfg.eos_token_id if r.params.temperature == 0 else -1]
+                   if r.params.confidence_eos_eot_inf else [-1, -1] for r in batch]
+        return {
+            "args": (per_row([r.params.temperature for r in batch], torch.float32),
+                     per_row([r.seed_bits for r in batch], torch.int64),
+                     per_row([r.nfe for r in batch], torch.int64),
+                     position.to(self.device)),
+            "raw_confidence": per_row([r.remasking == "low_confidence" for r in batch], torch.bool),
+            "conf_exclude": per_row(exclude, torch.int64) if any(e[0] >= 0 for e in exclude) else None,
+        }
+
+    @staticmethod
+    def _rows(starts: list[int], position: torch.Tensor, stats: dict[str, torch.Tensor]) -> HeadRows:
+        cpu = {k: v.cpu() for k, v in stats.items()}
+        return HeadRows(starts, position, cpu["token"], cpu["prob"], cpu["top1"], cpu.get("margin"),
+                        cpu.get("neg_entropy"))
 
     def _score(self, batch: list[Request], starts: list[int], position: torch.Tensor,
                logits: torch.Tensor) -> HeadRows:
@@ -113,23 +157,12 @@ class ModelRunner:
             logits[rows, cfg.eos_token_id] = float("-inf")
         top_k = [r.params.top_k or 0 for r in batch]
         top_p = [r.params.top_p if r.params.top_p is not None else 1.0 for r in batch]
-        # LLaDA's confidence_eos_eot_inf as published: `logits_with_noise[:, :, eos] = logits[:, :, eot] = -inf`
-        # after sampling. At temperature 0 `add_gumbel_noise` returns the logits tensor itself, so EOS leaves the
-        # confidence softmax too; at temperature > 0 only EOT does.
-        exclude = [[cfg.eot_token_id, cfg.eos_token_id if r.params.temperature == 0 else -1]
-                   if r.params.confidence_eos_eot_inf else [-1, -1] for r in batch]
+        kwargs = self._score_args(batch, starts, position)
         stats = ops.sample_and_score(
-            logits,
-            per_row([r.params.temperature for r in batch], torch.float32),
-            per_row([r.seed_bits for r in batch], torch.int64),
-            per_row([r.nfe for r in batch], torch.int64),
-            position.to(self.device),
+            logits, *kwargs.pop("args"),
             top_k=per_row(top_k, torch.int64) if any(top_k) else None,
             top_p=per_row(top_p, torch.float32) if any(p < 1 for p in top_p) else None,
-            raw_confidence=per_row([r.remasking == "low_confidence" for r in batch], torch.bool),
-            conf_exclude=per_row(exclude, torch.int64) if any(e[0] >= 0 for e in exclude) else None,
             scores=tuple(SCORE_OF[name] for name in sorted({r.remasking for r in batch}) if name in SCORE_OF),
+            **kwargs,
         )
-        cpu = {k: v.cpu() for k, v in stats.items()}
-        return HeadRows(starts, position, cpu["token"], cpu["prob"], cpu["top1"], cpu.get("margin"),
-                        cpu.get("neg_entropy"))
+        return self._rows(starts, position, stats)

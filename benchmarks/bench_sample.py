@@ -1,0 +1,92 @@
+"""Logits -> sampled token + confidence statistics (ops.row_stats): native CUDA kernel, Triton kernel and C++ twin
+against the torch path (the engine's reference post-processing: temperature, Gumbel noise, softmax, gathers).
+
+The op reads M x V logits once and writes a few numbers per row: its floor is M * V * bytes / the measured copy
+bandwidth (read + write counted, so this is generous to the kernel). Rows share the columns of
+bench_lm_head.py, so both append to benchmarks/results/sampling.csv. GPU: M in {32, 256, 1024} rows of the
+LLaDA vocabulary (V = 126464), bf16 logits, triton.testing.do_bench medians. CPU: the C++ twin and the torch path
+on small shapes, median of repeats, as a ratio.
+
+    python benchmarks/bench_sample.py [--quick] [--csv PATH]
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_attention import timed  # noqa: E402
+from common import RESULTS, append_csv, measure_ceilings, print_table, stamp  # noqa: E402
+
+from diffuse_engine import ops  # noqa: E402
+from diffuse_engine.kernels import reference as ref  # noqa: E402
+
+VOCAB = 126464
+
+
+def inputs(m: int, v: int, dtype: torch.dtype, device: torch.device):
+    gen = torch.Generator().manual_seed(m + v)
+    logits = (torch.randn(m, v, generator=gen) * 3).to(device, dtype)
+    temperature = torch.where(torch.arange(m) % 2 == 0, 0.0, 1.0).to(device)
+    seed = torch.randint(0, 2**62, (m,), generator=gen).to(device)
+    step = torch.zeros(m, dtype=torch.int64, device=device)
+    pos = torch.arange(m, dtype=torch.int64, device=device)
+    raw = (torch.arange(m) % 3 == 0).to(device)
+    return logits, (torch.arange(m, device=device), temperature, seed, step, pos), raw
+
+
+def providers(logits, args, raw, device):
+    rows, temperature, seed, step, pos = args
+    out = {"torch": lambda: ref.sample_and_score(logits, temperature, seed, step, pos, raw_confidence=raw)}
+    native_ok = ops.native_status()[0] is not None
+    if native_ok and (device.type == "cuda" or logits.dtype == torch.float32):
+        from diffuse_engine import native
+
+        out["cuda" if device.type == "cuda" else "c++"] = lambda: native.row_stats(logits, *args, raw_confidence=raw)
+    if ops._triton_runs(logits)[0] and device.type == "cuda":
+        from diffuse_engine.kernels.row_stats import row_stats
+
+        out["triton"] = lambda: row_stats(logits, *args, raw_confidence=raw)
+    return out
+
+
+def run(device: torch.device, quick: bool) -> list[dict]:
+    gpu = device.type == "cuda"
+    dtype = torch.bfloat16 if gpu else torch.float32
+    shapes = [(m, VOCAB) for m in (32, 256, 1024)] if gpu else [(4, 4097), (16, 32768)]
+    ceil = measure_ceilings(device)
+    base = stamp(device)
+    rows = []
+    for m, v in shapes[: 1 if quick else None]:
+        logits, args, raw = inputs(m, v, dtype, device)
+        nbytes = m * v * logits.element_size()
+        floor_ms = nbytes / (ceil["bandwidth_gbs"] * 1e9) * 1e3
+        results = {name: timed(fn, device, quick) for name, fn in providers(logits, args, raw, device).items()}
+        for name, (med, p20, p80) in results.items():
+            rows.append({**base, "op": "row_stats", "shape": f"M={m} V={v} {str(dtype)[6:]}", "provider": name,
+                         "ms": med, "ms_p20": p20, "ms_p80": p80, "gbps": nbytes / med / 1e6, "tflops": "",
+                         "floor_ms": floor_ms, "pct_floor": 100 * floor_ms / med, "baseline": "torch",
+                         "ratio": results["torch"][0] / med, "copy_gbs": ceil["bandwidth_gbs"],
+                         "matmul_tflops": ceil["peak_tflops"]})
+    return rows
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--csv", type=Path, default=RESULTS / "sampling.csv")
+    args = parser.parse_args(argv)
+    rows = run(torch.device(args.device), args.quick)
+    print_table(rows, ["op", "shape", "provider", "ms", "gbps", "pct_floor", "baseline", "ratio"])
+    append_csv(args.csv, rows)
+    print(f"appended {len(rows)} rows to {args.csv}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
