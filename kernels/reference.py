@@ -322,3 +322,72 @@ def row_stats_reference(logits: torch.Tensor, rows: torch.Tensor, temperature: t
         out[key] = torch.where(invalid, torch.full_like(out[key], float("nan")), out[key])
     out["invalid"] = invalid.to(torch.int32)
     return out
+
+
+# ---------------------------------------------------------------------------------------------- commit rules
+COMMIT_TOPK, COMMIT_THRESHOLD, COMMIT_FACTOR, COMMIT_ENTROPY = 0, 1, 2, 3
+
+
+def commit_reference(canvas: torch.Tensor, row_offsets: torch.Tensor, row_index: torch.Tensor, token: torch.Tensor,
+                     score: torch.Tensor, entropy: torch.Tensor, mode: torch.Tensor, count: torch.Tensor,
+                     threshold: torch.Tensor, factor: torch.Tensor, eb_gamma: torch.Tensor, mask_id: int, *,
+                     revise_offsets: torch.Tensor | None = None, revise_index: torch.Tensor | None = None,
+                     revise_score: torch.Tensor | None = None, remask_bound: torch.Tensor | None = None,
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Commit (and optionally re-mask) in place on a flat ``canvas`` of token ids, for a batch of requests.
+
+    Request b owns the candidate rows ``row_offsets[b]:row_offsets[b+1]`` (int64 ``[B+1]``): still-masked canvas
+    slots ``row_index`` (flat indices into ``canvas``) with their sampled ``token``, ordering ``score`` (higher =
+    more confident) and ``entropy`` (>= 0). Rows are ranked by score descending, ties by row order. The number k
+    of rows committed (``canvas[row_index] = token`` for the k best) follows ``mode[b]``:
+
+    - COMMIT_TOPK: k = min(count[b], rows) (LLaDA's schedule counts);
+    - COMMIT_THRESHOLD: every row with score >= threshold[b], and always the best one (Fast-dLLM);
+    - COMMIT_FACTOR: Fast-dLLM's factor rule: with sorted scores c_0 >= c_1 >= ... (n rows), i* = the first
+      i >= 1 with c_i < 1 - factor / (i + 2), or n - 1 if none; k = i*, except k = n when i* = n - 1;
+    - COMMIT_ENTROPY: EB-sampler: the largest k >= 1 with sum(H_0..H_{k-1}) - max(H_0..H_{k-1}) <= eb_gamma[b].
+
+    Revision (optional): request b's committed slots ``revise_index[revise_offsets[b]:revise_offsets[b+1]]``
+    whose ``revise_score`` is below ``remask_bound[b]`` are set back to ``mask_id`` (before this step's commits).
+
+    Returns ``(committed [M] bool, counters [B, 3] int32)``: counters = (committed this step, re-masked this step,
+    still masked among the candidate rows after the step; 0 means the request's block is done).
+    """
+    offsets = row_offsets.tolist()
+    committed = torch.zeros(row_index.shape[0], dtype=torch.bool, device=canvas.device)
+    counters = torch.zeros(len(offsets) - 1, 3, dtype=torch.int32, device=canvas.device)
+    for b in range(len(offsets) - 1):
+        remasked = 0
+        if revise_offsets is not None:
+            lo, hi = int(revise_offsets[b]), int(revise_offsets[b + 1])
+            low = revise_score[lo:hi] < remask_bound[b]
+            canvas[revise_index[lo:hi][low]] = mask_id
+            remasked = int(low.sum())
+        lo, hi = offsets[b], offsets[b + 1]
+        n = hi - lo
+        if n == 0:
+            counters[b] = torch.tensor([0, remasked, remasked], dtype=torch.int32)
+            continue
+        order = sorted(range(n), key=lambda i: (-float(score[lo + i]), i))
+        c = [float(score[lo + i]) for i in order]
+        m = int(mode[b])
+        if m == COMMIT_TOPK:
+            k = min(int(count[b]), n)
+        elif m == COMMIT_THRESHOLD:
+            k = max(1, sum(1 for v in c if v >= float(threshold[b])))
+        elif m == COMMIT_FACTOR:
+            f = float(factor[b])
+            first = next((i for i in range(1, n) if c[i] < 1 - f / (i + 2)), n - 1)
+            k = n if first == n - 1 else first
+        elif m == COMMIT_ENTROPY:
+            h = [float(entropy[lo + i]) for i in order]
+            k = 1
+            while k < n and sum(h[:k + 1]) - max(h[:k + 1]) <= float(eb_gamma[b]):
+                k += 1
+        else:
+            raise ValueError(f"unknown commit mode {m} for request {b}.")
+        for i in order[:k]:
+            canvas[row_index[lo + i]] = token[lo + i]
+            committed[lo + i] = True
+        counters[b] = torch.tensor([k, remasked, n - k + remasked], dtype=torch.int32)
+    return committed, counters
