@@ -54,6 +54,54 @@ def providers(logits, args, raw, device):
     return out
 
 
+def step_providers(logits, args, raw, device, requests: int):
+    """Stats + commit of one denoising step for ``requests`` requests of M / requests candidate rows each (LLaDA
+    top-k, 2 tokens per request): name -> callable."""
+    m = logits.shape[0]
+    per = m // requests
+    canvas = torch.full((m,), 7, dtype=torch.int64, device=device)
+    offsets = torch.arange(0, m + 1, per, dtype=torch.int64, device=device)
+    index = torch.arange(m, device=device)
+    mode = torch.zeros(requests, dtype=torch.int32, device=device)
+    count = torch.full((requests,), 2, dtype=torch.int32, device=device)
+    zeros = torch.zeros(requests, device=device)
+    rows, temperature, seed, step, pos = args
+
+    def torch_step():
+        st = ref.sample_and_score(logits, temperature, seed, step, pos, raw_confidence=raw)
+        top = st["prob"].view(requests, per).topk(2, dim=1).indices + offsets[:-1, None]
+        canvas[top.flatten()] = st["token"][top.flatten()]
+
+    out = {"torch": torch_step}
+    native_ok = ops.native_status()[0] is not None and (device.type == "cuda" or logits.dtype == torch.float32)
+    if native_ok and hasattr(native_mod(), "commit"):
+        native = native_mod()
+
+        def native_step():
+            st = native.row_stats(logits, rows, temperature, seed, step, pos, raw_confidence=raw)
+            native.commit(canvas, offsets, index, st["token"], st["prob"], st["neg_entropy"], mode, count, zeros,
+                          zeros, zeros, 0)
+
+        out["cuda" if device.type == "cuda" else "c++"] = native_step
+    if device.type == "cuda" and ops._triton_runs(logits)[0]:
+        from diffuse_engine.kernels.commit import commit
+        from diffuse_engine.kernels.row_stats import row_stats
+
+        def triton_step():
+            st = row_stats(logits, rows, temperature, seed, step, pos, raw_confidence=raw)
+            commit(canvas, offsets, index, st["token"], st["prob"], st["neg_entropy"], mode, count, zeros, zeros,
+                   zeros, 0, max_rows=per)
+
+        out["triton"] = triton_step
+    return out
+
+
+def native_mod():
+    from diffuse_engine import native
+
+    return native
+
+
 def run(device: torch.device, quick: bool) -> list[dict]:
     gpu = device.type == "cuda"
     dtype = torch.bfloat16 if gpu else torch.float32
@@ -70,6 +118,15 @@ def run(device: torch.device, quick: bool) -> list[dict]:
             rows.append({**base, "op": "row_stats", "shape": f"M={m} V={v} {str(dtype)[6:]}", "provider": name,
                          "ms": med, "ms_p20": p20, "ms_p80": p80, "gbps": nbytes / med / 1e6, "tflops": "",
                          "floor_ms": floor_ms, "pct_floor": 100 * floor_ms / med, "baseline": "torch",
+                         "ratio": results["torch"][0] / med, "copy_gbs": ceil["bandwidth_gbs"],
+                         "matmul_tflops": ceil["peak_tflops"]})
+        requests = max(1, m // 32)
+        results = {name: timed(fn, device, quick) for name, fn in
+                   step_providers(logits, args, raw, device, requests).items()}
+        for name, (med, p20, p80) in results.items():
+            rows.append({**base, "op": "row_stats+commit", "shape": f"M={m} V={v} B={requests} {str(dtype)[6:]}",
+                         "provider": name, "ms": med, "ms_p20": p20, "ms_p80": p80, "gbps": nbytes / med / 1e6,
+                         "tflops": "", "floor_ms": floor_ms, "pct_floor": 100 * floor_ms / med, "baseline": "torch",
                          "ratio": results["torch"][0] / med, "copy_gbs": ceil["bandwidth_gbs"],
                          "matmul_tflops": ceil["peak_tflops"]})
     return rows

@@ -402,6 +402,31 @@ def lm_head_stats(hidden: torch.Tensor, weight: torch.Tensor, rows: torch.Tensor
     return _raise_invalid(out, "lm_head_stats") if check else out
 
 
+def commit(canvas: torch.Tensor, row_offsets: torch.Tensor, row_index: torch.Tensor, token: torch.Tensor,
+           score: torch.Tensor, entropy: torch.Tensor, mode: torch.Tensor, count: torch.Tensor,
+           threshold: torch.Tensor, factor: torch.Tensor, eb_gamma: torch.Tensor, mask_id: int, *,
+           revise_offsets: torch.Tensor | None = None, revise_index: torch.Tensor | None = None,
+           revise_score: torch.Tensor | None = None, remask_bound: torch.Tensor | None = None,
+           max_rows: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Commit / re-mask in place on a flat canvas for a batch of requests, one launch and no host sync on
+    CUDA (see :func:`kernels.reference.commit_reference` for the rules: LLaDA top-k, Fast-dLLM threshold and
+    factor, EB-sampler entropy budget, re-masking below a bound). Backends: native CUDA (C++ twin on CPU
+    tensors when forced), Triton (``max_rows``: a bound on rows per request, avoiding a sync), the reference."""
+    choice = _stats_backend(canvas, "commit", native_ok=True)
+    args = (canvas, row_offsets, row_index, token, score, entropy, mode, count, threshold, factor, eb_gamma, mask_id)
+    revision = {"revise_offsets": revise_offsets, "revise_index": revise_index, "revise_score": revise_score,
+                "remask_bound": remask_bound}
+    if choice == "cuda":
+        from . import native
+
+        return native.commit(*args, **revision)
+    if choice == "triton":
+        from .kernels.commit import commit as kernel
+
+        return kernel(*args, **revision, max_rows=max_rows)
+    return ref.commit_reference(*args, **revision)
+
+
 def _counter_noise(op: str, seed: torch.Tensor, step: torch.Tensor, position: torch.Tensor, stream: int,
                    num_cols: int | None, gumbel: bool) -> torch.Tensor:
     """Counter-based noise through the native module (CUDA kernel, or its C++ twin for CPU tensors when
