@@ -9,6 +9,7 @@
 #include <stdexcept>
 #include <string>
 
+#include "commit.cuh"
 #include "noise.cuh"
 #include "row_stats.cuh"
 
@@ -119,6 +120,63 @@ diffuse::RowStatsArgs row_stats_args(const char* op, std::uintptr_t logits, int 
   return a;
 }
 
+// Commit: the pointers and sizes as the Python launcher passes them, checked against what would crash the process
+// (null pointers, negative sizes, a partial revision set); the tensors themselves are validated in
+// diffuse_engine/native.py.
+diffuse::CommitArgs commit_args(const char* op, std::uintptr_t canvas, std::int64_t canvas_len,
+                                std::uintptr_t row_offsets, std::int64_t num_requests, std::uintptr_t row_index,
+                                std::uintptr_t token, std::uintptr_t score, std::uintptr_t entropy,
+                                std::int64_t num_rows, std::uintptr_t mode, std::uintptr_t count,
+                                std::uintptr_t threshold, std::uintptr_t factor, std::uintptr_t eb_gamma,
+                                std::int64_t mask_id, std::uintptr_t revise_offsets, std::uintptr_t revise_index,
+                                std::uintptr_t revise_score, std::uintptr_t remask_bound, std::int64_t num_revise,
+                                std::uintptr_t committed, std::uintptr_t counters) {
+  const std::string name(op);
+  if (canvas_len < 0 || num_requests < 0 || num_rows < 0 || num_revise < 0) {
+    throw std::invalid_argument(name + ": canvas_len, B, M and R must be >= 0.");
+  }
+  if (num_requests >= (std::int64_t{1} << 31)) throw std::invalid_argument(name + ": B must be < 2**31.");
+  const bool revise = revise_offsets != 0 || revise_index != 0 || revise_score != 0 || remask_bound != 0;
+  if (num_requests > 0) {
+    if (row_offsets == 0 || mode == 0 || count == 0 || threshold == 0 || factor == 0 || eb_gamma == 0 ||
+        counters == 0) {
+      throw std::invalid_argument(name + ": a data pointer is null.");
+    }
+    if (num_rows > 0 && (canvas == 0 || row_index == 0 || token == 0 || score == 0 || entropy == 0 ||
+                         committed == 0)) {
+      throw std::invalid_argument(name + ": a data pointer is null.");
+    }
+    if (revise && (revise_offsets == 0 || remask_bound == 0 ||
+                   (num_revise > 0 && (canvas == 0 || revise_index == 0 || revise_score == 0)))) {
+      throw std::invalid_argument(name + ": the revision pointers must be all set or all null.");
+    }
+  }
+  diffuse::CommitArgs a;
+  a.canvas = ptr<std::int64_t>(canvas);
+  a.canvas_len = canvas_len;
+  a.row_offsets = ptr<const std::int64_t>(row_offsets);
+  a.num_requests = num_requests;
+  a.row_index = ptr<const std::int64_t>(row_index);
+  a.token = ptr<const std::int64_t>(token);
+  a.score = ptr<const float>(score);
+  a.entropy = ptr<const float>(entropy);
+  a.num_rows = num_rows;
+  a.mode = ptr<const std::int32_t>(mode);
+  a.count = ptr<const std::int32_t>(count);
+  a.threshold = ptr<const float>(threshold);
+  a.factor = ptr<const float>(factor);
+  a.eb_gamma = ptr<const float>(eb_gamma);
+  a.mask_id = mask_id;
+  a.revise_offsets = revise ? ptr<const std::int64_t>(revise_offsets) : nullptr;
+  a.revise_index = revise ? ptr<const std::int64_t>(revise_index) : nullptr;
+  a.revise_score = revise ? ptr<const float>(revise_score) : nullptr;
+  a.remask_bound = revise ? ptr<const float>(remask_bound) : nullptr;
+  a.num_revise = revise ? num_revise : 0;
+  a.committed = ptr<std::uint8_t>(committed);
+  a.counters = ptr<std::int32_t>(counters);
+  return a;
+}
+
 }  // namespace
 
 PYBIND11_MODULE(_C, m) {
@@ -208,6 +266,61 @@ PYBIND11_MODULE(_C, m) {
       "Launch the row-stats kernel on device memory (arguments as row_stats_cpu; one block per selected row) on the "
       "given cudaStream_t (an int; 0 is the default stream) of the current device. Asynchronous; raises "
       "RuntimeError when no CUDA device or driver is available or the launch fails.");
+
+  m.def(
+      "commit_cpu",
+      [](std::uintptr_t canvas, std::int64_t canvas_len, std::uintptr_t row_offsets, std::int64_t num_requests,
+         std::uintptr_t row_index, std::uintptr_t token, std::uintptr_t score, std::uintptr_t entropy,
+         std::int64_t num_rows, std::uintptr_t mode, std::uintptr_t count, std::uintptr_t threshold,
+         std::uintptr_t factor, std::uintptr_t eb_gamma, std::int64_t mask_id, std::uintptr_t revise_offsets,
+         std::uintptr_t revise_index, std::uintptr_t revise_score, std::uintptr_t remask_bound,
+         std::int64_t num_revise, std::uintptr_t committed, std::uintptr_t counters) {
+        const diffuse::CommitArgs a = commit_args("commit_cpu", canvas, canvas_len, row_offsets, num_requests,
+                                                  row_index, token, score, entropy, num_rows, mode, count, threshold,
+                                                  factor, eb_gamma, mask_id, revise_offsets, revise_index,
+                                                  revise_score, remask_bound, num_revise, committed, counters);
+        py::gil_scoped_release release;
+        diffuse::commit_cpu(a);
+      },
+      py::arg("canvas_ptr"), py::arg("canvas_len"), py::arg("row_offsets_ptr"), py::arg("B"), py::arg("row_index_ptr"),
+      py::arg("token_ptr"), py::arg("score_ptr"), py::arg("entropy_ptr"), py::arg("M"), py::arg("mode_ptr"),
+      py::arg("count_ptr"), py::arg("threshold_ptr"), py::arg("factor_ptr"), py::arg("eb_gamma_ptr"),
+      py::arg("mask_id"), py::arg("revise_offsets_ptr"), py::arg("revise_index_ptr"), py::arg("revise_score_ptr"),
+      py::arg("remask_bound_ptr"), py::arg("R"), py::arg("committed_ptr"), py::arg("counters_ptr"),
+      "Commit (and re-mask) in place on host memory: canvas [canvas_len] int64, row_offsets [B+1] int64, "
+      "row_index/token [M] int64, score/entropy [M] fp32, mode/count [B] int32, threshold/factor/eb_gamma [B] fp32, "
+      "revise_offsets [B+1] int64, revise_index [R] int64, revise_score [R] fp32, remask_bound [B] fp32 (all four "
+      "0 for no revision) -> committed [M] uint8, counters [B, 3] int32. Blocking; releases the GIL.");
+
+  m.def(
+      "commit_cuda",
+      [](std::uintptr_t canvas, std::int64_t canvas_len, std::uintptr_t row_offsets, std::int64_t num_requests,
+         std::uintptr_t row_index, std::uintptr_t token, std::uintptr_t score, std::uintptr_t entropy,
+         std::int64_t num_rows, std::uintptr_t mode, std::uintptr_t count, std::uintptr_t threshold,
+         std::uintptr_t factor, std::uintptr_t eb_gamma, std::int64_t mask_id, std::uintptr_t revise_offsets,
+         std::uintptr_t revise_index, std::uintptr_t revise_score, std::uintptr_t remask_bound,
+         std::int64_t num_revise, std::uintptr_t committed, std::uintptr_t counters, std::uintptr_t cuda_stream) {
+        const diffuse::CommitArgs a = commit_args("commit_cuda", canvas, canvas_len, row_offsets, num_requests,
+                                                  row_index, token, score, entropy, num_rows, mode, count, threshold,
+                                                  factor, eb_gamma, mask_id, revise_offsets, revise_index,
+                                                  revise_score, remask_bound, num_revise, committed, counters);
+        require_device("commit_cuda");
+        int status = 0;
+        {
+          py::gil_scoped_release release;
+          status = diffuse::commit_cuda(a, cuda_stream);
+        }
+        check_cuda("commit_cuda", status);
+      },
+      py::arg("canvas_ptr"), py::arg("canvas_len"), py::arg("row_offsets_ptr"), py::arg("B"), py::arg("row_index_ptr"),
+      py::arg("token_ptr"), py::arg("score_ptr"), py::arg("entropy_ptr"), py::arg("M"), py::arg("mode_ptr"),
+      py::arg("count_ptr"), py::arg("threshold_ptr"), py::arg("factor_ptr"), py::arg("eb_gamma_ptr"),
+      py::arg("mask_id"), py::arg("revise_offsets_ptr"), py::arg("revise_index_ptr"), py::arg("revise_score_ptr"),
+      py::arg("remask_bound_ptr"), py::arg("R"), py::arg("committed_ptr"), py::arg("counters_ptr"),
+      py::arg("cuda_stream"),
+      "Launch the commit kernel on device memory (arguments as commit_cpu; one block per request) on the given "
+      "cudaStream_t (an int; 0 is the default stream) of the current device. Asynchronous; raises RuntimeError when "
+      "no CUDA device or driver is available or the launch fails.");
 
   m.def("cuda_device_count", &device_count,
         "Number of visible CUDA devices; 0 (never an exception) without a driver or a device.");

@@ -107,3 +107,30 @@ def test_sample_and_score_uses_the_one_pass_kernel_when_forced(monkeypatch):
     torch.testing.assert_close(got["neg_entropy"].double(), want["neg_entropy"], atol=1e-5, rtol=1e-5)
     with pytest.raises(ops.BackendUnavailableError, match="top-k / top-p"):
         ops.sample_and_score(logits, *args, top_k=torch.full((6,), 5))
+
+
+@pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed")
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_ops_commit_dispatch_matches_the_reference(monkeypatch, backend):
+    """ops.commit on each backend (Triton under the CPU interpreter) equals commit_reference: canvas, flags and
+    counters, with every rule in one batch."""
+    from diffuse_engine.kernels.reference import commit_reference
+
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    monkeypatch.setenv("DIFFUSE_BACKEND", backend)
+    gen = torch.Generator().manual_seed(4)
+    sizes = [5, 0, 9, 7]
+    offsets = torch.tensor([0, 5, 5, 14, 21])
+    canvas = torch.full((40,), 99, dtype=torch.int64)
+    row_index = torch.randperm(40, generator=gen)[:21]
+    token = torch.randint(0, 50, (21,), generator=gen)
+    score, entropy = torch.rand(21, generator=gen), torch.rand(21, generator=gen) * 2
+    mode = torch.tensor([0, 1, 2, 3], dtype=torch.int32)
+    count = torch.tensor([2, 1, 3, 1], dtype=torch.int32)
+    threshold, factor, gamma = torch.tensor([0.0, 0.5, 0.0, 0.0]), torch.tensor([0.0, 0.0, 1.0, 0.0]), \
+        torch.tensor([0.0, 0.0, 0.0, 0.8])
+    args = (row_index, token, score, entropy, mode, count, threshold, factor, gamma, 0)
+    want_canvas = canvas.clone()
+    want = commit_reference(want_canvas, offsets, *args)
+    got = ops.commit(canvas, offsets, *args, max_rows=max(sizes))
+    assert torch.equal(canvas, want_canvas) and torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
