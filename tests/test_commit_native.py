@@ -7,29 +7,16 @@ run in fp64 as the reference's Python floats). Tests that need the native module
 
 from __future__ import annotations
 
-import os
-
 import pytest
 import torch
 
 from diffuse_engine import native, ops
 from diffuse_engine.kernels import reference as ref
 
-REQUIRE_NATIVE = os.environ.get("DIFFUSE_REQUIRE_NATIVE", "0") == "1"
 MASK_ID = 126336
 gpu = pytest.mark.gpu
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 MODES = (ref.COMMIT_TOPK, ref.COMMIT_THRESHOLD, ref.COMMIT_FACTOR, ref.COMMIT_ENTROPY)
-
-
-@pytest.fixture(scope="module")
-def module():
-    mod, why = ops.native_status()
-    if mod is None:
-        if REQUIRE_NATIVE:
-            pytest.fail(f"DIFFUSE_REQUIRE_NATIVE=1 but the native module diffuse_engine._C is unavailable: {why}")
-        pytest.skip(f"native module not built: {why}")
-    return mod
 
 
 # ------------------------------------------------------------------------------------------------- helpers

@@ -20,21 +20,10 @@ import torch
 from diffuse_engine import native, ops
 from diffuse_engine.kernels import reference as ref
 
-REQUIRE_NATIVE = os.environ.get("DIFFUSE_REQUIRE_NATIVE", "0") == "1"
 GUMBEL_ATOL = 1e-5
 STREAMS = (ref.STREAM_SAMPLE, ref.STREAM_REMASK, ref.STREAM_TRANSFER, ref.STREAM_ORDER)
 gpu = pytest.mark.gpu
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-
-
-@pytest.fixture(scope="module")
-def module():
-    mod, why = ops.native_status()
-    if mod is None:
-        if REQUIRE_NATIVE:
-            pytest.fail(f"DIFFUSE_REQUIRE_NATIVE=1 but the native module diffuse_engine._C is unavailable: {why}")
-        pytest.skip(f"native module not built: {why}")
-    return mod
 
 
 def make_keys(rows: int, seed: int = 0, device: str = "cpu") -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -10,7 +10,6 @@ when it is not built, unless ``DIFFUSE_REQUIRE_NATIVE=1`` (set by CI), which tur
 from __future__ import annotations
 
 import math
-import os
 
 import pytest
 import torch
@@ -18,23 +17,12 @@ import torch
 from diffuse_engine import native, ops
 from diffuse_engine.kernels import reference as ref
 
-REQUIRE_NATIVE = os.environ.get("DIFFUSE_REQUIRE_NATIVE", "0") == "1"
 EPS32 = 2.0**-24  # fp32 unit roundoff
 NEAR_TIE = 1e-5  # relative gap of the reference's top-two perturbed scores under which either token is accepted
 CPU_TILE = 256  # the twin's default tile (columns merged per partial state)
 SCORES = ("prob", "top1", "margin", "neg_entropy")
 gpu = pytest.mark.gpu
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-
-
-@pytest.fixture(scope="module")
-def module():
-    mod, why = ops.native_status()
-    if mod is None:
-        if REQUIRE_NATIVE:
-            pytest.fail(f"DIFFUSE_REQUIRE_NATIVE=1 but the native module diffuse_engine._C is unavailable: {why}")
-        pytest.skip(f"native module not built: {why}")
-    return mod
 
 
 # ------------------------------------------------------------------------------------------------- helpers
