@@ -321,13 +321,28 @@ def sample_and_score(logits: torch.Tensor, temperature: torch.Tensor, seed: torc
     if backend in ("cuda", "triton") and not fused_ok:
         raise BackendUnavailableError(f"{BACKEND_ENV}={backend} was requested, but sample_and_score has no "
                                       f"{backend} kernel for top-k / top-p filters or fp64 logits.")
-    if fused_ok and (backend in ("cuda", "triton") or (backend is None and logits.device.type == "cuda")):
+    global _ROW_STATS_FAILURE
+    auto = backend is None and logits.device.type == "cuda" and _ROW_STATS_FAILURE is None
+    if fused_ok and (backend in ("cuda", "triton") or auto):
         rows = torch.arange(logits.shape[0], device=logits.device)
-        out = row_stats(logits, rows, temperature, seed, step, position, raw_confidence=raw_confidence,
-                        conf_exclude=conf_exclude)
-        return {k: out[k] for k in ("token", "prob", "top1", *scores)}
+        try:
+            out = row_stats(logits, rows, temperature, seed, step, position, raw_confidence=raw_confidence,
+                            conf_exclude=conf_exclude)
+            return {k: out[k] for k in ("token", "prob", "top1", *scores)}
+        except ValueError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - automatic choice must not fail where the reference runs
+            if backend is not None:
+                raise
+            _ROW_STATS_FAILURE = f"{type(exc).__name__}: {exc}"
+            warnings.warn(f"the one-pass sampling kernel failed ({_ROW_STATS_FAILURE}); using the torch path from "
+                          f"now on.", RuntimeWarning, stacklevel=2)
     return ref.sample_and_score(logits, temperature, seed, step, position, top_k=top_k, top_p=top_p,
                                 raw_confidence=raw_confidence, conf_exclude=conf_exclude, scores=scores)
+
+
+# Set when the automatic choice tried the one-pass sampling kernel and it failed to compile or launch.
+_ROW_STATS_FAILURE: str | None = None
 
 
 def _stats_backend(t: torch.Tensor, op: str, native_ok: bool) -> str:

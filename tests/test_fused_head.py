@@ -134,3 +134,25 @@ def test_ops_commit_dispatch_matches_the_reference(monkeypatch, backend):
     want = commit_reference(want_canvas, offsets, *args)
     got = ops.commit(canvas, offsets, *args, max_rows=max(sizes))
     assert torch.equal(canvas, want_canvas) and torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+
+
+def test_automatic_fused_head_falls_back_when_the_kernel_fails(monkeypatch):
+    """With fused_head=None (automatic), a fused head that cannot compile or launch warns once and the engine
+    continues with the unfused head (same tokens); fused_head=True raises the error instead."""
+    from diffuse_engine.engine.runner import ModelRunner
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("no kernel image")
+
+    monkeypatch.setattr(ModelRunner, "_fuse", lambda self, batch, hidden: self.fused_head is not False)
+    monkeypatch.setattr(ops, "lm_head_stats", broken)
+    prompts = [e.prompt for e in get_task("sudoku4x4").test_set(3)]
+    params = SamplingParams(gen_length=16, steps=8)
+    want = _llm("sudoku4x4", False).generate(prompts, params)
+    llm = _llm("sudoku4x4", None)
+    with pytest.warns(RuntimeWarning, match="no kernel image"):
+        got = llm.generate(prompts, params)
+    assert [o.token_ids for o in got] == [o.token_ids for o in want]
+    assert llm.engine.runner.fused_head is False
+    with pytest.raises(RuntimeError, match="no kernel image"):
+        _llm("sudoku4x4", True).generate(prompts, params)

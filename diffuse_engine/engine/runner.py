@@ -7,6 +7,7 @@ block) go through the LM head; with Dream's shifted logits the row for position 
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -89,8 +90,18 @@ class ModelRunner:
         rows = torch.cat(cond_rows + uncond_rows).to(self.device)
         if not guided and self._fuse(batch, hidden):
             kwargs = self._score_args(batch, starts, torch.cat(positions))
-            stats = ops.lm_head_stats(hidden, self.model.lm_head_weight(), rows, *kwargs.pop("args"), **kwargs)
-            return self._rows(starts, torch.cat(positions), stats)
+            try:
+                stats = ops.lm_head_stats(hidden, self.model.lm_head_weight(), rows, *kwargs.pop("args"), **kwargs)
+                return self._rows(starts, torch.cat(positions), stats)
+            except ValueError:
+                raise
+            except Exception as exc:  # noqa: BLE001 - automatic choice must not fail where the unfused head runs
+                if self.fused_head:
+                    raise
+                self.fused_head = False
+                warnings.warn(f"the fused LM head failed ({type(exc).__name__}: {exc}); using the unfused head "
+                              f"from now on. EngineConfig(fused_head=True) raises the error instead.",
+                              RuntimeWarning, stacklevel=2)
         logits = self.model.logits_from_hidden(hidden[rows])
         work = torch.float64 if logits.dtype == torch.float64 else torch.float32
         logits = logits.to(work)
