@@ -17,19 +17,15 @@ providers run there too when TRITON_INTERPRET=1 (slow, correctness only).
 
 from __future__ import annotations
 
-import argparse
 import math
-import statistics
 import sys
-import time
-from collections.abc import Callable
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import RESULTS, append_csv, measure_ceilings, print_table, stamp, sync  # noqa: E402
+from common import RESULTS, bench_main, measure_ceilings, stamp, timed  # noqa: E402
 
 from diffuse_engine import ops  # noqa: E402
 
@@ -37,24 +33,6 @@ GPU_FULL = [(1024,), (4096,)]
 GPU_CACHED = [(b, L, p) for b in (1, 16, 64) for L in (32, 64) for p in (1024, 4096)]
 CPU_FULL, CPU_CACHED = [(64,), (256,)], [(2, 8, 64), (4, 16, 128)]
 PAGE = 64
-
-
-def timed(fn: Callable[[], object], device: torch.device, quick: bool) -> tuple[float, float, float]:
-    """(median, p20, p80) in ms."""
-    if device.type == "cuda":
-        from triton.testing import do_bench
-
-        med, p20, p80 = do_bench(fn, quantiles=[0.5, 0.2, 0.8], warmup=25 if quick else 100, rep=100 if quick else 500)
-        return med, p20, p80
-    fn()
-    times = []
-    for _ in range(3 if quick else 7):
-        t0 = time.perf_counter()
-        fn()
-        sync(device)
-        times.append((time.perf_counter() - t0) * 1e3)
-    times.sort()
-    return statistics.median(times), times[len(times) // 5], times[(4 * len(times)) // 5]
 
 
 def triton_runs(device: torch.device) -> bool:
@@ -158,16 +136,8 @@ def run(device: torch.device, quick: bool) -> list[dict]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="fewer shapes and repeats")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--csv", type=Path, default=RESULTS / "attention.csv")
-    args = parser.parse_args(argv)
-    rows = run(torch.device(args.device), args.quick)
-    print_table(rows, ["op", "shape", "provider", "ms", "tflops", "gbps", "pct_floor", "ratio_vs_sdpa"])
-    append_csv(args.csv, rows)
-    print(f"appended {len(rows)} rows to {args.csv}")
-    return 0
+    return bench_main(__doc__, run, RESULTS / "attention.csv",
+                      ["op", "shape", "provider", "ms", "tflops", "gbps", "pct_floor", "ratio_vs_sdpa"], argv)
 
 
 if __name__ == "__main__":

@@ -11,15 +11,13 @@ D = 4096, bf16. CPU: small shapes, the torch path and matmul + C++ twin, as a ra
 
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_attention import timed  # noqa: E402
-from common import RESULTS, append_csv, measure_ceilings, print_table, stamp  # noqa: E402
+from common import RESULTS, bench_main, measure_ceilings, result_row, stamp, timed  # noqa: E402
 
 from diffuse_engine import ops  # noqa: E402
 from diffuse_engine.kernels import reference as ref  # noqa: E402
@@ -63,27 +61,15 @@ def run(device: torch.device, quick: bool) -> list[dict]:
         floor_ms = max(nbytes / (ceil["bandwidth_gbs"] * 1e9), flops / (ceil["peak_tflops"] * 1e12)) * 1e3
         results = {name: timed(fn, device, quick) for name, fn in providers(hidden, weight, args, device).items()}
         best_unfused = min(t[0] for name, t in results.items() if name != "fused")
-        for name, (med, p20, p80) in results.items():
-            result_rows.append({**base, "op": "lm_head_stats", "shape": f"M={m} V={v} D={d} {str(dtype)[6:]}",
-                                "provider": name, "ms": med, "ms_p20": p20, "ms_p80": p80,
-                                "gbps": nbytes / med / 1e6, "tflops": flops / med / 1e9, "floor_ms": floor_ms,
-                                "pct_floor": 100 * floor_ms / med, "baseline": "best unfused",
-                                "ratio": best_unfused / med, "copy_gbs": ceil["bandwidth_gbs"],
-                                "matmul_tflops": ceil["peak_tflops"]})
+        result_rows += [result_row(base, ceil, "lm_head_stats", f"M={m} V={v} D={d} {str(dtype)[6:]}", name, t,
+                                   nbytes=nbytes, flops=flops, floor_ms=floor_ms, baseline="best unfused",
+                                   baseline_ms=best_unfused) for name, t in results.items()]
     return result_rows
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--csv", type=Path, default=RESULTS / "sampling.csv")
-    args = parser.parse_args(argv)
-    rows = run(torch.device(args.device), args.quick)
-    print_table(rows, ["op", "shape", "provider", "ms", "gbps", "tflops", "pct_floor", "baseline", "ratio"])
-    append_csv(args.csv, rows)
-    print(f"appended {len(rows)} rows to {args.csv}")
-    return 0
+    return bench_main(__doc__, run, RESULTS / "sampling.csv",
+                      ["op", "shape", "provider", "ms", "gbps", "tflops", "pct_floor", "baseline", "ratio"], argv)
 
 
 if __name__ == "__main__":

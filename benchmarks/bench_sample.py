@@ -12,15 +12,13 @@ on small shapes, median of repeats, as a ratio.
 
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_attention import timed  # noqa: E402
-from common import RESULTS, append_csv, measure_ceilings, print_table, stamp  # noqa: E402
+from common import RESULTS, bench_main, measure_ceilings, result_row, stamp, timed  # noqa: E402
 
 from diffuse_engine import ops  # noqa: E402
 from diffuse_engine.kernels import reference as ref  # noqa: E402
@@ -114,35 +112,21 @@ def run(device: torch.device, quick: bool) -> list[dict]:
         nbytes = m * v * logits.element_size()
         floor_ms = nbytes / (ceil["bandwidth_gbs"] * 1e9) * 1e3
         results = {name: timed(fn, device, quick) for name, fn in providers(logits, args, raw, device).items()}
-        for name, (med, p20, p80) in results.items():
-            rows.append({**base, "op": "row_stats", "shape": f"M={m} V={v} {str(dtype)[6:]}", "provider": name,
-                         "ms": med, "ms_p20": p20, "ms_p80": p80, "gbps": nbytes / med / 1e6, "tflops": "",
-                         "floor_ms": floor_ms, "pct_floor": 100 * floor_ms / med, "baseline": "torch",
-                         "ratio": results["torch"][0] / med, "copy_gbs": ceil["bandwidth_gbs"],
-                         "matmul_tflops": ceil["peak_tflops"]})
+        rows += [result_row(base, ceil, "row_stats", f"M={m} V={v} {str(dtype)[6:]}", name, t, nbytes=nbytes,
+                            floor_ms=floor_ms, baseline="torch", baseline_ms=results["torch"][0])
+                 for name, t in results.items()]
         requests = max(1, m // 32)
         results = {name: timed(fn, device, quick) for name, fn in
                    step_providers(logits, args, raw, device, requests).items()}
-        for name, (med, p20, p80) in results.items():
-            rows.append({**base, "op": "row_stats+commit", "shape": f"M={m} V={v} B={requests} {str(dtype)[6:]}",
-                         "provider": name, "ms": med, "ms_p20": p20, "ms_p80": p80, "gbps": nbytes / med / 1e6,
-                         "tflops": "", "floor_ms": floor_ms, "pct_floor": 100 * floor_ms / med, "baseline": "torch",
-                         "ratio": results["torch"][0] / med, "copy_gbs": ceil["bandwidth_gbs"],
-                         "matmul_tflops": ceil["peak_tflops"]})
+        rows += [result_row(base, ceil, "row_stats+commit", f"M={m} V={v} B={requests} {str(dtype)[6:]}", name, t,
+                            nbytes=nbytes, floor_ms=floor_ms, baseline="torch", baseline_ms=results["torch"][0])
+                 for name, t in results.items()]
     return rows
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--csv", type=Path, default=RESULTS / "sampling.csv")
-    args = parser.parse_args(argv)
-    rows = run(torch.device(args.device), args.quick)
-    print_table(rows, ["op", "shape", "provider", "ms", "gbps", "pct_floor", "baseline", "ratio"])
-    append_csv(args.csv, rows)
-    print(f"appended {len(rows)} rows to {args.csv}")
-    return 0
+    return bench_main(__doc__, run, RESULTS / "sampling.csv",
+                      ["op", "shape", "provider", "ms", "gbps", "pct_floor", "baseline", "ratio"], argv)
 
 
 if __name__ == "__main__":

@@ -138,3 +138,50 @@ def step_cost(config, seq_lens: list[int], head_rows: int, dtype_bytes: int) -> 
     flops += 2 * d * config.vocab_size * head_rows
     weight_bytes = (per_layer * layers + d * config.vocab_size) * dtype_bytes
     return {"flops": float(flops), "bytes": float(weight_bytes)}
+
+
+def timed(fn, device: torch.device, quick: bool) -> tuple[float, float, float]:
+    """(median, p20, p80) milliseconds of ``fn``: triton.testing.do_bench on CUDA, else time.perf_counter over
+    repeats after one warm-up call."""
+    if device.type == "cuda":
+        from triton.testing import do_bench
+
+        med, p20, p80 = do_bench(fn, quantiles=[0.5, 0.2, 0.8], warmup=25 if quick else 100, rep=100 if quick else 500)
+        return med, p20, p80
+    fn()
+    times = []
+    for _ in range(3 if quick else 7):
+        t0 = time.perf_counter()
+        fn()
+        sync(device)
+        times.append((time.perf_counter() - t0) * 1e3)
+    times.sort()
+    return times[len(times) // 2], times[len(times) // 5], times[(4 * len(times)) // 5]
+
+
+def result_row(base: dict, ceil: dict, op: str, shape: str, provider: str, timing: tuple[float, float, float], *,
+               nbytes: float, floor_ms: float, baseline: str, baseline_ms: float, flops: float | None = None) -> dict:
+    """One kernel-benchmark row: achieved GB/s (and TFLOP/s when ``flops``), % of the floor, ratio to the
+    baseline's time, and the measured ceilings the floor came from."""
+    med, p20, p80 = timing
+    return {**base, "op": op, "shape": shape, "provider": provider, "ms": med, "ms_p20": p20, "ms_p80": p80,
+            "gbps": nbytes / med / 1e6, "tflops": flops / med / 1e9 if flops else "", "floor_ms": floor_ms,
+            "pct_floor": 100 * floor_ms / med, "baseline": baseline, "ratio": baseline_ms / med,
+            "copy_gbs": ceil["bandwidth_gbs"], "matmul_tflops": ceil["peak_tflops"]}
+
+
+def bench_main(doc: str, run, default_csv: Path, columns: list[str], argv: list[str] | None = None) -> int:
+    """The command line every kernel benchmark shares: --quick, --device, --csv; prints a table, appends the
+    rows to the CSV."""
+    import argparse
+
+    parser = argparse.ArgumentParser(description=doc.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="fewer shapes and repeats")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--csv", type=Path, default=default_csv)
+    args = parser.parse_args(argv)
+    rows = run(torch.device(args.device), args.quick)
+    print_table(rows, columns)
+    append_csv(args.csv, rows)
+    print(f"appended {len(rows)} rows to {args.csv}")
+    return 0

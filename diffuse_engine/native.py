@@ -24,6 +24,15 @@ def native_module() -> object:
     return module
 
 
+def _launch(module: object, op: str, device: torch.device, args: tuple) -> None:
+    """``op``'s C++ twin for CPU tensors (blocking), else its CUDA kernel on the device's current stream."""
+    if device.type == "cpu":
+        getattr(module, f"{op}_cpu")(*args)
+    else:
+        with torch.cuda.device(device):
+            getattr(module, f"{op}_cuda")(*args, torch.cuda.current_stream(device).cuda_stream)
+
+
 def _check_rows(name: str, t: object, rows: int | None, device: torch.device | None) -> None:
     if not isinstance(t, torch.Tensor):
         raise ValueError(f"{name} must be a torch.Tensor, got {type(t).__name__}.")
@@ -78,11 +87,7 @@ def counter_noise(seed: torch.Tensor, step: torch.Tensor, position: torch.Tensor
         return out
     args = (out.data_ptr(), seed.data_ptr(), step.data_ptr(), position.data_ptr(), rows, num_cols,
             stream & MASK32, bool(gumbel))
-    if device.type == "cpu":
-        module.counter_noise_cpu(*args)
-    else:
-        with torch.cuda.device(device):
-            module.counter_noise_cuda(*args, torch.cuda.current_stream(device).cuda_stream)
+    _launch(module, "counter_noise", device, args)
     return out
 
 
@@ -188,11 +193,7 @@ def row_stats(logits: torch.Tensor, rows: torch.Tensor, temperature: torch.Tenso
             raw_confidence.data_ptr() if raw_confidence is not None else 0,
             conf_exclude.data_ptr() if use_exclude else 0, k if use_exclude else 0,
             *(out[key].data_ptr() for key in ROW_STATS_KEYS))
-    if device.type == "cpu":
-        module.row_stats_cpu(*args)
-    else:
-        with torch.cuda.device(device):
-            module.row_stats_cuda(*args, torch.cuda.current_stream(device).cuda_stream)
+    _launch(module, "row_stats", device, args)
     return out
 
 
@@ -313,9 +314,5 @@ def commit(canvas: torch.Tensor, row_offsets: torch.Tensor, row_index: torch.Ten
             revise_offsets.data_ptr() if revise else 0, revise_index.data_ptr() if revise else 0,
             revise_score.data_ptr() if revise else 0, remask_bound.data_ptr() if revise else 0, r,
             committed.data_ptr(), counters.data_ptr())
-    if device.type == "cpu":
-        module.commit_cpu(*args)
-    else:
-        with torch.cuda.device(device):
-            module.commit_cuda(*args, torch.cuda.current_stream(device).cuda_stream)
+    _launch(module, "commit", device, args)
     return committed.view(torch.bool), counters

@@ -123,15 +123,20 @@ class ModelRunner:
         return all(not r.params.top_k and (r.params.top_p is None or r.params.top_p >= 1)
                    and not r.params.logits_eos_inf for r in batch)
 
+    def _per_row(self, starts: list[int]):
+        """A function expanding one value per request to one per candidate row, on the device."""
+        counts = torch.tensor([starts[i + 1] - starts[i] for i in range(len(starts) - 1)])
+
+        def per_row(values: list, dtype: torch.dtype) -> torch.Tensor:
+            return torch.repeat_interleave(torch.tensor(values, dtype=dtype), counts, dim=0).to(self.device)
+
+        return per_row
+
     def _score_args(self, batch: list[Request], starts: list[int], position: torch.Tensor) -> dict:
         """Per-row sampling arguments of the candidate rows: ``args`` (temperature, seed, step, position) and
         the keyword arguments of :func:`ops.sample_and_score`."""
         cfg = self.config
-        counts = [starts[i + 1] - starts[i] for i in range(len(batch))]
-
-        def per_row(values: list, dtype: torch.dtype) -> torch.Tensor:
-            expanded = torch.repeat_interleave(torch.tensor(values, dtype=dtype), torch.tensor(counts), dim=0)
-            return expanded.to(self.device)
+        per_row = self._per_row(starts)
 
         # LLaDA's confidence_eos_eot_inf as published: `logits_with_noise[:, :, eos] = logits[:, :, eot] = -inf`
         # after sampling. At temperature 0 `add_gumbel_noise` returns the logits tensor itself, so EOS leaves the
@@ -156,11 +161,7 @@ class ModelRunner:
     def _score(self, batch: list[Request], starts: list[int], position: torch.Tensor,
                logits: torch.Tensor) -> HeadRows:
         cfg = self.config
-        counts = [starts[i + 1] - starts[i] for i in range(len(batch))]
-
-        def per_row(values: list, dtype: torch.dtype) -> torch.Tensor:
-            expanded = torch.repeat_interleave(torch.tensor(values, dtype=dtype), torch.tensor(counts), dim=0)
-            return expanded.to(self.device)
+        per_row = self._per_row(starts)
 
         ban_eos = [r.params.logits_eos_inf for r in batch]
         if any(ban_eos):
