@@ -1,4 +1,4 @@
-"""Random-weight checkpoints in the Hugging Face folder layout of the published LLaDA and Dream models, for
+"""Random-weight checkpoints in the Hugging Face folder layout of the published LLaDA, Dream and SDAR models, for
 tests and benchmarks that must not download weights: ``config.json``, ``model.safetensors`` (or shards with
 ``model.safetensors.index.json``), ``tokenizer.json`` and ``tokenizer_config.json``."""
 
@@ -22,8 +22,10 @@ _DERIVED_SPECIALS: dict[str, tuple[tuple[str, str], ...]] = {
     "llada": (("bos_token_id", "<|startoftext|>"), ("eos_token_id", "<|endoftext|>"),
               ("mask_token_id", "<|mdm_mask|>"), ("eot_token_id", "<|eot_id|>")),
     "dream": (("eos_token_id", "<|endoftext|>"), ("eot_token_id", "<|im_end|>"), ("mask_token_id", "<|mask|>")),
+    "sdar": (("eos_token_id", "<|endoftext|>"), ("eot_token_id", "<|im_end|>"), ("mask_token_id", "<|MASK|>")),
 }
-_FAMILY_TEMPLATES = {"llada": presets.LLADA_CHAT_TEMPLATE, "dream": presets.QWEN_CHAT_TEMPLATE}
+_FAMILY_TEMPLATES = {"llada": presets.LLADA_CHAT_TEMPLATE, "dream": presets.QWEN_CHAT_TEMPLATE,
+                     "sdar": presets.QWEN_CHAT_TEMPLATE}
 
 _DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16",
                 torch.float64: "float64"}
@@ -32,7 +34,8 @@ _DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.floa
 def derive_special_tokens(config: ModelConfig) -> dict[str, int]:
     """Special tokens (content -> id) implied by the token ids of ``config``, named as in its family's
     published tokenizer (``<|mdm_mask|>``, ``<|endoftext|>``, ... for LLaDA; ``<|mask|>``, ``<|im_end|>`` for
-    Dream). A field that is None, or whose id another name already took, adds nothing."""
+    Dream; ``<|MASK|>``, ``<|im_end|>`` for SDAR). A field that is None, or whose id another name already took,
+    adds nothing."""
     out: dict[str, int] = {}
     for field, content in _DERIVED_SPECIALS[config.arch]:
         token_id = getattr(config, field)

@@ -1,5 +1,5 @@
 """Model configuration: one dataclass for every supported architecture, read from and written to the exact
-``config.json`` layouts of GSAI-ML/LLaDA-8B-Instruct and Dream-org/Dream-v0-Instruct-7B."""
+``config.json`` layouts of GSAI-ML/LLaDA-8B-Instruct, Dream-org/Dream-v0-Instruct-7B and JetLM/SDAR-*-Chat."""
 
 from __future__ import annotations
 
@@ -7,18 +7,32 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
-ARCHITECTURES = ("llada", "dream")
+ARCHITECTURES = ("llada", "dream", "sdar")
+
+# Diffusion block size of SDAR checkpoints whose config.json does not name one (the published chat models are
+# trained with blocks of 4 tokens).
+SDAR_DEFAULT_BLOCK_SIZE = 4
+# Id of ``<|MASK|>`` in SDAR's tokenizer, for SDAR configs that do not name their mask token (the loader prefers
+# the tokenizer's id when the folder has one).
+SDAR_MASK_TOKEN_ID = 151669
 
 
 @dataclass(slots=True)
 class ModelConfig:
     """Architecture of a masked-diffusion LM.
 
-    ``arch`` is ``"llada"`` (bidirectional Llama, no GQA, no biases) or ``"dream"`` (Qwen2.5 layout: GQA,
-    q/k/v biases, shifted logits: the prediction for position i is read from the logits at i - 1).
+    ``arch`` is ``"llada"`` (bidirectional Llama, no GQA, no biases), ``"dream"`` (Qwen2.5 layout: GQA,
+    q/k/v biases, shifted logits: the prediction for position i is read from the logits at i - 1) or ``"sdar"``
+    (Qwen3 layout: GQA, per-head RMSNorm of q and k before RoPE, an explicit head dim, unshifted logits, and
+    block-causal attention over blocks of ``block_size`` tokens).
     ``vocab_size`` is the number of embedding rows and logits columns. ``eot_token_id`` is the
-    end-of-turn token of the chat format (LLaDA ``<|eot_id|>``, Dream ``<|im_end|>``); it is not part of the
-    published config files and is resolved from the tokenizer when absent.
+    end-of-turn token of the chat format (LLaDA ``<|eot_id|>``, Dream and SDAR ``<|im_end|>``); it is not part
+    of the published config files and is resolved from the tokenizer when absent.
+    ``qkv_bias``: q/k/v projection biases; for SDAR it is Qwen3's ``attention_bias``, which also gives the
+    output projection a bias. ``explicit_head_dim``: the per-head width when it is not
+    ``hidden_size // num_heads`` (SDAR only; an SDAR config always holds it, filled from the quotient when
+    not given). ``block_size``: SDAR's diffusion block (default :data:`SDAR_DEFAULT_BLOCK_SIZE`); None for the
+    bidirectional families.
     """
 
     arch: str
@@ -39,6 +53,8 @@ class ModelConfig:
     bos_token_id: int | None = None
     eot_token_id: int | None = None
     torch_dtype: str = "bfloat16"
+    explicit_head_dim: int | None = None
+    block_size: int | None = None
     extra: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -47,10 +63,9 @@ class ModelConfig:
         for name in ("hidden_size", "num_layers", "num_heads", "num_kv_heads", "intermediate_size", "vocab_size",
                      "max_position_embeddings"):
             value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+            if not _positive_int(value):
                 raise ValueError(f"{name} must be a positive integer, got {value!r}.")
-        if self.hidden_size % self.num_heads:
-            raise ValueError(f"hidden_size ({self.hidden_size}) must be divisible by num_heads ({self.num_heads}).")
+        self._check_sdar_fields()
         if self.num_heads % self.num_kv_heads:
             raise ValueError(f"num_heads ({self.num_heads}) must be divisible by num_kv_heads ({self.num_kv_heads}).")
         if self.head_dim % 2:
@@ -66,20 +81,52 @@ class ModelConfig:
         if not self.rope_theta > 0:
             raise ValueError(f"rope_theta must be positive, got {self.rope_theta!r}.")
 
+    def _check_sdar_fields(self) -> None:
+        """Validate ``explicit_head_dim`` and ``block_size``, filling SDAR's defaults in place."""
+        sdar = self.arch == "sdar"
+        for name in ("explicit_head_dim", "block_size"):
+            value = getattr(self, name)
+            if value is None:
+                continue
+            if not sdar:
+                raise ValueError(f"{name} is only supported for arch 'sdar', but arch {self.arch!r} sets it to "
+                                 f"{value!r}; leave it None.")
+            if not _positive_int(value):
+                raise ValueError(f"{name} must be a positive integer, got {value!r}.")
+        if self.explicit_head_dim is None and self.hidden_size % self.num_heads:
+            raise ValueError(f"hidden_size ({self.hidden_size}) must be divisible by num_heads ({self.num_heads}).")
+        if sdar:
+            if self.explicit_head_dim is None:
+                self.explicit_head_dim = self.hidden_size // self.num_heads
+            if self.block_size is None:
+                self.block_size = SDAR_DEFAULT_BLOCK_SIZE
+
     @property
     def head_dim(self) -> int:
+        """Width of one attention head: ``explicit_head_dim`` when set, else ``hidden_size // num_heads``."""
+        if self.explicit_head_dim is not None:
+            return self.explicit_head_dim
         return self.hidden_size // self.num_heads
 
     @property
     def shifted_logits(self) -> bool:
-        """Dream predicts token i from the logits at position i - 1."""
+        """Dream predicts token i from the logits at position i - 1 (LLaDA and SDAR read row i)."""
         return self.arch == "dream"
+
+    @property
+    def qk_norm(self) -> bool:
+        """SDAR (Qwen3) RMS-normalises every head of q and k before RoPE."""
+        return self.arch == "sdar"
 
     def num_parameters(self) -> int:
         d, h, kv, hd = self.hidden_size, self.num_heads, self.num_kv_heads, self.head_dim
         attn = d * h * hd + 2 * d * kv * hd + h * hd * d
         if self.qkv_bias:
             attn += h * hd + 2 * kv * hd
+            if self.arch == "sdar":  # Qwen3's attention_bias also covers o_proj
+                attn += d
+        if self.qk_norm:
+            attn += 2 * hd
         per_layer = attn + 3 * d * self.intermediate_size + 2 * d
         head = 0 if self.tie_word_embeddings else self.vocab_size * d
         return self.vocab_size * d + self.num_layers * per_layer + d + head
@@ -90,7 +137,7 @@ class ModelConfig:
     # ------------------------------------------------------------------ Hugging Face layout
     @classmethod
     def from_hf(cls, raw: dict[str, Any]) -> ModelConfig:
-        """Parse a ``config.json`` dict of a LLaDA or Dream checkpoint."""
+        """Parse a ``config.json`` dict of a LLaDA, Dream or SDAR checkpoint."""
         if not isinstance(raw, dict):
             raise ValueError("config.json must hold a JSON object.")
         model_type = str(raw.get("model_type", "")).lower()
@@ -100,18 +147,24 @@ class ModelConfig:
                 return _llada_from_hf(raw)
             if model_type == "dream" or any("dream" in a for a in archs):
                 return _dream_from_hf(raw)
+            if model_type == "sdar" or any("sdar" in a for a in archs):
+                return _sdar_from_hf(raw)
         except KeyError as exc:
             raise ValueError(f"config.json lacks the required key {exc.args[0]!r} for model_type "
                              f"{raw.get('model_type')!r}.") from None
         except TypeError as exc:
             raise ValueError(f"config.json has a value of the wrong type: {exc}.") from None
         raise ValueError(f"config.json has model_type {raw.get('model_type')!r} and architectures "
-                         f"{raw.get('architectures')!r}; supported are LLaDA (model_type 'llada') and Dream "
-                         f"(model_type 'Dream').")
+                         f"{raw.get('architectures')!r}; supported are LLaDA (model_type 'llada'), Dream "
+                         f"(model_type 'Dream') and SDAR (model_type 'sdar').")
 
     def to_hf(self) -> dict[str, Any]:
         """The ``config.json`` dict, with the keys of the published checkpoints."""
-        return _llada_to_hf(self) if self.arch == "llada" else _dream_to_hf(self)
+        return {"llada": _llada_to_hf, "dream": _dream_to_hf, "sdar": _sdar_to_hf}[self.arch](self)
+
+
+def _positive_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value > 0
 
 
 def _require(raw: dict[str, Any], key: str, expected: Any, what: str) -> None:
@@ -202,6 +255,46 @@ def _dream_from_hf(raw: dict[str, Any]) -> ModelConfig:
     )
 
 
+def _sdar_from_hf(raw: dict[str, Any]) -> ModelConfig:
+    if raw.get("use_sliding_window"):
+        raise ValueError("config.json sets use_sliding_window=true; sliding-window attention is not supported.")
+    if raw.get("rope_scaling"):
+        raise ValueError(f"config.json sets rope_scaling={raw['rope_scaling']!r}; RoPE scaling is not supported.")
+    act = raw.get("hidden_act", "silu")
+    if act != "silu":
+        raise ValueError(f"config.json sets hidden_act={act!r}; only 'silu' is supported.")
+    n_heads = int(raw["num_attention_heads"])
+    block = raw.get("block_size")
+    known = set(_SDAR_DEFAULTS) | {"hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
+                                   "head_dim", "intermediate_size", "vocab_size", "rms_norm_eps", "rope_theta",
+                                   "max_position_embeddings", "attention_bias", "tie_word_embeddings",
+                                   "mask_token_id", "eos_token_id", "pad_token_id", "bos_token_id", "eot_token_id",
+                                   "torch_dtype", "block_size"}
+    return ModelConfig(
+        arch="sdar",
+        hidden_size=int(raw["hidden_size"]),
+        num_layers=int(raw["num_hidden_layers"]),
+        num_heads=n_heads,
+        num_kv_heads=int(raw.get("num_key_value_heads") or n_heads),
+        intermediate_size=int(raw["intermediate_size"]),
+        vocab_size=int(raw["vocab_size"]),
+        mask_token_id=int(raw.get("mask_token_id", SDAR_MASK_TOKEN_ID)),
+        eos_token_id=int(raw["eos_token_id"]),
+        max_position_embeddings=int(raw.get("max_position_embeddings", 32768)),
+        rms_norm_eps=float(raw.get("rms_norm_eps", 1e-6)),
+        rope_theta=float(raw.get("rope_theta", 10000.0)),
+        qkv_bias=bool(raw.get("attention_bias", False)),
+        tie_word_embeddings=bool(raw.get("tie_word_embeddings", False)),
+        pad_token_id=_opt_int(raw.get("pad_token_id")),
+        bos_token_id=_opt_int(raw.get("bos_token_id")),
+        eot_token_id=_opt_int(raw.get("eot_token_id")),
+        torch_dtype=str(raw.get("torch_dtype", "bfloat16")),
+        explicit_head_dim=int(raw["head_dim"]),  # Qwen3 configs always state it; it need not be hidden / heads
+        block_size=SDAR_DEFAULT_BLOCK_SIZE if block is None else block,  # validated by ModelConfig
+        extra={k: v for k, v in raw.items() if k not in known},
+    )
+
+
 def _opt_int(value: Any) -> int | None:
     return None if value is None else int(value)
 
@@ -227,6 +320,15 @@ _DREAM_DEFAULTS: dict[str, Any] = {
     "hidden_act": "silu", "initializer_range": 0.02, "max_window_layers": 28, "model_type": "Dream",
     "rope_scaling": None, "sliding_window": None, "transformers_version": "4.46.2", "use_cache": False,
     "use_sliding_window": False,
+}
+
+
+_SDAR_DEFAULTS: dict[str, Any] = {
+    "architectures": ["SDARForCausalLM"], "attention_dropout": 0.0,
+    "auto_map": {"AutoConfig": "configuration_sdar.SDARConfig", "AutoModel": "modeling_sdar.SDARModel",
+                 "AutoModelForCausalLM": "modeling_sdar.SDARForCausalLM"},
+    "hidden_act": "silu", "initializer_range": 0.02, "model_type": "sdar", "rope_scaling": None,
+    "sliding_window": None, "transformers_version": "4.52.4", "use_cache": False, "use_sliding_window": False,
 }
 
 
@@ -265,4 +367,21 @@ def _dream_to_hf(c: ModelConfig) -> dict[str, Any]:
     })
     if c.eot_token_id is not None:
         out["eot_token_id"] = c.eot_token_id
+    return dict(sorted(out.items()))
+
+
+def _sdar_to_hf(c: ModelConfig) -> dict[str, Any]:
+    out = dict(_SDAR_DEFAULTS)
+    out.update(c.extra)
+    out.update({
+        "hidden_size": c.hidden_size, "num_hidden_layers": c.num_layers, "num_attention_heads": c.num_heads,
+        "num_key_value_heads": c.num_kv_heads, "head_dim": c.head_dim, "intermediate_size": c.intermediate_size,
+        "vocab_size": c.vocab_size, "rms_norm_eps": c.rms_norm_eps, "rope_theta": c.rope_theta,
+        "max_position_embeddings": c.max_position_embeddings, "attention_bias": c.qkv_bias,
+        "tie_word_embeddings": c.tie_word_embeddings, "mask_token_id": c.mask_token_id,
+        "eos_token_id": c.eos_token_id, "block_size": c.block_size, "torch_dtype": c.torch_dtype,
+    })
+    for key in ("pad_token_id", "bos_token_id", "eot_token_id"):
+        if getattr(c, key) is not None:
+            out[key] = getattr(c, key)
     return dict(sorted(out.items()))

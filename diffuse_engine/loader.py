@@ -1,4 +1,4 @@
-"""Load a LLaDA or Dream model folder in the Hugging Face layout: ``config.json``, safetensors weights (one
+"""Load a LLaDA, Dream or SDAR model folder in the Hugging Face layout: ``config.json``, safetensors weights (one
 ``model.safetensors`` or shards listed by ``model.safetensors.index.json``) and, optionally, the tokenizer.
 
 Every problem with the folder raises :class:`~diffuse_engine.errors.CheckpointError` with a sentence that
@@ -31,11 +31,13 @@ DTYPE_ALIASES: dict[str, torch.dtype] = {
 }
 
 # The LM head of each family; a checkpoint of a tied-embedding config may still hold it (it is ignored).
-_HEAD_TENSOR = {"llada": "model.transformer.ff_out.weight", "dream": "lm_head.weight"}
+_HEAD_TENSOR = {"llada": "model.transformer.ff_out.weight", "dream": "lm_head.weight", "sdar": "lm_head.weight"}
 # Buffers that older exports persisted and that the engine recomputes.
 _IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
 # End-of-turn token of each family's chat format, for configs that do not name it.
-_EOT_TOKEN = {"llada": "<|eot_id|>", "dream": "<|im_end|>"}
+_EOT_TOKEN = {"llada": "<|eot_id|>", "dream": "<|im_end|>", "sdar": "<|im_end|>"}
+# Mask token of each family whose config.json may omit ``mask_token_id`` (JetLM/SDAR-4B-Chat does).
+_MASK_TOKEN = {"sdar": "<|MASK|>"}
 
 
 def parse_dtype(value: str | torch.dtype) -> torch.dtype:
@@ -195,7 +197,8 @@ def load_model(path: str | Path, *, device: str | torch.device = "cpu",
     """Load the model folder ``path`` onto ``device``.
 
     Returns ``(model, config, tokenizer)``: the model in eval mode without gradients, its config (with
-    ``eot_token_id`` taken from the tokenizer when ``config.json`` does not set it), and the tokenizer, or None
+    ``eot_token_id`` taken from the tokenizer when ``config.json`` does not set it, and likewise SDAR's
+    ``mask_token_id`` from ``<|MASK|>``), and the tokenizer, or None
     when the folder has no ``tokenizer.json`` (a weights-only folder is valid). ``dtype`` None means the
     config's ``torch_dtype`` on accelerators and float32 on the CPU. Weights are read one tensor at a time,
     cast to ``dtype`` and moved to ``device``; the model is first built on the meta device so that nothing is
@@ -219,6 +222,10 @@ def load_model(path: str | Path, *, device: str | torch.device = "cpu",
         eot = tokenizer.token_to_id(_EOT_TOKEN[config.arch])
         if eot is not None and eot < config.vocab_size:
             config = config.replace(eot_token_id=eot)
+    if "mask_token_id" not in raw and config.arch in _MASK_TOKEN and tokenizer is not None:
+        mask = tokenizer.token_to_id(_MASK_TOKEN[config.arch])
+        if mask is not None and mask < config.vocab_size:
+            config = config.replace(mask_token_id=mask)
 
     model = build_model(config, dtype=target, meta=True)
     expected = {name: t.shape for name, t in model.state_dict().items()}

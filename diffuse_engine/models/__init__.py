@@ -9,8 +9,9 @@ from .base import DiffusionLM
 from .dream import DreamModel
 from .layers import TokenLayout
 from .llada import LLaDAModelLM
+from .sdar import SDARModel
 
-MODEL_REGISTRY: dict[str, type[DiffusionLM]] = {"llada": LLaDAModelLM, "dream": DreamModel}
+MODEL_REGISTRY: dict[str, type[DiffusionLM]] = {"llada": LLaDAModelLM, "dream": DreamModel, "sdar": SDARModel}
 
 
 def build_model(config: ModelConfig, *, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32,
@@ -32,4 +33,5 @@ def build_model(config: ModelConfig, *, device: torch.device | str = "cpu", dtyp
     return model
 
 
-__all__ = ["MODEL_REGISTRY", "DiffusionLM", "DreamModel", "LLaDAModelLM", "TokenLayout", "build_model"]
+__all__ = ["MODEL_REGISTRY", "DiffusionLM", "DreamModel", "LLaDAModelLM", "SDARModel", "TokenLayout",
+           "build_model"]

@@ -68,7 +68,10 @@ class DiffusionLM(nn.Module):
         """The plain full forward: logits ``[batch, seq, vocab]`` for every position.
 
         ``attention_mask`` ``[batch, seq]`` (1 = real token) hides padded keys. Positions default to
-        ``0..seq-1`` in every row, as the published LLaDA model does even for left-padded batches.
+        ``0..seq-1`` in every row, as the published LLaDA model does even for left-padded batches. A config with
+        a ``block_size`` (SDAR) makes attention block-causal: the token in column p of a row (block
+        ``p // block_size``, counted from the row's first column whatever ``position_ids`` say) sees every column
+        of blocks ``<= p // block_size``, bidirectionally within its own block.
         """
         if input_ids.ndim != 2:
             raise ValueError(f"input_ids must be [batch, seq], got shape {tuple(input_ids.shape)}.")
@@ -84,6 +87,7 @@ class DiffusionLM(nn.Module):
         if attention_mask is not None and not bool(attention_mask.bool().all()):
             key_mask = attention_mask.to(device=input_ids.device).bool()
         layout = TokenLayout.padded(b, s, key_mask)
+        layout.block_size = self.config.block_size
         h = self.hidden_states(input_ids.reshape(-1), position_ids.reshape(-1), layout)
         return self.logits_from_hidden(h).view(b, s, -1)
 

@@ -11,7 +11,7 @@ from torch import nn
 from .. import ops
 from ..config import ModelConfig
 from .base import DiffusionLM
-from .layers import RMSNorm, TokenLayout, apply_rope, swiglu
+from .layers import RMSNorm, TokenLayout, apply_rope, attend, swiglu
 
 
 class _Attention(nn.Module):
@@ -33,8 +33,9 @@ class _MLP(nn.Module):
 
 
 class DreamLayer(nn.Module):
-    def __init__(self, c: ModelConfig) -> None:
+    def __init__(self, c: ModelConfig, layer: int) -> None:
         super().__init__()
+        self.layer = layer
         self.n_heads, self.n_kv, self.head_dim = c.num_heads, c.num_kv_heads, c.head_dim
         self.self_attn = _Attention(c)
         self.mlp = _MLP(c)
@@ -49,7 +50,7 @@ class DreamLayer(nn.Module):
         v = ops.linear(x, at.v_proj.weight, at.v_proj.bias).view(n, self.n_kv, self.head_dim)
         q = apply_rope(q, cos, sin, full_precision=False)
         k = apply_rope(k, cos, sin, full_precision=False)
-        h = h + ops.linear(ops.attention(q, k, v, layout).reshape(n, -1), at.o_proj.weight)
+        h = h + ops.linear(attend(q, k, v, layout, self.layer).reshape(n, -1), at.o_proj.weight)
         x = self.post_attention_layernorm(h)
         g = swiglu(ops.linear(x, mlp.gate_proj.weight), ops.linear(x, mlp.up_proj.weight))
         return h + ops.linear(g, mlp.down_proj.weight)
@@ -59,7 +60,7 @@ class _Model(nn.Module):
     def __init__(self, c: ModelConfig) -> None:
         super().__init__()
         self.embed_tokens = nn.Embedding(c.vocab_size, c.hidden_size)
-        self.layers = nn.ModuleList(DreamLayer(c) for _ in range(c.num_layers))
+        self.layers = nn.ModuleList(DreamLayer(c, i) for i in range(c.num_layers))
         self.norm = RMSNorm(c.hidden_size, c.rms_norm_eps)
 
 

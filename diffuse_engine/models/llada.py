@@ -10,12 +10,13 @@ from torch import nn
 from .. import ops
 from ..config import ModelConfig
 from .base import DiffusionLM
-from .layers import RMSNorm, TokenLayout, apply_rope, swiglu
+from .layers import RMSNorm, TokenLayout, apply_rope, attend, swiglu
 
 
 class LLaDABlock(nn.Module):
-    def __init__(self, c: ModelConfig) -> None:
+    def __init__(self, c: ModelConfig, layer: int) -> None:
         super().__init__()
+        self.layer = layer
         d, hd = c.hidden_size, c.head_dim
         self.n_heads, self.n_kv, self.head_dim = c.num_heads, c.num_kv_heads, hd
         self.q_proj = nn.Linear(d, c.num_heads * hd, bias=c.qkv_bias)
@@ -36,7 +37,7 @@ class LLaDABlock(nn.Module):
         v = ops.linear(x, self.v_proj.weight, self.v_proj.bias).view(n, self.n_kv, self.head_dim)
         q = apply_rope(q, cos, sin, full_precision=True)
         k = apply_rope(k, cos, sin, full_precision=True)
-        a = ops.attention(q, k, v, layout).reshape(n, -1)
+        a = attend(q, k, v, layout, self.layer).reshape(n, -1)
         h = h + ops.linear(a, self.attn_out.weight)
         x = self.ff_norm(h)
         g = swiglu(ops.linear(x, self.ff_proj.weight), ops.linear(x, self.up_proj.weight))
@@ -47,7 +48,7 @@ class _Transformer(nn.Module):
     def __init__(self, c: ModelConfig) -> None:
         super().__init__()
         self.wte = nn.Embedding(c.vocab_size, c.hidden_size)
-        self.blocks = nn.ModuleList(LLaDABlock(c) for _ in range(c.num_layers))
+        self.blocks = nn.ModuleList(LLaDABlock(c, i) for i in range(c.num_layers))
         self.ln_f = RMSNorm(c.hidden_size, c.rms_norm_eps)
         if not c.tie_word_embeddings:
             self.ff_out = nn.Linear(c.hidden_size, c.vocab_size, bias=False)
