@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from .kernels import reference as ref
+from .kernels.commit_torch import commit_torch
 
 if TYPE_CHECKING:
     from .models.layers import TokenLayout
@@ -426,7 +427,8 @@ def commit(canvas: torch.Tensor, row_offsets: torch.Tensor, row_index: torch.Ten
     """Commit / re-mask in place on a flat canvas for a batch of requests, one launch and no host sync on
     CUDA (see :func:`kernels.reference.commit_reference` for the rules: LLaDA top-k, Fast-dLLM threshold and
     factor, EB-sampler entropy budget, re-masking below a bound). Backends: native CUDA (C++ twin on CPU
-    tensors when forced), Triton (``max_rows``: a bound on rows per request, avoiding a sync), the reference."""
+    tensors when forced), Triton and the torch path (``max_rows``: a bound on rows per request, avoiding a sync);
+    the torch path is :func:`kernels.commit_torch.commit_torch`, the reference vectorised over the batch."""
     choice = _stats_backend(canvas, "commit", native_ok=True)
     args = (canvas, row_offsets, row_index, token, score, entropy, mode, count, threshold, factor, eb_gamma, mask_id)
     revision = {"revise_offsets": revise_offsets, "revise_index": revise_index, "revise_score": revise_score,
@@ -439,7 +441,7 @@ def commit(canvas: torch.Tensor, row_offsets: torch.Tensor, row_index: torch.Ten
         from .kernels.commit import commit as kernel
 
         return kernel(*args, **revision, max_rows=max_rows)
-    return ref.commit_reference(*args, **revision)
+    return commit_torch(*args, **revision, max_rows=max_rows)
 
 
 def _counter_noise(op: str, seed: torch.Tensor, step: torch.Tensor, position: torch.Tensor, stream: int,
