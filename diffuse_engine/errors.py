@@ -9,3 +9,8 @@ class CheckpointError(ValueError):
     The message is a full sentence that names the folder or file at fault (and, for weights, the tensor).
     It subclasses :class:`ValueError`, so code that catches bad input in general catches it too.
     """
+
+
+class KVCacheFullError(RuntimeError):
+    """The paged KV cache has too few free pages for a request right now (the engine waits for pages to free;
+    a request that could never fit is refused with a ValueError when it is added)."""

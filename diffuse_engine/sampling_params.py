@@ -11,6 +11,13 @@ from dataclasses import dataclass
 # topk_margin (top-1 minus top-2 probability), entropy (negative entropy).
 REMASKING = ("low_confidence", "random", "origin", "maskgit_plus", "topk_margin", "entropy")
 _CONFIDENCE_ORDERINGS = ("low_confidence", "maskgit_plus", "topk_margin", "entropy")
+# KV caches (block-diffusion models always use their exact block cache, whatever this says).
+CACHES = ("none", "prefix", "dual")
+# Decoding policies: how many of a step's ranked candidates are committed (diffuse_engine/policies).
+POLICIES = ("fixed", "threshold", "factor", "eb")
+# Revision policies: how committed tokens of the current block are revised.
+REVISIONS = ("remdm", "wino", "edit")
+REMDM_VARIANTS = ("cap", "rescale", "conf")
 
 
 @dataclass(slots=True)
@@ -30,7 +37,7 @@ class SamplingParams:
             None: ``gen_length`` (one token per step).
         temperature: 0 is greedy; > 0 samples from ``softmax(logits / temperature)`` (Gumbel-max).
         remasking: the confidence ordering, one of :data:`REMASKING`. None: the family's default
-            (``low_confidence`` for LLaDA, ``maskgit_plus`` for Dream).
+            (``low_confidence`` for LLaDA and SDAR, ``maskgit_plus`` for Dream).
         alg_temp: Dream's position temperature: when > 0 the positions to commit are sampled without
             replacement from ``softmax(confidence / alg_temp)`` instead of taken greedily. Only for the
             confidence orderings (not ``random`` / ``origin``).
@@ -47,6 +54,32 @@ class SamplingParams:
             with EOS without spending their steps.
         eps: Dream's final timestep (the schedule runs from 1 down to eps).
         seed: key of the request's counter-based randomness; None draws one (reported in the output).
+        cache: ``"none"`` (every step recomputes the whole sequence), ``"prefix"`` (the K/V of everything before
+            the current block are computed at the block's first step and reused; each step recomputes the block
+            and what follows it), ``"dual"`` (the K/V of the prefix and of the suffix after the block are
+            reused; each step recomputes only the block). Block-diffusion models always use their exact cache
+            of finished blocks, whatever this says.
+        cache_refresh: with ``"dual"`` / ``"prefix"``: recompute the whole sequence (and refresh the cache)
+            every ``cache_refresh`` steps of a block as well as at its start. None: only at the block start.
+        policy: how many ranked candidates a step commits: ``"fixed"`` (the family's schedule over
+            ``steps``), ``"threshold"`` (every candidate whose confidence >= ``threshold``, at least the best:
+            Fast-dLLM), ``"factor"`` (Fast-dLLM's factor rule with ``factor``), ``"eb"`` (EB-sampler: in order of
+            confidence while the summed entropy minus its largest term stays <= ``eb_gamma``). The adaptive
+            policies ignore ``steps``: a block takes as many steps as it needs (at most ``2 * block_length``).
+            Their confidence is the ordering's score: the sampled token's probability (``low_confidence``,
+            ``maskgit_plus``, ``random``, ``origin``), the top-1 - top-2 margin (``topk_margin``) or
+            ``exp(-entropy)`` (``entropy``).
+        threshold, factor, eb_gamma: the parameters of those policies.
+        revision: None, or how committed tokens of the current block are revised: ``"remdm"`` (ReMDM: each is
+            re-masked with probability sigma_t, by ``remdm_variant`` ``"cap"`` min(eta, sigma_max),
+            ``"rescale"`` eta * sigma_max or ``"conf"`` eta * sigma_max spread by softmax(-commit confidence)),
+            ``"wino"`` (re-mask a token whose verification probability falls below ``verify_threshold``; pair it
+            with ``policy="threshold"`` and a low ``threshold`` for WINO's wide-in narrow-out), ``"edit"``
+            (replace a token when another token's verification probability beats it by ``edit_margin``).
+            Verification scores a committed token with its own position hidden (leave-one-out queries in the
+            same forward). Revision stops in a block's last scheduled step (fixed policy) or after
+            ``block_length`` steps (adaptive policies), so every block finishes.
+        remdm_variant, remdm_eta, verify_threshold, edit_margin: the parameters of the revisions.
     """
 
     gen_length: int = 128
@@ -63,6 +96,17 @@ class SamplingParams:
     early_stop: bool = False
     eps: float = 1e-3
     seed: int | None = None
+    cache: str = "none"
+    cache_refresh: int | None = None
+    policy: str = "fixed"
+    threshold: float = 0.9
+    factor: float = 1.0
+    eb_gamma: float = 0.01
+    revision: str | None = None
+    remdm_variant: str = "cap"
+    remdm_eta: float = 0.05
+    verify_threshold: float = 0.9
+    edit_margin: float = 0.2
 
     def __post_init__(self) -> None:
         _int("gen_length", self.gen_length, minimum=1)
@@ -105,6 +149,29 @@ class SamplingParams:
             _int("seed", self.seed, minimum=0)
             if self.seed >= 2 ** 64:
                 raise ValueError(f"seed must be below 2**64; got {self.seed}.")
+        _choice("cache", self.cache, CACHES)
+        if self.cache_refresh is not None:
+            _int("cache_refresh", self.cache_refresh, minimum=1)
+        _choice("policy", self.policy, POLICIES)
+        _float("threshold", self.threshold)
+        if not 0.0 <= self.threshold <= 1.0:
+            raise ValueError(f"threshold must be in [0, 1]; got {self.threshold!r}.")
+        _float("factor", self.factor)
+        if self.factor <= 0:
+            raise ValueError(f"factor must be positive; got {self.factor!r}.")
+        _float("eb_gamma", self.eb_gamma, minimum=0.0)
+        if self.revision is not None:
+            _choice("revision", self.revision, REVISIONS)
+        _choice("remdm_variant", self.remdm_variant, REMDM_VARIANTS)
+        _float("remdm_eta", self.remdm_eta)
+        if not 0.0 <= self.remdm_eta <= 1.0:
+            raise ValueError(f"remdm_eta must be in [0, 1]; got {self.remdm_eta!r}.")
+        _float("verify_threshold", self.verify_threshold)
+        if not 0.0 <= self.verify_threshold <= 1.0:
+            raise ValueError(f"verify_threshold must be in [0, 1]; got {self.verify_threshold!r}.")
+        _float("edit_margin", self.edit_margin)
+        if not 0.0 <= self.edit_margin <= 1.0:
+            raise ValueError(f"edit_margin must be in [0, 1]; got {self.edit_margin!r}.")
 
     @property
     def num_blocks(self) -> int:
@@ -114,10 +181,15 @@ class SamplingParams:
     def steps_per_block(self) -> int:
         return self.steps // self.num_blocks
 
+    @property
+    def adaptive(self) -> bool:
+        """Whether a block's number of steps depends on the model's confidence (not ``fixed``)."""
+        return self.policy != "fixed"
+
     def resolved_remasking(self, arch: str) -> str:
         if self.remasking is not None:
             return self.remasking
-        return "low_confidence" if arch == "llada" else "maskgit_plus"
+        return "low_confidence" if arch in ("llada", "sdar") else "maskgit_plus"
 
 
 def _int(name: str, value: object, minimum: int) -> None:
@@ -125,6 +197,11 @@ def _int(name: str, value: object, minimum: int) -> None:
         raise ValueError(f"{name} must be an integer; got {value!r}.")
     if value < minimum:
         raise ValueError(f"{name} must be >= {minimum}; got {value}.")
+
+
+def _choice(name: str, value: object, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise ValueError(f"{name} must be one of {', '.join(map(repr, choices))}; got {value!r}.")
 
 
 def _float(name: str, value: object, minimum: float | None = None) -> None:

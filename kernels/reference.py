@@ -29,6 +29,7 @@ STREAM_SAMPLE = 1  # Gumbel noise of token sampling, one per vocabulary column
 STREAM_REMASK = 2  # LLaDA 'random' remasking: the per-position confidence
 STREAM_TRANSFER = 3  # Dream 'origin': the per-position coin that decides whether it is unmasked
 STREAM_ORDER = 4  # Dream alg_temp: Gumbel noise for sampling positions without replacement
+STREAM_REVISE = 5  # ReMDM: the per-position coin that re-masks a committed token
 
 
 def _to_i32(x: torch.Tensor) -> torch.Tensor:

@@ -1,9 +1,13 @@
 """Which candidate rows a step commits, for a whole batch at once.
 
-Per request: a confidence per candidate row (by its ``remasking`` ordering), a count from its schedule, and
-then the top-``count`` rows by confidence (or by confidence / alg_temp + Gumbel noise: sampling without
-replacement from softmax(confidence / alg_temp), as Dream's ``torch.multinomial``), or, for ``origin``, an
-independent coin per row. Ranking is one sort over a padded ``[requests, max_rows]`` matrix.
+Per request: a ranking score per candidate row (its ``remasking`` ordering), and the commit rule of its decoding
+policy (:mod:`diffuse_engine.policies`); one :func:`ops.commit` call applies every request's rule.
+
+Fixed steps rank by the ordering's confidence (or by confidence / alg_temp + Gumbel noise: sampling without
+replacement from softmax(confidence / alg_temp), as Dream's ``torch.multinomial``) and commit the schedule's
+count; Dream's ``origin`` commits the rows whose independent coin came up. The adaptive policies compare a
+confidence in [0, 1] with their rule: the sampled token's probability, the top-1 - top-2 margin
+(``topk_margin``) or exp(-entropy) (``entropy``); the EB-sampler also sums entropies.
 """
 
 from __future__ import annotations
@@ -11,10 +15,11 @@ from __future__ import annotations
 import torch
 
 from .. import ops
-from ..kernels.reference import STREAM_ORDER, STREAM_REMASK, STREAM_TRANSFER
+from ..kernels.reference import COMMIT_TOPK, STREAM_ORDER, STREAM_REMASK, STREAM_TRANSFER
+from ..policies import decoding_policy
 from .request import Request
 from .runner import HeadRows
-from .schedule import dream_transfer_count, dream_transfer_probability
+from .schedule import dream_transfer_probability
 
 
 def _row_keys(batch: list[Request], counts: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -24,68 +29,50 @@ def _row_keys(batch: list[Request], counts: list[int]) -> tuple[torch.Tensor, to
     return seeds, steps
 
 
-def step_count(r: Request, num_candidates: int) -> int:
-    """Tokens request ``r`` commits in its current step (its family's schedule)."""
-    if r.arch == "dream":
-        return dream_transfer_count(num_candidates, r.block_step, r.timesteps)
-    return r.block_counts[r.block_step]
-
-
 def select(batch: list[Request], rows: HeadRows) -> torch.Tensor:
     """Boolean ``[num_rows]``: the rows this step commits."""
     starts = rows.starts
     counts = [starts[i + 1] - starts[i] for i in range(len(batch))]
     num_rows = starts[-1]
     seeds, steps = _row_keys(batch, counts)
-    req_of_row = torch.repeat_interleave(torch.arange(len(batch)), torch.tensor(counts))
 
-    conf = rows.prob.clone()
-    by_name = {name: score for name, score in (("topk_margin", rows.margin), ("entropy", rows.neg_entropy))
-               if score is not None}
-    need_uniform = False
-    for i, r in enumerate(batch):
-        a, b = starts[i], starts[i + 1]
-        if r.remasking in by_name:
-            conf[a:b] = by_name[r.remasking][a:b]
-        elif r.remasking in ("random", "origin"):
-            need_uniform = True
-    if need_uniform:
+    score = rows.prob.clone()
+    uniform = {}
+    if any(r.remasking in ("random", "origin") and not r.params.adaptive for r in batch):
         uniform = {s: ops.counter_uniform(seeds, steps, rows.position, s) for s in (STREAM_REMASK, STREAM_TRANSFER)}
-        for i, r in enumerate(batch):
-            a, b = starts[i], starts[i + 1]
-            if r.remasking == "random":
-                conf[a:b] = uniform[STREAM_REMASK][a:b].to(conf.dtype)
-
-    alg_temp = [r.params.alg_temp or 0.0 for r in batch]
-    if any(t > 0 for t in alg_temp):
+    gumbel = None
+    if any((r.params.alg_temp or 0) > 0 and not r.params.adaptive for r in batch):
         gumbel = ops.counter_gumbel(seeds, steps, rows.position, STREAM_ORDER)
-        for i, t in enumerate(alg_temp):
-            if t > 0:
-                a, b = starts[i], starts[i + 1]
-                conf[a:b] = conf[a:b] / t + gumbel[a:b].to(conf.dtype)
 
-    selected = torch.zeros(num_rows, dtype=torch.bool)
-    take = torch.zeros(len(batch), dtype=torch.int64)
-    ranked = []
+    modes, count, threshold, factor, gamma = [], [], [], [], []
     for i, r in enumerate(batch):
         a, b = starts[i], starts[i + 1]
-        if r.remasking == "origin":
-            p = dream_transfer_probability(r.block_step, r.timesteps)
-            selected[a:b] = uniform[STREAM_TRANSFER][a:b] < p
-        else:
-            take[i] = min(step_count(r, b - a), b - a)
-            ranked.append(i)
-    if ranked and num_rows:
-        width = max(counts)
-        matrix = torch.full((len(batch), width), float("-inf"), dtype=conf.dtype)
-        local = torch.arange(num_rows) - torch.tensor(starts[:-1])[req_of_row]
-        matrix[req_of_row, local] = conf
-        order = torch.argsort(matrix, dim=1, descending=True, stable=True)
-        rank = torch.empty_like(order)
-        rank.scatter_(1, order, torch.arange(width).expand(len(batch), width).contiguous())
-        chosen = rank < take[:, None]
-        is_ranked = torch.zeros(len(batch), dtype=torch.bool)
-        is_ranked[ranked] = True
-        pick = chosen[req_of_row, local] & is_ranked[req_of_row]
-        selected |= pick
-    return selected
+        rule = decoding_policy(r).rule(r, b - a)
+        if r.remasking == "topk_margin":
+            score[a:b] = rows.margin[a:b]
+        elif r.remasking == "entropy":
+            score[a:b] = rows.neg_entropy[a:b].exp() if r.params.adaptive else rows.neg_entropy[a:b]
+        elif r.remasking == "random" and not r.params.adaptive:
+            score[a:b] = uniform[STREAM_REMASK][a:b].to(score.dtype)
+        if r.remasking == "origin" and not r.params.adaptive:
+            coin = uniform[STREAM_TRANSFER][a:b] < dream_transfer_probability(r.block_step, r.timesteps)
+            score[a:b] = coin.to(score.dtype)
+            rule = type(rule)(COMMIT_TOPK, count=int(coin.sum()))
+        elif (r.params.alg_temp or 0) > 0 and not r.params.adaptive:
+            score[a:b] = score[a:b] / r.params.alg_temp + gumbel[a:b].to(score.dtype)
+        modes.append(rule.mode)
+        count.append(rule.count)
+        threshold.append(rule.threshold)
+        factor.append(rule.factor)
+        gamma.append(rule.eb_gamma)
+    if num_rows == 0:
+        return torch.zeros(0, dtype=torch.bool)
+    entropy = (-rows.neg_entropy).clamp(min=0) if rows.neg_entropy is not None else torch.zeros(num_rows)
+    scratch = torch.zeros(num_rows, dtype=torch.int64)  # the rows' own slots: only `committed` is used
+    committed, _ = ops.commit(
+        scratch, torch.tensor(starts, dtype=torch.int64), torch.arange(num_rows, dtype=torch.int64),
+        rows.token.to(torch.int64), score, entropy.to(score.dtype),
+        torch.tensor(modes, dtype=torch.int32), torch.tensor(count, dtype=torch.int32),
+        torch.tensor(threshold, dtype=torch.float32), torch.tensor(factor, dtype=torch.float32),
+        torch.tensor(gamma, dtype=torch.float32), 0, max_rows=max(counts) if counts else 0)
+    return committed

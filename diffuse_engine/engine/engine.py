@@ -17,10 +17,12 @@ from dataclasses import dataclass
 import torch
 
 from ..models import DiffusionLM
+from ..policies import decoding_policy, revision_policy
 from ..sampling_params import SamplingParams
 from .decide import select
+from .kv_cache import PagedKVCache
 from .request import Request, RequestOutput, RequestStatus, StepOutput
-from .runner import ModelRunner
+from .runner import HeadRows, ModelRunner
 
 
 @dataclass(slots=True)
@@ -30,14 +32,18 @@ class EngineConfig:
     sampling statistics in one kernel that never writes logits (:func:`ops.lm_head_stats`) when a step's
     requests allow it (no top-k / top-p, no logits_eos_inf, no classifier-free guidance); None = on CUDA
     only, False = never, True = also on the CPU (through the torch path or, under TRITON_INTERPRET=1 with
-    DIFFUSE_BACKEND=triton, the Triton kernel)."""
+    DIFFUSE_BACKEND=triton, the Triton kernel). ``page_size`` and ``kv_cache_tokens``: the paged KV cache
+    shared by every request that uses one (allocated at the first such request): pages of ``page_size`` token
+    slots, ``kv_cache_tokens`` slots in all; a request is admitted when pages for its whole sequence are free."""
 
     max_num_seqs: int = 64
     max_num_batched_tokens: int = 65536
     fused_head: bool | None = None
+    page_size: int = 16
+    kv_cache_tokens: int = 16384
 
     def __post_init__(self) -> None:
-        for name in ("max_num_seqs", "max_num_batched_tokens"):
+        for name in ("max_num_seqs", "max_num_batched_tokens", "page_size", "kv_cache_tokens"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"{name} must be a positive integer; got {value!r}.")
@@ -52,6 +58,7 @@ class Engine:
         self.tokenizer = tokenizer
         self.config = config or EngineConfig()
         self.runner = ModelRunner(model, fused_head=self.config.fused_head)
+        self.kv_cache: PagedKVCache | None = None
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
         self._ids = itertools.count()
@@ -79,6 +86,17 @@ class Engine:
         if params.confidence_eos_eot_inf and cfg.eot_token_id is None:
             raise ValueError("confidence_eos_eot_inf needs the model's end-of-turn token id, which neither its "
                              "config nor its tokenizer defines.")
+        block_size = getattr(cfg, "block_size", None)
+        if block_size is not None and params.block_length != block_size:
+            raise ValueError(f"this block-diffusion model decodes blocks of its trained size {block_size}; set "
+                             f"block_length={block_size} (got {params.block_length}).")
+        if block_size is not None or params.cache != "none":
+            length = -(-total // block_size) * block_size if block_size else total
+            pages = -(-length // self.config.page_size) * (2 if params.cfg_scale > 0 else 1)
+            capacity = self.config.kv_cache_tokens // self.config.page_size
+            if pages > capacity:
+                raise ValueError(f"the request needs {pages} KV-cache pages of {self.config.page_size} tokens, more "
+                                 f"than the whole cache holds ({capacity}); raise EngineConfig.kv_cache_tokens.")
         if request_id is None:
             request_id = f"req-{next(self._ids)}"
         elif not isinstance(request_id, str) or not request_id:
@@ -87,7 +105,7 @@ class Engine:
             raise ValueError(f"request_id {request_id!r} is already in use by an unfinished request.")
         seed = params.seed if params.seed is not None else secrets.randbits(63)
         req = Request(request_id, prompt, params, params.resolved_remasking(cfg.arch), seed, cfg.mask_token_id,
-                      cfg.arch)
+                      cfg.arch, block_size)
         self._known.add(request_id)
         self.waiting.append(req)
         return request_id
@@ -116,6 +134,7 @@ class Engine:
             for req in queue:
                 if req.request_id == request_id:
                     queue.remove(req)
+                    self._release(req)
                     req.status = RequestStatus.ABORTED
                     self._known.discard(request_id)
                     return True
@@ -133,13 +152,39 @@ class Engine:
         now = time.perf_counter()
         while self.waiting and len(self.running) < self.config.max_num_seqs:
             req = self.waiting[0]
-            if self._tokens(req) > budget:
+            if self._tokens(req) > budget or not self._allocate(req):
                 break
             self.waiting.popleft()
             budget -= self._tokens(req)
             req.status = RequestStatus.RUNNING
             req.metrics.first_scheduled_time = now
             self.running.append(req)
+
+    def _allocate(self, req: Request) -> bool:
+        """Give ``req`` its KV-cache pages (for its whole sequence); False when too few are free now."""
+        if req.cache_mode == "none":
+            return True
+        if self.kv_cache is None:
+            cfg, c = self.model_config, self.config
+            self.kv_cache = PagedKVCache(cfg.num_layers, cfg.num_kv_heads, cfg.head_dim,
+                                         c.kv_cache_tokens // c.page_size, c.page_size, self.model.dtype,
+                                         self.model.device)
+            self.runner.cache = self.kv_cache
+        streams = 2 if req.params.cfg_scale > 0 else 1
+        if self.kv_cache.pages_for(req.seq_len) * streams > self.kv_cache.num_free_pages:
+            return False
+        req.pages = self.kv_cache.allocate(req.seq_len)
+        if streams == 2:
+            req.uncond_pages = self.kv_cache.allocate(req.seq_len)
+        req.cached_upto = 0
+        return True
+
+    def _release(self, req: Request) -> None:
+        """Free everything ``req`` holds on the engine (its KV-cache pages)."""
+        if self.kv_cache is not None:
+            self.kv_cache.free(req.pages)
+            self.kv_cache.free(req.uncond_pages)
+        req.pages = req.uncond_pages = None
 
     @staticmethod
     def _tokens(req: Request) -> int:
@@ -152,41 +197,74 @@ class Engine:
             return []
         t0 = time.perf_counter()
         batch = list(self.running)
-        rows = self.runner.run(batch)
+        verify = [self._verify_positions(r) for r in batch]
+        rows = self.runner.run(batch, verify)
         chosen = select(batch, rows)
         outputs = []
         for i, req in enumerate(batch):
+            revised = self._revise(req, rows, i)
             a, b = rows.starts[i], rows.starts[i + 1]
             pick = chosen[a:b]
             pos, tok = rows.position[a:b][pick], rows.token[a:b][pick]
             req.seq[pos] = tok
+            req.commit_conf[pos] = rows.prob[a:b][pick].float()
             committed = list(zip((pos - req.prompt_len).tolist(), tok.tolist(), strict=True))
-            outputs.append(self._advance(req, committed))
+            outputs.append(self._advance(req, committed, revised))
         self.num_steps += 1
         self.step_seconds += time.perf_counter() - t0
         return outputs
 
-    def _advance(self, req: Request, committed: list[tuple[int, int]]) -> StepOutput:
+    @staticmethod
+    def _block_committed(req: Request) -> torch.Tensor:
+        start, end = req.block_span
+        return (req.seq[start:end] != req.mask_id).nonzero().squeeze(1) + start
+
+    def _verify_positions(self, req: Request) -> torch.Tensor | None:
+        policy = revision_policy(req)
+        if policy is None or not policy.verifies:
+            return None
+        return self._block_committed(req)
+
+    def _revise(self, req: Request, rows: HeadRows, index: int) -> list[tuple[int, int, int]]:
+        """Apply ``req``'s revision policy to the committed tokens of its block; returns what changed."""
+        policy = revision_policy(req)
+        if policy is None:
+            return []
+        rev = policy.revise(req, self._block_committed(req), rows.verify, index)
+        changes = []
+        for p in rev.remask:
+            changes.append((p - req.prompt_len, int(req.seq[p]), req.mask_id))
+            req.seq[p] = req.mask_id
+        for p, t in rev.replace.items():
+            changes.append((p - req.prompt_len, int(req.seq[p]), t))
+            req.seq[p] = t
+        req.num_revised += len(changes)
+        return changes
+
+    def _advance(self, req: Request, committed: list[tuple[int, int]],
+                 revised: list[tuple[int, int, int]]) -> StepOutput:
         step, block = req.nfe, req.block
         req.nfe += 1
         req.block_step += 1
         p, cfg = req.params, self.model_config
-        if req.block_step == p.steps_per_block:
+        if decoding_policy(req).block_done(req):
             start, end = req.block_span
             ends = (req.seq[start:end] == cfg.eos_token_id)
             if cfg.eot_token_id is not None:
                 ends |= req.seq[start:end] == cfg.eot_token_id
             req.block += 1
-            if p.early_stop and bool(ends.any()) and req.block < p.num_blocks:
+            if p.early_stop and bool(ends.any()) and req.block < req.num_blocks:
                 req.seq[end:] = cfg.eos_token_id
-                req.block = p.num_blocks
-            if req.block == p.num_blocks:
-                return self._finish(req, step, block, committed)
+                req.block = req.num_blocks
+            if req.block == req.num_blocks:
+                return self._finish(req, step, block, committed, revised)
             req.start_block()
-        return StepOutput(req.request_id, step, block, committed, req.canvas.tolist(), False)
+        return StepOutput(req.request_id, step, block, committed, req.canvas.tolist(), False, None, revised)
 
-    def _finish(self, req: Request, step: int, block: int, committed: list[tuple[int, int]]) -> StepOutput:
+    def _finish(self, req: Request, step: int, block: int, committed: list[tuple[int, int]],
+                revised: list[tuple[int, int, int]]) -> StepOutput:
         cfg = self.model_config
+        self._release(req)
         req.status = RequestStatus.FINISHED
         req.metrics.finished_time = time.perf_counter()
         self.running.remove(req)
@@ -198,5 +276,5 @@ class Engine:
         if self.tokenizer is not None:
             text = self.tokenizer.decode(tokens[:cut] if cut is not None else tokens)
         out = RequestOutput(req.request_id, req.prompt_ids, tokens, text, req.nfe,
-                            "eos" if cut is not None else "length", req.seed, req.metrics)
-        return StepOutput(req.request_id, step, block, committed, tokens, True, out)
+                            "eos" if cut is not None else "length", req.seed, req.metrics, req.num_revised)
+        return StepOutput(req.request_id, step, block, committed, tokens, True, out, revised)

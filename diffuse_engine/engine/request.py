@@ -47,6 +47,7 @@ class RequestOutput:
     evaluations spent.
     ``finish_reason``: ``"eos"`` (the answer ended), ``"length"`` (the canvas is full without EOS).
     ``seed``: the key of the request's randomness (give it back in SamplingParams to reproduce the output).
+    ``num_revised``: committed tokens that a revision policy re-masked or replaced.
     """
 
     request_id: str
@@ -57,6 +58,7 @@ class RequestOutput:
     finish_reason: str
     seed: int
     metrics: RequestMetrics
+    num_revised: int = 0
 
     @property
     def tokens_per_forward(self) -> float:
@@ -67,7 +69,9 @@ class RequestOutput:
 class StepOutput:
     """What one engine step did to one request: ``committed`` holds (canvas position, token) pairs committed
     in this step; ``canvas`` is the canvas after the step (mask id where still masked); ``output`` is set when
-    the request finished in this step."""
+    the request finished in this step. ``revised`` holds (canvas position, old token, new token) for every
+    committed token a revision policy changed in this step (new token = mask id when it was re-masked); they
+    happen before the step's commits."""
 
     request_id: str
     step: int
@@ -76,10 +80,18 @@ class StepOutput:
     canvas: list[int]
     finished: bool
     output: RequestOutput | None = None
+    revised: list[tuple[int, int, int]] = field(default_factory=list)
 
 
 @dataclass(slots=True)
 class Request:
+    """A request's state. ``seq`` holds prompt + canvas (int64, CPU). ``spans`` are the diffusion blocks as
+    [start, end) sequence positions: ``block_length`` each after the prompt, or, for a block-diffusion model
+    (``block_size`` set), the model's absolute blocks (the first one starts where the prompt ends inside its
+    block; the last one may run past ``gen_length``, those extra positions are decoded and dropped).
+    ``pages`` / ``uncond_pages``: KV-cache page tables (None without a cache). ``cached_upto``: the exact block
+    cache holds positions [0, cached_upto). ``commit_conf``: each position's confidence when committed."""
+
     request_id: str
     prompt_ids: list[int]
     params: SamplingParams
@@ -87,19 +99,35 @@ class Request:
     seed: int
     mask_id: int
     arch: str
+    block_size: int | None = None
     status: RequestStatus = RequestStatus.WAITING
-    seq: torch.Tensor = field(init=False)  # prompt + canvas, int64, CPU
+    seq: torch.Tensor = field(init=False)
+    spans: list[tuple[int, int]] = field(init=False)
     block: int = 0
     block_step: int = 0
     nfe: int = 0
     block_counts: list[int] = field(default_factory=list)
     timesteps: torch.Tensor | None = None
     finish_reason: str | None = None
+    pages: torch.Tensor | None = None
+    uncond_pages: torch.Tensor | None = None
+    cached_upto: int = 0
+    commit_conf: torch.Tensor = field(init=False)
+    num_revised: int = 0
     metrics: RequestMetrics = field(default_factory=lambda: RequestMetrics(time.perf_counter()))
 
     def __post_init__(self) -> None:
-        self.seq = torch.full((len(self.prompt_ids) + self.params.gen_length,), self.mask_id, dtype=torch.int64)
-        self.seq[: len(self.prompt_ids)] = torch.tensor(self.prompt_ids, dtype=torch.int64)
+        p, n = len(self.prompt_ids), self.params.gen_length
+        if self.block_size is None:
+            bl = self.params.block_length
+            self.spans = [(p + i * bl, p + (i + 1) * bl) for i in range(self.params.num_blocks)]
+        else:
+            b = self.block_size
+            self.spans = [(max(p, j * b), (j + 1) * b) for j in range(p // b, -(-(p + n) // b))]
+        length = max(p + n, self.spans[-1][1])
+        self.seq = torch.full((length,), self.mask_id, dtype=torch.int64)
+        self.seq[:p] = torch.tensor(self.prompt_ids, dtype=torch.int64)
+        self.commit_conf = torch.zeros(length, dtype=torch.float32)
         if self.arch == "dream" or self.remasking == "origin":
             self.timesteps = dream_timesteps(self.params.steps_per_block, self.params.eps)
         self.start_block()
@@ -115,29 +143,50 @@ class Request:
 
     @property
     def canvas(self) -> torch.Tensor:
-        return self.seq[self.prompt_len:]
+        return self.seq[self.prompt_len:self.prompt_len + self.params.gen_length]
 
     @property
     def seq_len(self) -> int:
         return self.seq.numel()
 
     @property
+    def num_blocks(self) -> int:
+        return len(self.spans)
+
+    @property
     def block_span(self) -> tuple[int, int]:
         """[start, end) of the current block, as positions in the sequence (prompt included)."""
-        start = self.prompt_len + self.block * self.params.block_length
-        return start, start + self.params.block_length
+        return self.spans[self.block]
+
+    @property
+    def cache_mode(self) -> str:
+        """``"block"`` (exact cache of a block-diffusion model), ``"prefix"``, ``"dual"`` or ``"none"``."""
+        return "block" if self.block_size is not None else self.params.cache
+
+    @property
+    def refresh_step(self) -> bool:
+        """Whether this step recomputes the whole sequence and refreshes a prefix / dual cache."""
+        every = self.params.cache_refresh
+        return self.block_step == 0 or bool(every and self.block_step % every == 0)
 
     def candidates(self) -> torch.Tensor:
         """Sequence positions a step may commit, ascending: every still-masked canvas position up to the end of
         the current block. Normally these all lie in the current block; a model that predicts [MASK] itself
         leaves a committed position masked, and the published loops (LLaDA scores every masked position
-        before the block's end; Dream has one block) then offer it again in later steps and blocks."""
-        _, end = self.block_span
-        return (self.seq[self.prompt_len:end] == self.mask_id).nonzero().squeeze(1) + self.prompt_len
+        before the block's end; Dream has one block) then offer it again in later steps and blocks. With a
+        cache, only the current block's positions are recomputed, so only they are candidates."""
+        start, end = self.block_span
+        lo = self.prompt_len if self.cache_mode == "none" else start
+        return (self.seq[lo:end] == self.mask_id).nonzero().squeeze(1) + lo
+
+    def block_masked(self) -> int:
+        start, end = self.block_span
+        return int((self.seq[start:end] == self.mask_id).sum())
 
     def start_block(self) -> None:
-        """Enter the current block: LLaDA's per-step counts come from the block's own masked positions."""
+        """Enter the current block: LLaDA's per-step counts come from the block's own masked positions; a
+        block-diffusion model's from its block size (SDAR's schedule; a first block that starts inside the
+        prompt commits at most what is masked and ends when nothing is)."""
         self.block_step = 0
-        start, end = self.block_span
-        num_masked = int((self.seq[start:end] == self.mask_id).sum())
-        self.block_counts = llada_transfer_counts(num_masked, self.params.steps_per_block)
+        num = self.block_size if self.block_size is not None else self.block_masked()
+        self.block_counts = llada_transfer_counts(num, self.params.steps_per_block)

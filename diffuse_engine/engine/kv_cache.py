@@ -1,0 +1,172 @@
+"""Paged KV cache shared by all running requests, and the per-forward plan that attends over it.
+
+Keys and values live in one pool of ``num_pages`` pages of ``page_size`` token slots per layer; a request owns
+a list of pages (its page table) covering its whole sequence, allocated when it is admitted and freed when it
+finishes or is aborted. Logical position ``p`` of a request lives in slot ``table[p // page_size] * page_size +
+p % page_size``. Keys are stored after RoPE. Nothing is allocated per request besides its page list.
+
+A :class:`KVPlan` describes one forward: the fresh tokens of each sequence (packed), the cached positions each
+sequence reads, the fresh tokens whose K/V it writes, and which fresh tokens see which (bidirectional,
+block-causal for block-diffusion models, and leave-one-out verification queries). The models call
+:meth:`KVPlan.attend` for every layer through ``models.layers.attend``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from ..errors import KVCacheFullError
+
+
+class PagedKVCache:
+    """A pool of K/V pages for every layer of one model.
+
+    ``k`` and ``v`` are ``[num_layers, num_pages * page_size, num_kv_heads, head_dim]`` (slot-major, so that a
+    request's cached keys are one gather). Allocation is a free list: O(pages) per request, no fragmentation
+    beyond the last partial page of each request.
+    """
+
+    def __init__(self, num_layers: int, num_kv_heads: int, head_dim: int, num_pages: int, page_size: int,
+                 dtype: torch.dtype, device: torch.device | str) -> None:
+        for name, value in (("num_pages", num_pages), ("page_size", page_size)):
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"{name} must be a positive integer; got {value!r}.")
+        self.page_size = page_size
+        self.num_pages = num_pages
+        shape = (num_layers, num_pages * page_size, num_kv_heads, head_dim)
+        self.k = torch.zeros(shape, dtype=dtype, device=device)
+        self.v = torch.zeros(shape, dtype=dtype, device=device)
+        self._free: list[int] = list(range(num_pages - 1, -1, -1))
+
+    @property
+    def num_free_pages(self) -> int:
+        return len(self._free)
+
+    @property
+    def num_used_pages(self) -> int:
+        return self.num_pages - len(self._free)
+
+    @property
+    def bytes(self) -> int:
+        return 2 * self.k.numel() * self.k.element_size()
+
+    def pages_for(self, num_tokens: int) -> int:
+        return -(-num_tokens // self.page_size)
+
+    def allocate(self, num_tokens: int) -> torch.Tensor:
+        """Pages for ``num_tokens`` logical positions (int64 page table). Raises :class:`KVCacheFullError`."""
+        need = self.pages_for(num_tokens)
+        if need > len(self._free):
+            raise KVCacheFullError(f"the KV cache has {len(self._free)} free pages of {self.page_size} tokens; "
+                                   f"{need} are needed for {num_tokens} tokens.")
+        pages = [self._free.pop() for _ in range(need)]
+        return torch.tensor(pages, dtype=torch.int64)
+
+    def free(self, pages: torch.Tensor | None) -> None:
+        if pages is None:
+            return
+        ids = pages.tolist()
+        if len(set(ids)) != len(ids) or any(not 0 <= p < self.num_pages for p in ids):
+            raise ValueError(f"cannot free pages {ids[:8]}: they are not a set of page ids of this pool.")
+        self._free.extend(reversed(ids))
+        if len(self._free) > self.num_pages:
+            raise RuntimeError("KV cache pages were freed twice; the free list is corrupt.")
+
+    def slots(self, pages: torch.Tensor, lo: int, hi: int) -> torch.Tensor:
+        """Flat slot indices of logical positions ``[lo, hi)`` of the request owning ``pages``."""
+        pos = torch.arange(lo, hi, dtype=torch.int64)
+        return pages[pos // self.page_size] * self.page_size + pos % self.page_size
+
+    def gather(self, layer: int, slots: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.k[layer].index_select(0, slots), self.v[layer].index_select(0, slots)
+
+
+@dataclass(slots=True)
+class SeqPlan:
+    """One sequence of a cached forward.
+
+    ``positions``: the fresh tokens' positions: ``num_main`` contiguous main tokens from ``lo``, then the
+    verification queries. ``read``: logical ranges of cached positions every fresh token sees. ``write``:
+    logical range of main tokens whose K/V are stored (None: nothing). ``block_size``: block-causal attention
+    (a token sees the tokens of blocks <= its own, by absolute position). ``hidden``: for each verification query,
+    the position of the main token it must not see (it sees every other main token its position allows, and
+    itself; main tokens never see verification queries).
+    """
+
+    lo: int
+    num_main: int
+    positions: torch.Tensor
+    read: list[tuple[int, int]]
+    write: tuple[int, int] | None
+    pages: torch.Tensor | None
+    block_size: int | None = None
+    hidden: torch.Tensor | None = None
+
+    @property
+    def num_tokens(self) -> int:
+        return self.positions.numel()
+
+
+class KVPlan:
+    """Attention of one forward over fresh tokens and cached K/V (see :class:`SeqPlan`)."""
+
+    def __init__(self, cache: PagedKVCache | None, seqs: list[SeqPlan], device: torch.device) -> None:
+        self.cache = cache
+        self.cu = [0]
+        for s in seqs:
+            self.cu.append(self.cu[-1] + s.num_tokens)
+        self.read_slots: list[torch.Tensor | None] = []
+        self.masks: list[torch.Tensor | None] = []
+        write_rows, write_slots = [], []
+        for i, s in enumerate(seqs):
+            if (s.read or s.write) and (cache is None or s.pages is None):
+                raise ValueError("a sequence that reads or writes the KV cache needs a cache and a page table.")
+            reads = [cache.slots(s.pages, a, b) for a, b in s.read if b > a] if s.read else []
+            self.read_slots.append(torch.cat(reads).to(device) if reads else None)
+            if s.write is not None and s.write[1] > s.write[0]:
+                a, b = s.write
+                write_rows.append(torch.arange(a - s.lo, b - s.lo) + self.cu[i])
+                write_slots.append(cache.slots(s.pages, a, b))
+            num_read = 0 if self.read_slots[-1] is None else self.read_slots[-1].numel()
+            self.masks.append(_mask(s, num_read, device))
+        self.write_rows = torch.cat(write_rows).to(device) if write_rows else None
+        self.write_slots = torch.cat(write_slots).to(device) if write_slots else None
+
+    def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        cache = self.cache
+        if self.write_rows is not None:
+            cache.k[layer].index_copy_(0, self.write_slots, k.index_select(0, self.write_rows).to(cache.k.dtype))
+            cache.v[layer].index_copy_(0, self.write_slots, v.index_select(0, self.write_rows).to(cache.v.dtype))
+        gqa = q.shape[1] != k.shape[1]
+        outs = []
+        for i, (a, b) in enumerate(zip(self.cu[:-1], self.cu[1:], strict=True)):
+            kk, vv = k[a:b], v[a:b]
+            if self.read_slots[i] is not None:
+                ck, cv = cache.gather(layer, self.read_slots[i])
+                kk, vv = torch.cat((ck.to(k.dtype), kk)), torch.cat((cv.to(v.dtype), vv))
+            qh, kh, vh = (t.transpose(0, 1).unsqueeze(0) for t in (q[a:b], kk, vv))
+            mask = self.masks[i]
+            outs.append(F.scaled_dot_product_attention(qh, kh, vh, attn_mask=mask, enable_gqa=gqa)[0].transpose(0, 1))
+        return torch.cat(outs, dim=0) if len(outs) > 1 else outs[0].contiguous()
+
+
+def _mask(s: SeqPlan, num_read: int, device: torch.device) -> torch.Tensor | None:
+    """Boolean ``[fresh, read + fresh]`` (True = attend), or None when every fresh token sees every key."""
+    n, m = s.num_tokens, s.num_main
+    if s.block_size is None and n == m:
+        return None
+    pos = s.positions
+    fresh = torch.ones(n, n, dtype=torch.bool)
+    if s.block_size is not None:
+        blk = pos // s.block_size
+        fresh &= blk[:, None] >= blk[None, :]
+    if n > m:
+        fresh[:m, m:] = False  # main tokens never see verification queries
+        fresh[m:, m:] = torch.eye(n - m, dtype=torch.bool)  # a query sees itself, not the other queries
+        hidden = s.hidden - s.lo  # the main token each query must not see
+        fresh[torch.arange(m, n), hidden] = False
+    read = torch.ones(n, num_read, dtype=torch.bool)
+    return torch.cat((read, fresh), dim=1).to(device)

@@ -1,0 +1,14 @@
+"""Entropy-bounded sampling (EB-sampler): commit in order of confidence while the summed entropy of the committed
+tokens minus its largest term stays <= ``eb_gamma`` (at least one token)."""
+
+from __future__ import annotations
+
+from .adaptive import AdaptivePolicy
+from .base import COMMIT_ENTROPY, CommitRule
+
+
+class EntropyBounded(AdaptivePolicy):
+    name = "eb"
+
+    def rule(self, req, num_candidates: int) -> CommitRule:
+        return CommitRule(COMMIT_ENTROPY, eb_gamma=req.params.eb_gamma)
