@@ -36,6 +36,7 @@ def _str_list(text: str) -> list[str]:
 
 def add_quality_commands(sub: argparse._SubParsersAction) -> None:
     from .evaluate import POLICIES
+    from .sampling_params import CACHES
     from .train import TrainConfig
 
     names = [*TASKS, *CORPORA]
@@ -69,11 +70,17 @@ def add_quality_commands(sub: argparse._SubParsersAction) -> None:
             p.add_argument("--policy", default="low_confidence", choices=list(POLICIES))
             p.add_argument("--steps", type=int, help="denoising steps (default: one token per step)")
             p.add_argument("--block-length", type=int, help="block size (default: the task's)")
+            p.add_argument("--cache", default="none", choices=list(CACHES), help="KV cache (default none)")
+            for knob, help_text in (("threshold", "confidence threshold (threshold, wino)"),
+                                    ("factor", "factor of the factor rule"), ("eb-gamma", "entropy budget (eb)")):
+                p.add_argument("--" + knob, type=float, help=help_text)
             p.add_argument("--json", action="store_true", help="print one JSON object")
         else:
             p.add_argument("--policies", type=_str_list, help=f"comma-separated (default: all: {','.join(POLICIES)})")
             p.add_argument("--steps", type=_int_list, help="comma-separated step counts (default: halving)")
             p.add_argument("--block-lengths", type=_int_list, help="comma-separated (default: canvas and half)")
+            p.add_argument("--caches", type=_str_list, default=["none"],
+                           help=f"comma-separated KV caches among {','.join(CACHES)} (default none)")
             p.add_argument("--out", default=DEFAULT_SWEEP_DIR, metavar="DIR",
                            help=f"folder for the CSV and PNGs (default {DEFAULT_SWEEP_DIR})")
             p.add_argument("--name", help="file stem (default: <model>_<task>)")
@@ -122,11 +129,15 @@ def cmd_eval(args: argparse.Namespace) -> int:
             print(f"{task.name}: held-out {r['bits_per_char']:.4f} bits/char ({r['bits_per_byte']:.4f} bits/byte), "
                   f"ELBO over {r['windows']} windows x {r['samples_per_window']} samples, {r['wall_s']:.1f} s")
         return 0
-    res = evaluate_task(llm, task, args.policy, steps=args.steps, block_length=args.block_length, limit=args.limit)
+    knobs = {k: v for k, v in (("threshold", args.threshold), ("factor", args.factor), ("eb_gamma", args.eb_gamma))
+             if v is not None}
+    res = evaluate_task(llm, task, args.policy, steps=args.steps, block_length=args.block_length, limit=args.limit,
+                        cache=args.cache, **knobs)
     if args.json:
         print(json.dumps(res.as_dict()))
         return 0
-    print(f"{task.name} [{res.policy}, {res.steps} steps, block {res.block_length}, gen {res.gen_length}]: "
+    setting = ", ".join(f"{k} {v:g}" for k, v in knobs.items()) or f"{res.steps} steps"
+    print(f"{task.name} [{res.policy}, {setting}, block {res.block_length}, gen {res.gen_length}, cache {args.cache}]: "
           f"accuracy {100 * res.accuracy:.2f}% ({res.correct}/{res.n}), NFE {res.nfe:.1f}, "
           f"{res.tokens_per_forward:.2f} tokens/forward, {res.tokens_per_s:,.0f} tokens/s, {res.wall_s:.2f} s")
     for f in res.failures:
@@ -144,12 +155,14 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     stem = args.name or f"{model_name}_{task.name}"
 
     def show(row: dict[str, Any]) -> None:
-        print(f"{row['policy']:<15} block {row['block_length']:>3} steps {row['steps']:>3}: "
+        print(f"{row['policy']:<15} {row['cache']:<6} block {row['block_length']:>3} "
+              f"{row['knob'] or 'steps ' + str(row['steps']):<15}: "
               f"accuracy {100 * row['accuracy']:6.2f}%  NFE {row['nfe']:6.2f}  TPF {row['tokens_per_forward']:5.2f}  "
               f"{row['wall_s']:.2f} s", flush=True)
 
     rows = run_sweep(llm, task, model_name=model_name, policies=args.policies, steps=args.steps,
-                     block_lengths=args.block_lengths, limit=args.limit, command=_command(args), progress=show)
+                     block_lengths=args.block_lengths, caches=args.caches, limit=args.limit, command=_command(args),
+                     progress=show)
     out = Path(args.out)
     csv_path = write_csv(rows, out / f"{stem}.csv")
     print(f"appended {len(rows)} rows to {csv_path}")

@@ -21,9 +21,28 @@ from .sampling_params import REMASKING, SamplingParams
 from .tasks import Task, TextCorpus
 from .tokenizer import Tokenizer
 
-# Decoding policies the evaluation knows, by name -> SamplingParams fields. Every name is a policy the engine
-# runs; the sweep covers all of them by default.
+# Decoding settings the evaluation knows, by name -> SamplingParams fields: every confidence ordering with fixed
+# steps, the adaptive policies, and fixed steps with each revision policy. The sweep covers all of them by
+# default (see KNOBS for the adaptive ones).
 POLICIES: dict[str, dict[str, Any]] = {name: {"remasking": name} for name in REMASKING}
+POLICIES.update({
+    "threshold": {"policy": "threshold"},
+    "factor": {"policy": "factor"},
+    "eb": {"policy": "eb"},
+    "remdm-cap": {"revision": "remdm", "remdm_variant": "cap", "remdm_eta": 0.1},
+    "remdm-rescale": {"revision": "remdm", "remdm_variant": "rescale", "remdm_eta": 0.1},
+    "remdm-conf": {"revision": "remdm", "remdm_variant": "conf", "remdm_eta": 0.1},
+    "wino": {"policy": "threshold", "revision": "wino", "verify_threshold": 0.9},
+    "edit": {"revision": "edit", "edit_margin": 0.2},
+})
+# Adaptive policies take as many steps as their confidence rule needs: the sweep varies this parameter instead
+# of ``steps`` (name -> (SamplingParams field, values from fast to careful)).
+KNOBS: dict[str, tuple[str, tuple[float, ...]]] = {
+    "threshold": ("threshold", (0.3, 0.5, 0.7, 0.9, 0.99)),
+    "factor": ("factor", (4.0, 2.0, 1.0, 0.5, 0.1)),
+    "eb": ("eb_gamma", (3.0, 1.0, 0.1, 0.01, 0.001)),
+    "wino": ("threshold", (0.3, 0.5, 0.7, 0.9)),
+}
 
 
 def policy_params(policy: str, *, gen_length: int, block_length: int, steps: int, seed: int = 0,

@@ -13,12 +13,14 @@ from typing import Any
 
 import torch
 
-from .evaluate import POLICIES, evaluate_task
+from .evaluate import KNOBS, POLICIES, evaluate_task
 from .llm import LLM
+from .sampling_params import CACHES
 from .tasks import Task, TextCorpus
 
-CSV_FIELDS = ["date", "commit", "model", "task", "policy", "block_length", "steps", "gen_length", "n", "accuracy",
-              "nfe", "tokens_per_forward", "tokens_per_s", "wall_s", "device", "dtype", "threads", "command"]
+CSV_FIELDS = ["date", "commit", "model", "task", "policy", "cache", "knob", "block_length", "steps", "gen_length", "n",
+              "accuracy", "nfe", "tokens_per_forward", "tokens_per_s", "wall_s", "device", "dtype", "threads",
+              "command"]
 
 
 def default_steps(gen_length: int, block_length: int) -> list[int]:
@@ -42,9 +44,14 @@ def default_block_lengths(gen_length: int) -> list[int]:
 
 def run_sweep(llm: LLM, task: Task, *, model_name: str, policies: Sequence[str] | None = None,
               steps: Sequence[int] | None = None, block_lengths: Sequence[int] | None = None,
-              limit: int | None = 200, command: str = "", progress=None) -> list[dict[str, Any]]:
-    """Evaluate every (policy, block length, steps) combination that the engine accepts; returns CSV rows.
-    A combination whose steps are not a multiple of its number of blocks is skipped."""
+              caches: Sequence[str] = ("none",), limit: int | None = 200, command: str = "",
+              progress=None) -> list[dict[str, Any]]:
+    """Evaluate every (cache, policy, block length, steps) combination that the engine accepts; returns CSV rows.
+    A combination whose steps are not a multiple of its number of blocks is skipped. Adaptive policies
+    (:data:`KNOBS`) run once per value of their parameter instead of once per step count (``knob`` column)."""
+    for c in caches:
+        if c not in CACHES:
+            raise ValueError(f"unknown cache {c!r}; available: {', '.join(CACHES)}.")
     if isinstance(task, TextCorpus):
         raise ValueError(f"{task.name!r} is a text corpus: the sweep needs a task with a checker.")
     policies = list(policies or POLICIES)
@@ -67,16 +74,24 @@ def run_sweep(llm: LLM, task: Task, *, model_name: str, policies: Sequence[str] 
     for block in block_lengths:
         blocks = g // block
         grid = [s for s in (steps or default_steps(g, block)) if s % blocks == 0 and s >= blocks]
-        for policy in policies:
-            for s in grid:
-                r = evaluate_task(llm, task, policy, steps=s, block_length=block, limit=limit)
-                row = {**stamp, "task": task.name, "policy": policy, "block_length": block, "steps": s,
-                       "gen_length": g, "n": r.n, "accuracy": round(r.accuracy, 4), "nfe": round(r.nfe, 3),
-                       "tokens_per_forward": round(r.tokens_per_forward, 3),
-                       "tokens_per_s": round(r.tokens_per_s, 1), "wall_s": round(r.wall_s, 3)}
-                rows.append(row)
-                if progress is not None:
-                    progress(row)
+        for cache in caches:
+            for policy in policies:
+                if policy in KNOBS:
+                    name, values = KNOBS[policy]
+                    points = [(g, {name: v}, f"{name}={v:g}") for v in values]
+                else:
+                    points = [(s, {}, "") for s in grid]
+                for s, extra, knob in points:
+                    r = evaluate_task(llm, task, policy, steps=s, block_length=block, limit=limit, cache=cache,
+                                      **extra)
+                    row = {**stamp, "task": task.name, "policy": policy, "cache": cache, "knob": knob,
+                           "block_length": block, "steps": s if not knob else "", "gen_length": g, "n": r.n,
+                           "accuracy": round(r.accuracy, 4), "nfe": round(r.nfe, 3),
+                           "tokens_per_forward": round(r.tokens_per_forward, 3),
+                           "tokens_per_s": round(r.tokens_per_s, 1), "wall_s": round(r.wall_s, 3)}
+                    rows.append(row)
+                    if progress is not None:
+                        progress(row)
     if not rows:
         raise ValueError("no (policy, block length, steps) combination is valid for this task.")
     return rows
@@ -108,7 +123,8 @@ def plot(rows: list[dict[str, Any]], out_dir: Path, stem: str) -> list[Path]:
     out_dir.mkdir(parents=True, exist_ok=True)
     curves: dict[tuple[str, int], list[dict[str, Any]]] = {}
     for r in rows:
-        curves.setdefault((r["policy"], int(r["block_length"])), []).append(r)
+        name = r["policy"] if r.get("cache", "none") in ("none", "") else f"{r['policy']} [{r['cache']} cache]"
+        curves.setdefault((name, int(r["block_length"])), []).append(r)
     paths = []
     first = rows[0]
     policies = sorted({p for p, _ in curves})
@@ -120,7 +136,7 @@ def plot(rows: list[dict[str, Any]], out_dir: Path, stem: str) -> list[Path]:
         for (policy, block), pts in sorted(curves.items()):
             pts = sorted(pts, key=lambda r: float(r[x_key]))
             ax.plot([float(p[x_key]) for p in pts], [100 * float(p["accuracy"]) for p in pts], marker="o",
-                    markersize=4, color=f"C{policies.index(policy) % 10}",
+                    markersize=4, color=plt.cm.tab20(policies.index(policy) % 20),
                     linestyle=styles[blocks.index(block) % len(styles)], label=f"{policy}, block {block}")
         ax.set_xscale("log", base=2)
         ax.set_xlabel(label)

@@ -13,11 +13,11 @@ import torch
 
 from diffuse_engine import presets
 from diffuse_engine.cli import main
-from diffuse_engine.evaluate import POLICIES, elbo_bits, evaluate_task
+from diffuse_engine.evaluate import KNOBS, POLICIES, elbo_bits, evaluate_task
 from diffuse_engine.llm import LLM
 from diffuse_engine.loader import load_model
 from diffuse_engine.models import build_model
-from diffuse_engine.sampling_params import REMASKING
+from diffuse_engine.sampling_params import REMASKING, SamplingParams
 from diffuse_engine.sweep import default_steps, run_sweep
 from diffuse_engine.tasks import Addition, Example, Sorting, TextCorpus
 from diffuse_engine.tokenizer import Tokenizer, build_byte_tokenizer
@@ -172,7 +172,15 @@ def SamplingParams_for(task):  # noqa: N802 - mirrors the class it builds
 
 
 def test_policies_cover_every_ordering_and_default_steps():
-    assert set(POLICIES) == set(REMASKING)
+    from diffuse_engine.sampling_params import POLICIES as DECODING
+    from diffuse_engine.sampling_params import REVISIONS
+
+    assert set(REMASKING) <= set(POLICIES) and set(KNOBS) <= set(POLICIES)
+    # every decoding and revision policy the engine has is in the sweep, and every entry is valid
+    assert {POLICIES[p].get("policy", "fixed") for p in POLICIES} == set(DECODING)
+    assert {POLICIES[p].get("revision") for p in POLICIES} - {None} == set(REVISIONS)
+    for fields in POLICIES.values():
+        SamplingParams(gen_length=8, **fields)
     assert default_steps(8, 8) == [8, 4, 2, 1]
     assert default_steps(6, 3) == [6, 2]
     assert default_steps(16, 4) == [16, 8, 4]
@@ -213,6 +221,17 @@ def test_cli_eval_and_sweep_end_to_end(tmp_path, capsys):
     assert rows[0]["command"].startswith("diffuse-engine sweep") and rows[0]["commit"]
     for png in ("tiny_nfe.png", "tiny_seconds.png"):
         assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert main(["sweep", "--model", str(folder), "--task", "addition", "--limit", "2", "--policies",
+                 "threshold,remdm-conf", "--steps", "6", "--block-lengths", "6", "--caches", "none,dual", "--out",
+                 str(out), "--name", "adaptive", "--no-plot"]) == 0
+    rows = list(csv.DictReader(open(out / "adaptive.csv")))
+    knobs = [r["knob"] for r in rows if r["policy"] == "threshold"]
+    assert knobs == [f"threshold={v:g}" for v in KNOBS["threshold"][1]] * 2
+    assert {r["cache"] for r in rows} == {"none", "dual"} and all(r["steps"] == "" for r in rows if r["knob"])
+    assert main(["eval", "--model", str(folder), "--task", "addition", "--limit", "2", "--policy", "threshold",
+                 "--threshold", "0.5", "--cache", "prefix", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out.splitlines()[-1])["n"] == 2
+    assert main(["sweep", "--model", str(folder), "--task", "addition", "--caches", "paged"]) == 2
     assert main(["eval", "--model", str(folder), "--task", "text-char", "--limit", "2", "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["windows"] == 2
     # bad input: exit status 2 with a message
