@@ -49,6 +49,12 @@ def main(out: Path) -> None:
         achieved = f"{float(r['gbps']):.0f} GB/s" + (f", {float(r['tflops']):.1f} TFLOP/s" if r.get("tflops") else "")
         table.append((f"{r['op']}/{r['provider']}", r["shape"], f"{float(r['ms']):.4g}", achieved,
                       f"{float(r['pct_floor']):.1f}", r["baseline"], f"{float(r['ratio']):.2f}"))
+    for r in read_csv(out / "cache.csv"):
+        if r.get("setting") == "reference loop":
+            continue
+        table.append((f"cache {r.get('setting', '')}", f"{r.get('workload', '')} batch {r.get('batch', '')}",
+                      f"{1e3 * float(r.get('seconds') or 0):.1f}", f"{r.get('tokens_per_s', '')} tok/s", "",
+                      "reference loop", r.get("speedup", "")))
     for r in read_csv(out / "engine.csv"):
         shape = (f"B={r['batch']} P={r['prompt_len']} G={r['gen_length']} blk={r['block_length']} "
                  f"tps={r['tokens_per_step']}")
