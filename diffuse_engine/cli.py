@@ -21,7 +21,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any, NoReturn
 
-from .sampling_params import REMASKING, SamplingParams
+from .sampling_params import CACHES, POLICIES, REMASKING, REMDM_VARIANTS, REVISIONS, SamplingParams
 from .version import __version__
 
 PROG = "diffuse-engine"
@@ -74,6 +74,17 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--confidence-eos-eot-inf", action="store_true", help="commit end-of-turn tokens last")
     sp.add_argument("--early-stop", action="store_true", help="stop after the block that holds EOS")
     sp.add_argument("--seed", type=int, help="randomness key (default: drawn, and reported)")
+    sp.add_argument("--cache", choices=CACHES, help="KV cache: none, prefix or dual (default none)")
+    sp.add_argument("--cache-refresh", type=int, help="also refresh a prefix / dual cache every N steps")
+    sp.add_argument("--policy", choices=POLICIES, help="decoding policy: fixed, threshold, factor or eb")
+    sp.add_argument("--threshold", type=float, help="confidence threshold (policy threshold; default 0.9)")
+    sp.add_argument("--factor", type=float, help="factor of the factor rule (default 1.0)")
+    sp.add_argument("--eb-gamma", type=float, help="entropy budget of the EB-sampler (default 0.01)")
+    sp.add_argument("--revision", choices=REVISIONS, help="revise committed tokens: remdm, wino or edit")
+    sp.add_argument("--remdm-variant", choices=REMDM_VARIANTS, help="ReMDM schedule (default cap)")
+    sp.add_argument("--remdm-eta", type=float, help="ReMDM eta (default 0.05)")
+    sp.add_argument("--verify-threshold", type=float, help="wino: re-mask below this probability (default 0.9)")
+    sp.add_argument("--edit-margin", type=float, help="edit: replace when beaten by this margin (default 0.2)")
     gen.add_argument("--json", action="store_true", help="print one JSON object and nothing else")
     gen.add_argument("--live", action=argparse.BooleanOptionalAction, default=None,
                      help="show the denoising canvas (default: when stdout is a terminal)")

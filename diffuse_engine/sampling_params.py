@@ -80,6 +80,10 @@ class SamplingParams:
             same forward). Revision stops in a block's last scheduled step (fixed policy) or after
             ``block_length`` steps (adaptive policies), so every block finishes.
         remdm_variant, remdm_eta, verify_threshold, edit_margin: the parameters of the revisions.
+        stop: strings that end the answer (e.g. a tool-call marker): once the final part of the canvas (finished
+            blocks, and the committed start of the current block when no revision can change it) contains one,
+            the request finishes with ``finish_reason="stop"``, its text cut before the string, and the
+            remaining blocks are not decoded. Needs the engine's tokenizer.
     """
 
     gen_length: int = 128
@@ -107,6 +111,7 @@ class SamplingParams:
     remdm_eta: float = 0.05
     verify_threshold: float = 0.9
     edit_margin: float = 0.2
+    stop: list[str] | None = None
 
     def __post_init__(self) -> None:
         _int("gen_length", self.gen_length, minimum=1)
@@ -169,6 +174,14 @@ class SamplingParams:
         _float("verify_threshold", self.verify_threshold)
         if not 0.0 <= self.verify_threshold <= 1.0:
             raise ValueError(f"verify_threshold must be in [0, 1]; got {self.verify_threshold!r}.")
+        if self.stop is not None:
+            if isinstance(self.stop, str):
+                self.stop = [self.stop]
+            if not isinstance(self.stop, (list, tuple)) or not all(isinstance(x, str) and x for x in self.stop):
+                raise ValueError(f"stop must be a list of non-empty strings; got {self.stop!r}.")
+            if len(self.stop) > 16:
+                raise ValueError(f"stop takes at most 16 strings; got {len(self.stop)}.")
+            self.stop = list(self.stop)
         _float("edit_margin", self.edit_margin)
         if not 0.0 <= self.edit_margin <= 1.0:
             raise ValueError(f"edit_margin must be in [0, 1]; got {self.edit_margin!r}.")

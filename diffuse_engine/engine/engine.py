@@ -11,7 +11,7 @@ from __future__ import annotations
 import itertools
 import secrets
 import time
-from collections import deque
+from collections import OrderedDict, deque
 from dataclasses import dataclass
 
 import torch
@@ -34,16 +34,19 @@ class EngineConfig:
     only, False = never, True = also on the CPU (through the torch path or, under TRITON_INTERPRET=1 with
     DIFFUSE_BACKEND=triton, the Triton kernel). ``page_size`` and ``kv_cache_tokens``: the paged KV cache
     shared by every request that uses one (allocated at the first such request): pages of ``page_size`` token
-    slots, ``kv_cache_tokens`` slots in all; a request is admitted when pages for its whole sequence are free."""
+    slots, ``kv_cache_tokens`` slots in all; a request is admitted when pages for its whole sequence are free.
+    ``max_retained``: finished requests whose pages are kept for a continuation (``add_request(retain=True)``),
+    least recently used evicted first (and whenever an admission needs their pages)."""
 
     max_num_seqs: int = 64
     max_num_batched_tokens: int = 65536
     fused_head: bool | None = None
     page_size: int = 16
     kv_cache_tokens: int = 16384
+    max_retained: int = 64
 
     def __post_init__(self) -> None:
-        for name in ("max_num_seqs", "max_num_batched_tokens", "page_size", "kv_cache_tokens"):
+        for name in ("max_num_seqs", "max_num_batched_tokens", "page_size", "kv_cache_tokens", "max_retained"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"{name} must be a positive integer; got {value!r}.")
@@ -59,6 +62,7 @@ class Engine:
         self.config = config or EngineConfig()
         self.runner = ModelRunner(model, fused_head=self.config.fused_head)
         self.kv_cache: PagedKVCache | None = None
+        self.retained: OrderedDict[str, tuple[torch.Tensor, torch.Tensor]] = OrderedDict()  # id -> (tokens, pages)
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
         self._ids = itertools.count()
@@ -68,8 +72,13 @@ class Engine:
 
     # ------------------------------------------------------------------------------------------ requests
     def add_request(self, prompt: list[int], params: SamplingParams | None = None,
-                    request_id: str | None = None) -> str:
-        """Queue a request; returns its id. Raises ValueError (with the reason) for a request that cannot run."""
+                    request_id: str | None = None, *, snapshots: bool = False, retain: bool = False,
+                    continue_from: str | None = None) -> str:
+        """Queue a request; returns its id. Raises ValueError (with the reason) for a request that cannot run.
+        ``snapshots``: its step outputs carry each position's commit confidence (canvas snapshots).
+        ``retain``: when it finishes, keep its KV-cache pages (needs a cache) so that a continuation of the
+        conversation reuses them. ``continue_from``: the id of such a finished request: the K/V of the longest
+        common prefix of its sequence and this prompt are reused, not recomputed (the earlier turns)."""
         params = params if params is not None else SamplingParams()
         if not isinstance(params, SamplingParams):
             raise ValueError(f"params must be a SamplingParams, got {type(params).__name__}.")
@@ -97,6 +106,14 @@ class Engine:
             if pages > capacity:
                 raise ValueError(f"the request needs {pages} KV-cache pages of {self.config.page_size} tokens, more "
                                  f"than the whole cache holds ({capacity}); raise EngineConfig.kv_cache_tokens.")
+        if (retain or continue_from is not None) and params.cache == "none" and block_size is None:
+            raise ValueError("retain / continue_from reuse the KV cache: set SamplingParams.cache to 'prefix' or "
+                             "'dual'.")
+        if continue_from is not None and continue_from not in self.retained:
+            raise ValueError(f"continue_from {continue_from!r} is not a finished request with retained pages (it "
+                             f"was never retained, was already continued, or was evicted).")
+        if params.stop and self.tokenizer is None:
+            raise ValueError("stop strings need the engine's tokenizer, and this engine has none.")
         if request_id is None:
             request_id = f"req-{next(self._ids)}"
         elif not isinstance(request_id, str) or not request_id:
@@ -106,6 +123,8 @@ class Engine:
         seed = params.seed if params.seed is not None else secrets.randbits(63)
         req = Request(request_id, prompt, params, params.resolved_remasking(cfg.arch), seed, cfg.mask_token_id,
                       cfg.arch, block_size)
+        req.snapshots = snapshots
+        req.retain, req.continue_from = retain, continue_from
         self._known.add(request_id)
         self.waiting.append(req)
         return request_id
@@ -170,21 +189,65 @@ class Engine:
                                          c.kv_cache_tokens // c.page_size, c.page_size, self.model.dtype,
                                          self.model.device)
             self.runner.cache = self.kv_cache
+        cache = self.kv_cache
+        reuse, reused = self._reusable(req)
         streams = 2 if req.params.cfg_scale > 0 else 1
-        if self.kv_cache.pages_for(req.seq_len) * streams > self.kv_cache.num_free_pages:
+        need = cache.pages_for(req.seq_len) * streams - reuse.numel()
+        while need > cache.num_free_pages and self.retained:
+            cache.free(self.retained.popitem(last=False)[1][1])  # evict the least recently retained
+        if need > cache.num_free_pages:
+            if reuse.numel():  # keep the conversation's pages for the next try
+                self.retained[req.continue_from] = (req.seq[:reused].clone(), reuse)
             return False
-        req.pages = self.kv_cache.allocate(req.seq_len)
+        if req.continue_from is not None:
+            self.retained.pop(req.continue_from, None)
+        req.pages = torch.cat((reuse, cache.allocate(req.seq_len - reuse.numel() * cache.page_size)))
         if streams == 2:
-            req.uncond_pages = self.kv_cache.allocate(req.seq_len)
-        req.cached_upto = 0
+            req.uncond_pages = cache.allocate(req.seq_len)
+        req.reused = reused
+        req.cached_upto = reused if req.cache_mode == "block" else 0
         return True
 
-    def _release(self, req: Request) -> None:
-        """Free everything ``req`` holds on the engine (its KV-cache pages)."""
+    def _reusable(self, req: Request) -> tuple[torch.Tensor, int]:
+        """Pages (whole, leading) of ``req.continue_from`` that ``req`` can take over, and how many leading
+        positions of them hold K/V it shares (the common prefix with its prompt, block-aligned for a
+        block-diffusion model; for shifted-logit models the last prompt token is always recomputed)."""
+        empty = torch.zeros(0, dtype=torch.int64)
+        entry = self.retained.get(req.continue_from) if req.continue_from is not None else None
+        if entry is None:
+            return empty, 0
+        tokens, pages = entry
+        limit = min(tokens.numel(), req.prompt_len - (1 if self.model_config.shifted_logits else 0))
+        same = (tokens[:limit] == req.seq[:limit]).to(torch.int64)
+        n = int(same.cumprod(0).sum()) if limit > 0 else 0
+        if req.block_size is not None:
+            n -= n % req.block_size
+        keep = -(-n // self.kv_cache.page_size)
+        del self.retained[req.continue_from]
+        self.kv_cache.free(pages[keep:])
+        return pages[:keep], n
+
+    def _release(self, req: Request, finished: bool = False) -> None:
+        """Free everything ``req`` holds on the engine (its KV-cache pages), or retain them for a continuation
+        (``retain=True``, finished): the K/V valid for the final tokens are those before its last block."""
         if self.kv_cache is not None:
-            self.kv_cache.free(req.pages)
+            if req.retain and finished and req.pages is not None:
+                valid = req.cached_upto if req.cache_mode == "block" else req.spans[-1][0]
+                self.retained[req.request_id] = (req.seq[:valid].clone(), req.pages)
+                self.retained.move_to_end(req.request_id)
+                while len(self.retained) > self.config.max_retained:
+                    self.kv_cache.free(self.retained.popitem(last=False)[1][1])
+            else:
+                self.kv_cache.free(req.pages)
             self.kv_cache.free(req.uncond_pages)
         req.pages = req.uncond_pages = None
+
+    def release_retained(self, request_id: str) -> bool:
+        """Free the pages retained for ``request_id``; returns whether there were any."""
+        entry = self.retained.pop(request_id, None)
+        if entry is not None:
+            self.kv_cache.free(entry[1])
+        return entry is not None
 
     @staticmethod
     def _tokens(req: Request) -> int:
@@ -259,22 +322,62 @@ class Engine:
             if req.block == req.num_blocks:
                 return self._finish(req, step, block, committed, revised)
             req.start_block()
-        return StepOutput(req.request_id, step, block, committed, req.canvas.tolist(), False, None, revised)
+        stop = self._update_stable(req)
+        if stop is not None:
+            return self._finish(req, step, block, committed, revised, stop)
+        return StepOutput(req.request_id, step, block, committed, req.canvas.tolist(), False, None, revised,
+                          req.stable, self._confidences(req))
+
+    def _update_stable(self, req: Request) -> tuple[str, int] | None:
+        """Advance ``req.stable`` (canvas tokens that no later step can change: finished blocks, and the
+        committed start of the current block unless a revision policy may still change it); returns
+        (text, character cut) when a stop string appears in that final text."""
+        start, end = req.block_span
+        n = start - req.prompt_len
+        if req.params.revision is None:
+            masked = (req.seq[start:end] == req.mask_id).nonzero()
+            n += int(masked[0]) if masked.numel() else end - start
+        n = max(0, min(n, req.params.gen_length))
+        if n <= req.stable:
+            return None
+        req.stable = n
+        if not req.params.stop or self.tokenizer is None:
+            return None
+        text = self._text(req.canvas[:n].tolist())[0]
+        hits = [i for i in (text.find(s) for s in req.params.stop) if i >= 0]
+        return (text, min(hits)) if hits else None
+
+    def _text(self, tokens: list[int]) -> tuple[str | None, int | None]:
+        """The answer text of canvas ``tokens`` (cut at the first EOS / end-of-turn) and the cut position."""
+        cfg = self.model_config
+        stops = {cfg.eos_token_id} | ({cfg.eot_token_id} if cfg.eot_token_id is not None else set())
+        cut = next((i for i, t in enumerate(tokens) if t in stops), None)
+        if self.tokenizer is None:
+            return None, cut
+        return self.tokenizer.decode(tokens[:cut] if cut is not None else tokens), cut
+
+    @staticmethod
+    def _confidences(req: Request) -> list[float] | None:
+        if not req.snapshots:
+            return None
+        p = req.prompt_len
+        return req.commit_conf[p:p + req.params.gen_length].tolist()
 
     def _finish(self, req: Request, step: int, block: int, committed: list[tuple[int, int]],
-                revised: list[tuple[int, int, int]]) -> StepOutput:
-        cfg = self.model_config
-        self._release(req)
+                revised: list[tuple[int, int, int]], stop: tuple[str, int] | None = None) -> StepOutput:
+        self._release(req, finished=True)
         req.status = RequestStatus.FINISHED
         req.metrics.finished_time = time.perf_counter()
         self.running.remove(req)
         self._known.discard(req.request_id)
         tokens = req.canvas.tolist()
-        stops = {cfg.eos_token_id} | ({cfg.eot_token_id} if cfg.eot_token_id is not None else set())
-        cut = next((i for i, t in enumerate(tokens) if t in stops), None)
-        text = None
-        if self.tokenizer is not None:
-            text = self.tokenizer.decode(tokens[:cut] if cut is not None else tokens)
-        out = RequestOutput(req.request_id, req.prompt_ids, tokens, text, req.nfe,
-                            "eos" if cut is not None else "length", req.seed, req.metrics, req.num_revised)
-        return StepOutput(req.request_id, step, block, committed, tokens, True, out, revised)
+        if stop is not None:
+            text, reason = stop[0][:stop[1]], "stop"
+        else:
+            text, cut = self._text(tokens)
+            reason = "eos" if cut is not None else "length"
+        req.stable = len(tokens)
+        out = RequestOutput(req.request_id, req.prompt_ids, tokens, text, req.nfe, reason, req.seed, req.metrics,
+                            req.num_revised)
+        return StepOutput(req.request_id, step, block, committed, tokens, True, out, revised, req.stable,
+                          self._confidences(req))

@@ -45,7 +45,8 @@ class RequestOutput:
     the published decoding loops do; trained models do not). ``text``: the answer decoded up to the first EOS /
     end-of-turn token, with special tokens skipped (None when the engine has no tokenizer). ``nfe``: forward
     evaluations spent.
-    ``finish_reason``: ``"eos"`` (the answer ended), ``"length"`` (the canvas is full without EOS).
+    ``finish_reason``: ``"eos"`` (the answer ended), ``"length"`` (the canvas is full without EOS), ``"stop"``
+    (a stop string of ``SamplingParams.stop`` appeared; ``text`` ends before it).
     ``seed``: the key of the request's randomness (give it back in SamplingParams to reproduce the output).
     ``num_revised``: committed tokens that a revision policy re-masked or replaced.
     """
@@ -71,7 +72,9 @@ class StepOutput:
     in this step; ``canvas`` is the canvas after the step (mask id where still masked); ``output`` is set when
     the request finished in this step. ``revised`` holds (canvas position, old token, new token) for every
     committed token a revision policy changed in this step (new token = mask id when it was re-masked); they
-    happen before the step's commits."""
+    happen before the step's commits. ``stable``: how many leading canvas tokens are final (no later step
+    changes them: what a stream may emit). ``confidences``: each canvas position's confidence when it was
+    committed (0 where masked), only for requests added with ``snapshots=True``."""
 
     request_id: str
     step: int
@@ -81,6 +84,8 @@ class StepOutput:
     finished: bool
     output: RequestOutput | None = None
     revised: list[tuple[int, int, int]] = field(default_factory=list)
+    stable: int = 0
+    confidences: list[float] | None = None
 
 
 @dataclass(slots=True)
@@ -90,7 +95,9 @@ class Request:
     (``block_size`` set), the model's absolute blocks (the first one starts where the prompt ends inside its
     block; the last one may run past ``gen_length``, those extra positions are decoded and dropped).
     ``pages`` / ``uncond_pages``: KV-cache page tables (None without a cache). ``cached_upto``: the exact block
-    cache holds positions [0, cached_upto). ``commit_conf``: each position's confidence when committed."""
+    cache holds positions [0, cached_upto). ``commit_conf``: each position's confidence when committed.
+    ``reused``: leading positions whose K/V came from an earlier request of the conversation (never
+    recomputed); ``retain``: keep this request's pages for a continuation when it finishes."""
 
     request_id: str
     prompt_ids: list[int]
@@ -114,6 +121,11 @@ class Request:
     cached_upto: int = 0
     commit_conf: torch.Tensor = field(init=False)
     num_revised: int = 0
+    stable: int = 0
+    snapshots: bool = False
+    retain: bool = False
+    continue_from: str | None = None
+    reused: int = 0
     metrics: RequestMetrics = field(default_factory=lambda: RequestMetrics(time.perf_counter()))
 
     def __post_init__(self) -> None:

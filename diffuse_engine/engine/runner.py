@@ -121,8 +121,9 @@ class ModelRunner:
             read, write = [(0, lo)], (lo, self._block_floor(start))
         elif mode == "none":
             lo, hi = 0, length
-        elif r.refresh_step:
-            lo, hi, write = 0, length, (0, length)
+        elif r.refresh_step:  # everything but what an earlier turn of the conversation left in the cache
+            lo, hi = r.reused, length
+            read, write = [(0, lo)], (lo, length)
         else:
             lo = start - shift
             hi = length if mode == "prefix" else end
