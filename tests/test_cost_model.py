@@ -1,0 +1,161 @@
+"""The roofline cost model of a denoising step: presets, monotonicity, the ridge, calibration and its cache."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+
+from diffuse_engine.engine import cost_model
+from diffuse_engine.engine.cost_model import A100, CPU, H100, H200, PRESETS, CostModel, DeviceCeilings
+from diffuse_engine.presets import from_name
+
+LLADA_8B = from_name("llada-8b").config
+SMALL = from_name("llada-small").config
+
+
+def test_presets_are_sane():
+    assert set(PRESETS) == {"H100", "H200", "A100", "CPU"}
+    assert H200.bandwidth_gbs > H100.bandwidth_gbs > A100.bandwidth_gbs > CPU.bandwidth_gbs
+    assert H100.peak_tflops > A100.peak_tflops > CPU.peak_tflops
+    assert 250 < H100.ridge_flops_per_byte < 280  # 798 TFLOP/s over 3.0 TB/s
+    assert 170 < H200.ridge_flops_per_byte < 200
+    for p in PRESETS.values():
+        assert p.step_overhead_s < 0.01 and 0 <= p.overlap <= 1
+    assert CPU.row_padding == 16 and H100.row_padding == 1
+
+
+def test_llada_8b_floor_matches_the_design_numbers():
+    """DESIGN section 5: 14.99 GB of weights per step, 4.48 ms at the H100's measured 3.0 TB/s (one token)."""
+    est = CostModel(LLADA_8B, H100, 2).predict([(1, 0, 1)])
+    assert est.regime == "memory"
+    assert est.bytes == pytest.approx(14.99e9, rel=0.01)
+    assert est.memory_s == pytest.approx(5.0e-3, rel=0.01)
+    assert est.seconds > est.memory_s  # plus the launch overhead
+    big = CostModel(LLADA_8B, H100, 2).predict([(4096, 0, 32)])
+    assert big.regime == "compute"
+    assert big.flops == pytest.approx(2 * 7.5e9 * 4096, rel=0.08)  # ~2 * params per token, plus attention
+
+
+@pytest.mark.parametrize("ceilings", [H100, CPU])
+@pytest.mark.parametrize("config", [LLADA_8B, SMALL])
+def test_predict_is_monotone(ceilings, config):
+    model = CostModel(config, ceilings, 2 if ceilings is H100 else 4)
+    by_batch = [model.predict([(32, 256, 16)] * b).seconds for b in (1, 2, 4, 8, 16, 32)]
+    assert by_batch == sorted(set(by_batch))
+    by_tokens = [model.predict([(q, 0, 1)]).seconds for q in (1, 8, 16, 17, 32, 64, 256, 1024)]
+    assert by_tokens == sorted(by_tokens)
+    by_context = [model.predict([(32, c, 8)]).seconds for c in (0, 64, 512, 4096)]
+    assert by_context == sorted(set(by_context))
+    by_rows = [model.predict([(64, 0, r)]).seconds for r in (0, 1, 16, 32, 64)]
+    assert by_rows == sorted(by_rows)
+    assert model.predict([(64, 0, 64)]).seconds < model.predict([(64, 0, 64)] * 2).seconds
+
+
+@pytest.mark.parametrize("ceilings", [H100, H200, A100, CPU])
+def test_regime_flips_at_the_ridge(ceilings):
+    model = CostModel(LLADA_8B, ceilings, 2)
+    ridge = model.ridge_tokens()
+    assert math.isfinite(ridge) and ridge >= 2
+    n = int(ridge)
+    below, at = model.predict([(n - 1, 0, n - 1)]), model.predict([(n, 0, n)])
+    assert below.regime == "memory" and below.intensity < ceilings.ridge_flops_per_byte
+    assert at.regime == "compute" and at.intensity >= ceilings.ridge_flops_per_byte
+    # In bf16, weights alone would put the ridge at peak / bandwidth tokens (2 FLOPs per 2-byte weight and
+    # token); activation traffic only moves it up.
+    assert ridge >= 0.95 * ceilings.ridge_flops_per_byte
+    assert model.ridge_tokens(context_tokens=2048) >= 1
+
+
+def test_ridge_orders_devices_and_reports_never():
+    assert CostModel(LLADA_8B, H200, 2).ridge_tokens() < CostModel(LLADA_8B, H100, 2).ridge_tokens()
+    slow_compute = DeviceCeilings("x", bandwidth_gbs=1e6, peak_tflops=1e-3, step_overhead_s=0.0)
+    assert CostModel(SMALL, slow_compute, 4).ridge_tokens() == 1.0
+    starved = DeviceCeilings("y", bandwidth_gbs=1.0, peak_tflops=1e6, step_overhead_s=0.0)
+    assert CostModel(SMALL, starved, 4).ridge_tokens() == math.inf
+
+
+def test_fused_head_and_overlap():
+    unfused = CostModel(SMALL, CPU, 4).predict([(32, 0, 32)] * 4)
+    fused = CostModel(SMALL, CPU, 4, fused_head=True).predict([(32, 0, 32)] * 4)
+    assert fused.bytes < unfused.bytes and fused.seconds < unfused.seconds
+    ideal = DeviceCeilings("a", bandwidth_gbs=10, peak_tflops=0.1, step_overhead_s=0.0, overlap=1.0)
+    additive = DeviceCeilings("b", bandwidth_gbs=10, peak_tflops=0.1, step_overhead_s=0.0, overlap=0.0)
+    assert ideal.kernel_seconds(1e9, 1e11) == pytest.approx(1.0)
+    assert additive.kernel_seconds(1e9, 1e11) == pytest.approx(1.1)
+
+
+def test_row_padding_counts_padded_rows_in_time_not_in_flops():
+    model = CostModel(SMALL, CPU, 4)
+    one, sixteen = model.predict([(1, 0, 1)]), model.predict([(16, 0, 16)])
+    assert one.flops < sixteen.flops
+    assert one.seconds == pytest.approx(sixteen.seconds, rel=0.05)
+
+
+def test_calibrate_writes_and_reuses_its_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv(cost_model.CACHE_ENV, str(tmp_path))
+    first = cost_model.calibrate("cpu", torch.float32)
+    path = tmp_path / cost_model.CACHE_FILE
+    assert path.exists()
+    stored = json.loads(path.read_text())
+    key = cost_model.device_key("cpu", torch.float32)
+    assert key in stored and "float32" in key and torch.__version__ in key
+    assert first.source == "calibrated" and first.name == key
+    assert first.bandwidth_gbs > 0.1 and first.peak_tflops > 1e-3 and first.overlap == 0.0
+    assert first.row_padding == 16 and first.alloc_write_gbs > 0
+
+    def no_measuring(*args, **kwargs):
+        raise AssertionError("a cached calibration must not measure again")
+
+    monkeypatch.setattr(cost_model, "_median_time", no_measuring)
+    assert cost_model.calibrate("cpu", torch.float32) == first
+    assert cost_model.ceilings_for("cpu", torch.float32) == first
+    assert cost_model.ceilings_for("cpu", torch.float32, calibrate=False) is CPU
+    # A corrupt cache file, or an entry that no longer fits the dataclass, is measured over, not trusted.
+    monkeypatch.undo()
+    monkeypatch.setenv(cost_model.CACHE_ENV, str(tmp_path))
+    for bad in ("{not json", json.dumps({key: {"name": key, "bandwidth_gbs": -1}})):
+        path.write_text(bad)
+        again = cost_model.calibrate("cpu", torch.float32)
+        assert again.source == "calibrated" and json.loads(path.read_text())[key]["bandwidth_gbs"] > 0
+
+
+def test_ceilings_json_round_trip():
+    assert DeviceCeilings.from_json(json.loads(json.dumps(H100.to_json()))) == H100
+
+
+@pytest.mark.parametrize("items", [
+    [], "abc", [(0, 0, 0)], [(4, 0, 5)], [(4, -1, 2)], [(4.0, 0, 2)], [(4, 0)], [(True, 0, 0)], None,
+])
+def test_predict_rejects_bad_items(items):
+    with pytest.raises(ValueError, match=r"\.$"):
+        CostModel(SMALL, CPU, 4).predict(items)
+
+
+def test_bad_arguments_raise_value_error():
+    with pytest.raises(ValueError, match="bandwidth_gbs"):
+        DeviceCeilings("x", bandwidth_gbs=0, peak_tflops=1, step_overhead_s=0)
+    with pytest.raises(ValueError, match="step_overhead_s"):
+        DeviceCeilings("x", bandwidth_gbs=1, peak_tflops=1, step_overhead_s=-1)
+    with pytest.raises(ValueError, match="overlap"):
+        DeviceCeilings("x", bandwidth_gbs=1, peak_tflops=1, step_overhead_s=0, overlap=2)
+    with pytest.raises(ValueError, match="row_padding"):
+        DeviceCeilings("x", bandwidth_gbs=1, peak_tflops=1, step_overhead_s=0, row_padding=0)
+    with pytest.raises(ValueError, match="dtype_bytes"):
+        CostModel(SMALL, CPU, 3)
+    with pytest.raises(ValueError, match="ModelConfig"):
+        CostModel("llada-small", CPU, 4)
+    with pytest.raises(ValueError, match="DeviceCeilings"):
+        CostModel(SMALL, "CPU", 4)
+    with pytest.raises(ValueError, match="context_tokens"):
+        CostModel(SMALL, CPU, 4).ridge_tokens(context_tokens=-1)
+    with pytest.raises(ValueError, match="head_fraction"):
+        CostModel(SMALL, CPU, 4).ridge_tokens(head_fraction=1.5)
+    with pytest.raises(ValueError, match="floating-point"):
+        cost_model.calibrate("cpu", torch.int32)
+    with pytest.raises(ValueError, match="no preset"):
+        cost_model.preset_for("meta")
+    with pytest.raises(ValueError, match="only 'cpu' and CUDA"):
+        cost_model.calibrate("meta")
