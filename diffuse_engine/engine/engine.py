@@ -19,10 +19,12 @@ import torch
 from ..models import DiffusionLM
 from ..policies import decoding_policy, revision_policy
 from ..sampling_params import SamplingParams
+from .cost_model import CostModel, StepEstimate, ceilings_for
 from .decide import select
 from .kv_cache import PagedKVCache
 from .request import Request, RequestOutput, RequestStatus, StepOutput
 from .runner import HeadRows, ModelRunner
+from .scheduler import SCHEDULING, Scheduler
 
 
 @dataclass(slots=True)
@@ -36,7 +38,11 @@ class EngineConfig:
     shared by every request that uses one (allocated at the first such request): pages of ``page_size`` token
     slots, ``kv_cache_tokens`` slots in all; a request is admitted when pages for its whole sequence are free.
     ``max_retained``: finished requests whose pages are kept for a continuation (``add_request(retain=True)``),
-    least recently used evicted first (and whenever an admission needs their pages)."""
+    least recently used evicted first (and whenever an admission needs their pages).
+    ``scheduling``: ``"roofline"`` (admit while the cost model says another request raises committed tokens
+    per second: always below the ridge, up to the knee above it; see :mod:`.scheduler`) or ``"fcfs"``
+    (whatever fits). ``max_step_seconds``: a bound on the predicted step time (None: none). ``calibrate``:
+    measure the device's ceilings once (cached on disk) instead of using its preset; None = on CUDA only."""
 
     max_num_seqs: int = 64
     max_num_batched_tokens: int = 65536
@@ -44,8 +50,17 @@ class EngineConfig:
     page_size: int = 16
     kv_cache_tokens: int = 16384
     max_retained: int = 64
+    scheduling: str = "roofline"
+    max_step_seconds: float | None = None
+    calibrate: bool | None = None
 
     def __post_init__(self) -> None:
+        if self.scheduling not in SCHEDULING:
+            raise ValueError(f"scheduling must be one of {', '.join(SCHEDULING)}; got {self.scheduling!r}.")
+        if self.max_step_seconds is not None and (isinstance(self.max_step_seconds, bool)
+                                                  or not isinstance(self.max_step_seconds, (int, float))
+                                                  or not self.max_step_seconds > 0):
+            raise ValueError(f"max_step_seconds must be a positive number or None; got {self.max_step_seconds!r}.")
         for name in ("max_num_seqs", "max_num_batched_tokens", "page_size", "kv_cache_tokens", "max_retained"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
@@ -62,6 +77,14 @@ class Engine:
         self.config = config or EngineConfig()
         self.runner = ModelRunner(model, fused_head=self.config.fused_head)
         self.kv_cache: PagedKVCache | None = None
+        device, dtype = self.model.device, self.model.dtype
+        calibrate = self.config.calibrate if self.config.calibrate is not None else device.type == "cuda"
+        fused = self.config.fused_head if self.config.fused_head is not None else device.type == "cuda"
+        self.cost_model = CostModel(self.model_config, ceilings_for(device, dtype, calibrate=calibrate),
+                                    torch.empty((), dtype=dtype).element_size(), fused_head=bool(fused))
+        self.scheduler = Scheduler(self.cost_model, scheduling=self.config.scheduling,
+                                   max_step_seconds=self.config.max_step_seconds)
+        self.last_estimate: StepEstimate | None = None  # the cost model's view of the last step
         self.retained: OrderedDict[str, tuple[torch.Tensor, torch.Tensor]] = OrderedDict()  # id -> (tokens, pages)
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
@@ -168,16 +191,25 @@ class Engine:
     # ---------------------------------------------------------------------------------------------- step
     def _admit(self) -> None:
         budget = self.config.max_num_batched_tokens - sum(self._tokens(r) for r in self.running)
-        now = time.perf_counter()
-        while self.waiting and len(self.running) < self.config.max_num_seqs:
-            req = self.waiting[0]
-            if self._tokens(req) > budget or not self._allocate(req):
-                break
-            self.waiting.popleft()
+        slots = self.config.max_num_seqs - len(self.running)
+
+        def fits(req: Request) -> bool:
+            nonlocal budget, slots
+            if slots < 1 or self._tokens(req) > budget or not self._allocate(req):
+                return False
             budget -= self._tokens(req)
+            slots -= 1
+            return True
+
+        candidates = list(itertools.islice(self.waiting, max(0, slots)))
+        decision = self.scheduler.admit(candidates, self.running, fits)
+        now = time.perf_counter()
+        for req in decision.admitted:
+            self.waiting.popleft()
             req.status = RequestStatus.RUNNING
             req.metrics.first_scheduled_time = now
             self.running.append(req)
+        self.last_estimate = decision.estimate
 
     def _allocate(self, req: Request) -> bool:
         """Give ``req`` its KV-cache pages (for its whole sequence); False when too few are free now."""
@@ -371,6 +403,10 @@ class Engine:
         self.running.remove(req)
         self._known.discard(req.request_id)
         tokens = req.canvas.tolist()
+        if stop is None and req.params.stop and self.tokenizer is not None:  # a stop string final only now
+            full = self._text(tokens)[0]
+            hits = [i for i in (full.find(x) for x in req.params.stop) if i >= 0]
+            stop = (full, min(hits)) if hits else None
         if stop is not None:
             text, reason = stop[0][:stop[1]], "stop"
         else:

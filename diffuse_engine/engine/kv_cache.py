@@ -134,6 +134,21 @@ class KVPlan:
             self.masks.append(_mask(s, num_read, device))
         self.write_rows = torch.cat(write_rows).to(device) if write_rows else None
         self.write_slots = torch.cat(write_slots).to(device) if write_slots else None
+        # Sequences with the same fresh and cached lengths and no mask attend as one batched SDPA call.
+        groups: dict[tuple[int, int], list[int]] = {}
+        for i, s in enumerate(seqs):
+            if self.masks[i] is None:
+                num_read = 0 if self.read_slots[i] is None else self.read_slots[i].numel()
+                groups.setdefault((s.num_tokens, num_read), []).append(i)
+        self.groups: list[tuple[list[int], torch.Tensor, torch.Tensor | None]] = []
+        self.single: list[int] = [i for i in range(len(seqs)) if self.masks[i] is not None]
+        for (n, num_read), members in groups.items():
+            if len(members) == 1:
+                self.single.extend(members)
+                continue
+            rows = torch.stack([torch.arange(self.cu[i], self.cu[i] + n) for i in members]).to(device)
+            reads = torch.stack([self.read_slots[i] for i in members]) if num_read else None
+            self.groups.append((members, rows, reads))
 
     def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         cache = self.cache
@@ -141,16 +156,27 @@ class KVPlan:
             cache.k[layer].index_copy_(0, self.write_slots, k.index_select(0, self.write_rows).to(cache.k.dtype))
             cache.v[layer].index_copy_(0, self.write_slots, v.index_select(0, self.write_rows).to(cache.v.dtype))
         gqa = q.shape[1] != k.shape[1]
-        outs = []
-        for i, (a, b) in enumerate(zip(self.cu[:-1], self.cu[1:], strict=True)):
+        out = torch.empty_like(q)
+        for _members, rows, reads in self.groups:  # [G, n] fresh rows, [G, r] cached slots
+            kk, vv = k[rows], v[rows]
+            if reads is not None:
+                ck, cv = cache.gather(layer, reads.reshape(-1))
+                g, r = reads.shape
+                kk = torch.cat((ck.view(g, r, *ck.shape[1:]).to(k.dtype), kk), dim=1)
+                vv = torch.cat((cv.view(g, r, *cv.shape[1:]).to(v.dtype), vv), dim=1)
+            o = F.scaled_dot_product_attention(q[rows].transpose(1, 2), kk.transpose(1, 2), vv.transpose(1, 2),
+                                               enable_gqa=gqa)
+            out[rows.reshape(-1)] = o.transpose(1, 2).reshape(-1, *q.shape[1:])
+        for i in self.single:
+            a, b = self.cu[i], self.cu[i + 1]
             kk, vv = k[a:b], v[a:b]
             if self.read_slots[i] is not None:
                 ck, cv = cache.gather(layer, self.read_slots[i])
                 kk, vv = torch.cat((ck.to(k.dtype), kk)), torch.cat((cv.to(v.dtype), vv))
             qh, kh, vh = (t.transpose(0, 1).unsqueeze(0) for t in (q[a:b], kk, vv))
-            mask = self.masks[i]
-            outs.append(F.scaled_dot_product_attention(qh, kh, vh, attn_mask=mask, enable_gqa=gqa)[0].transpose(0, 1))
-        return torch.cat(outs, dim=0) if len(outs) > 1 else outs[0].contiguous()
+            out[a:b] = F.scaled_dot_product_attention(qh, kh, vh, attn_mask=self.masks[i],
+                                                      enable_gqa=gqa)[0].transpose(0, 1)
+        return out
 
 
 def _mask(s: SeqPlan, num_read: int, device: torch.device) -> torch.Tensor | None:
