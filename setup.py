@@ -155,9 +155,10 @@ setup(
         "pybind11>=2.12",
     ],
     extras_require={
-        "test": ["pytest>=7", "pytest-benchmark>=4", "scipy", "matplotlib"],
+        "test": ["pytest>=7", "pytest-benchmark>=4", "scipy", "matplotlib", "fastapi", "uvicorn", "openai", "httpx"],
         "eval": ["matplotlib"],
         "flash": ["flash-attn"],
+        "serve": ["fastapi", "uvicorn"],
     },
     entry_points={"console_scripts": ["diffuse-engine=diffuse_engine.cli:main"]},
     ext_modules=native_extensions(),

@@ -62,10 +62,22 @@ class _Stream:
     loop: asyncio.AbstractEventLoop
     kind: str
     mask_id: int
+    stop: list[str] = field(default_factory=list)
     emitted_tokens: int = 0
     text: str = ""
     done: bool = False
     errors: list[BaseException] = field(default_factory=list)
+
+
+def _hold_back(text: str, stops: list[str]) -> str:
+    """``text`` without a tail that could be the start of a stop string (it may yet be cut from the answer)."""
+    keep = len(text)
+    for stop in stops:
+        for n in range(min(len(stop) - 1, len(text)), 0, -1):
+            if text.endswith(stop[:n]):
+                keep = min(keep, len(text) - n)
+                break
+    return text[:keep]
 
 
 class AsyncEngine:
@@ -109,6 +121,11 @@ class AsyncEngine:
             self._stopped = False
             self._thread = threading.Thread(target=self._run, name="diffuse-engine-step", daemon=True)
             self._thread.start()
+
+    @property
+    def is_running(self) -> bool:
+        """Whether the stepping thread is alive."""
+        return self._thread is not None and self._thread.is_alive()
 
     def shutdown(self) -> None:
         """Stop the stepping thread; unfinished requests are aborted and their streams end with an error."""
@@ -162,7 +179,8 @@ class AsyncEngine:
             raise ValueError(f"output_kind must be one of {', '.join(OUTPUT_KINDS)}; got {output_kind!r}.")
         ids = self._encode(prompt)
         loop = asyncio.get_running_loop()
-        stream = _Stream(asyncio.Queue(), loop, output_kind, self.engine.model_config.mask_token_id)
+        stream = _Stream(asyncio.Queue(), loop, output_kind, self.engine.model_config.mask_token_id,
+                         list((params.stop if params is not None else None) or []))
         # The lock can be held for a whole step: take it on a worker thread, never on the event loop.
         rid = await asyncio.to_thread(self._add, ids, params, request_id, stream, retain, continue_from)
         self.start()
@@ -228,7 +246,7 @@ class AsyncEngine:
             self.num_finished += 1
             self.tokens_out += len(out.canvas)
         else:
-            text = self._stable_text(tokens)
+            text = _hold_back(self._stable_text(tokens), stream.stop)
         delta = text[len(stream.text):] if text.startswith(stream.text) else text
         snapshot = None
         if stream.kind == "canvas":

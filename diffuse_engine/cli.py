@@ -1,5 +1,5 @@
 """The ``diffuse-engine`` command: ``generate``, ``info``, ``presets``, ``init-random``, and the quality tools
-``train``, ``eval`` and ``sweep`` (in :mod:`diffuse_engine.cli_quality`).
+``train``, ``eval`` and ``sweep`` (in :mod:`diffuse_engine.cli_quality`), and ``serve`` (:mod:`diffuse_engine.server`).
 
 Exit status: 0 on success, 2 for bad input (arguments, sampling parameters, a missing or broken model folder:
 anything raising ``ValueError``), 1 for other failures, 130 when interrupted. Errors are printed as
@@ -106,8 +106,10 @@ def build_parser() -> argparse.ArgumentParser:
     rnd.set_defaults(func=cmd_init_random)
 
     from .cli_quality import add_quality_commands
+    from .server import add_serve_command
 
     add_quality_commands(sub)
+    add_serve_command(sub)
     return parser
 
 

@@ -184,3 +184,28 @@ def test_retained_pages_are_evicted_for_admission():
     for rid in list(engine.retained):
         assert engine.release_retained(rid)
     assert engine.kv_cache.num_free_pages == engine.kv_cache.num_pages
+
+
+@pytest.mark.parametrize("stop", ["39", "0", "12", "999"])
+def test_streamed_deltas_never_include_a_cut_stop_string(llm, stop):
+    engine = AsyncEngine(llm.engine)
+    params = SamplingParams(gen_length=6, block_length=2, steps=6, seed=0, stop=[stop])
+
+    async def main():
+        return await asyncio.gather(*(_collect(engine, p, params) for p in PROMPTS))
+
+    try:
+        results = asyncio.run(main())
+    finally:
+        engine.shutdown()
+    alone = llm.generate(PROMPTS, params)
+    for outs, want in zip(results, alone, strict=True):
+        assert "".join(o.text_delta for o in outs) == outs[-1].text == want.text
+        assert stop not in want.text and outs[-1].finish_reason == want.finish_reason
+
+
+def test_stop_string_final_only_in_the_last_step(llm):
+    out = llm.generate(["96759+00633="], SamplingParams(gen_length=6, seed=0))[0]
+    assert out.text == "097392"
+    cut = llm.generate(["96759+00633="], SamplingParams(gen_length=6, seed=0, stop=["39"]))[0]
+    assert (cut.text, cut.finish_reason) == ("097", "stop")
