@@ -108,3 +108,17 @@ def test_bad_scheduler_settings():
         Scheduler(None)
     with pytest.raises(ValueError, match="knee"):
         Scheduler(None, scheduling="fcfs", knee=0)
+
+
+def test_failed_calibration_falls_back_to_a_preset(monkeypatch):
+    from diffuse_engine.engine import engine as engine_module
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("no timer")
+
+    monkeypatch.setattr(engine_module, "ceilings_for", broken)
+    with pytest.warns(RuntimeWarning, match="CPU preset"):
+        llm = LLM.from_model(MODEL)
+    assert llm.engine.cost_model.ceilings.name == "CPU"
+    with pytest.raises(RuntimeError, match="no timer"):
+        LLM.from_model(MODEL, engine_config=EngineConfig(calibrate=True))

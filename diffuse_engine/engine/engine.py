@@ -11,6 +11,7 @@ from __future__ import annotations
 import itertools
 import secrets
 import time
+import warnings
 from collections import OrderedDict, deque
 from dataclasses import dataclass
 
@@ -19,7 +20,7 @@ import torch
 from ..models import DiffusionLM
 from ..policies import decoding_policy, revision_policy
 from ..sampling_params import SamplingParams
-from .cost_model import CostModel, StepEstimate, ceilings_for
+from .cost_model import CPU, H100, CostModel, DeviceCeilings, StepEstimate, ceilings_for
 from .decide import select
 from .kv_cache import PagedKVCache
 from .request import Request, RequestOutput, RequestStatus, StepOutput
@@ -80,7 +81,7 @@ class Engine:
         device, dtype = self.model.device, self.model.dtype
         calibrate = self.config.calibrate if self.config.calibrate is not None else device.type == "cuda"
         fused = self.config.fused_head if self.config.fused_head is not None else device.type == "cuda"
-        self.cost_model = CostModel(self.model_config, ceilings_for(device, dtype, calibrate=calibrate),
+        self.cost_model = CostModel(self.model_config, self._ceilings(device, dtype, calibrate),
                                     torch.empty((), dtype=dtype).element_size(), fused_head=bool(fused))
         self.scheduler = Scheduler(self.cost_model, scheduling=self.config.scheduling,
                                    max_step_seconds=self.config.max_step_seconds)
@@ -92,6 +93,19 @@ class Engine:
         self._known: set[str] = set()
         self.num_steps = 0
         self.step_seconds = 0.0
+
+    def _ceilings(self, device: torch.device, dtype: torch.dtype, calibrate: bool) -> DeviceCeilings:
+        """The device's ceilings for the cost model. An automatic calibration that fails (or a GPU without a
+        preset) falls back, with a warning, to the closest preset; an explicit ``calibrate=True`` raises."""
+        try:
+            return ceilings_for(device, dtype, calibrate=calibrate)
+        except Exception as exc:  # noqa: BLE001 - scheduling must not stop the engine from running
+            if self.config.calibrate:
+                raise
+            fallback = CPU if device.type == "cpu" else H100
+            warnings.warn(f"no ceilings for {device} ({type(exc).__name__}: {exc}); the scheduler uses the "
+                          f"{fallback.name} preset.", RuntimeWarning, stacklevel=3)
+            return fallback
 
     # ------------------------------------------------------------------------------------------ requests
     def add_request(self, prompt: list[int], params: SamplingParams | None = None,
