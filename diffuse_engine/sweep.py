@@ -111,7 +111,7 @@ def write_csv(rows: list[dict[str, Any]], path: Path) -> Path:
 
 def plot(rows: list[dict[str, Any]], out_dir: Path, stem: str) -> list[Path]:
     """``<stem>_nfe.png`` and ``<stem>_seconds.png``: accuracy against mean NFE and against wall seconds, one
-    curve per (policy, block length)."""
+    panel per (cache, block length), one curve per policy (the legend below the panels)."""
     try:
         import matplotlib
 
@@ -121,32 +121,40 @@ def plot(rows: list[dict[str, Any]], out_dir: Path, stem: str) -> list[Path]:
         raise RuntimeError("the sweep's plots need matplotlib: pip install matplotlib "
                            "(or diffuse-engine[eval]).") from exc
     out_dir.mkdir(parents=True, exist_ok=True)
-    curves: dict[tuple[str, int], list[dict[str, Any]]] = {}
+    panels: dict[tuple[str, int], dict[str, list[dict[str, Any]]]] = {}
     for r in rows:
-        name = r["policy"] if r.get("cache", "none") in ("none", "") else f"{r['policy']} [{r['cache']} cache]"
-        curves.setdefault((name, int(r["block_length"])), []).append(r)
+        key = (r.get("cache") or "none", int(r["block_length"]))
+        panels.setdefault(key, {}).setdefault(r["policy"], []).append(r)
+    keys = sorted(panels, key=lambda k: (k[0] != "none", k[0], -k[1]))
+    policies = sorted({p for pol in panels.values() for p in pol})
+    markers = "os^vDP*Xdph<>8"
     paths = []
     first = rows[0]
-    policies = sorted({p for p, _ in curves})
-    blocks = sorted({b for _, b in curves}, reverse=True)
-    styles = ["-", "--", ":", "-."]
     for x_key, label, suffix in (("nfe", "forward evaluations per request (NFE)", "nfe"),
                                  ("wall_s", f"seconds for {first['n']} requests", "seconds")):
-        fig, ax = plt.subplots(figsize=(7, 4.5))
-        for (policy, block), pts in sorted(curves.items()):
-            pts = sorted(pts, key=lambda r: float(r[x_key]))
-            ax.plot([float(p[x_key]) for p in pts], [100 * float(p["accuracy"]) for p in pts], marker="o",
-                    markersize=4, color=plt.cm.tab20(policies.index(policy) % 20),
-                    linestyle=styles[blocks.index(block) % len(styles)], label=f"{policy}, block {block}")
-        ax.set_xscale("log", base=2)
-        ax.set_xlabel(label)
-        ax.set_ylabel("accuracy (%)")
-        ax.set_ylim(-2, 102)
-        ax.grid(True, alpha=0.3)
-        ax.set_title(f"{first['task']} ({first['model']}): accuracy vs {suffix}, gen_length {first['gen_length']}, "
-                     f"{first['device']}", fontsize=9)
-        ax.legend(fontsize=7, loc="lower right")
-        fig.tight_layout()
+        cols = min(len(keys), 4)
+        nrows = -(-len(keys) // cols)
+        fig, axes = plt.subplots(nrows, cols, figsize=(4.2 * cols, 3.6 * nrows + 1.4), squeeze=False, sharey=True)
+        for ax, key in zip(axes.flat, keys, strict=False):
+            for policy, pts in sorted(panels[key].items()):
+                pts = sorted(pts, key=lambda r: float(r[x_key]))
+                i = policies.index(policy)
+                ax.plot([float(p[x_key]) for p in pts], [100 * float(p["accuracy"]) for p in pts],
+                        marker=markers[i % len(markers)], markersize=4, color=plt.cm.tab20(i % 20), label=policy)
+            ax.set_xscale("log", base=2)
+            ax.set_title(f"cache {key[0]}, block {key[1]}", fontsize=9)
+            ax.set_xlabel(label, fontsize=8)
+            ax.set_ylim(-2, 102)
+            ax.grid(True, alpha=0.3)
+        for ax in axes.flat[len(keys):]:
+            ax.axis("off")
+        axes[0][0].set_ylabel("accuracy (%)")
+        handles = [plt.Line2D([], [], color=plt.cm.tab20(i % 20), marker=markers[i % len(markers)], label=p)
+                   for i, p in enumerate(policies)]
+        fig.legend(handles=handles, loc="lower center", ncol=min(len(policies), 7), fontsize=7, frameon=False)
+        fig.suptitle(f"{first['task']} ({first['model']}): accuracy vs {suffix}, gen_length {first['gen_length']}, "
+                     f"{first['device']}", fontsize=10)
+        fig.tight_layout(rect=(0, 0.6 / (3.6 * nrows + 1.4) + 0.05, 1, 0.97))
         path = out_dir / f"{stem}_{suffix}.png"
         fig.savefig(path, dpi=110)
         plt.close(fig)
