@@ -255,3 +255,50 @@ def test_cached_requests_batch_invariant_in_fp32(mode):
     finally:
         KVPlan.__init__ = original
     assert max(plan_groups) >= 1  # the batched path ran
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_plan_through_the_triton_cached_kernel_equals_sdpa(monkeypatch, dtype):
+    """Groups of dual- and prefix-pattern sequences through ops.block_attention_cached (Triton, here under the
+    interpreter) give what the SDPA path gives."""
+    import diffuse_engine.engine.kv_cache as kv
+
+    gen = torch.Generator().manual_seed(0)
+    layers, kv_heads, heads, d, page = 2, 2, 4, 16, 8
+    cache = PagedKVCache(layers, kv_heads, d, 32, page, dtype, "cpu")
+    cache.k.copy_(torch.randn(cache.k.shape, generator=gen).to(dtype))
+    cache.v.copy_(torch.randn(cache.v.shape, generator=gen).to(dtype))
+    seqs = []
+    for length, lo, n, dual in ((40, 13, 8, True), (40, 9, 8, True), (30, 20, 10, False), (30, 11, 10, False)):
+        pages = cache.allocate(length)
+        read = [(0, lo)] + ([(lo + n, length)] if dual else [])
+        seqs.append(SeqPlan(lo, n, torch.arange(lo, lo + n), read, None, pages))
+    total = sum(s.num_tokens for s in seqs)
+    q = torch.randn(total, heads, d, generator=gen).to(dtype)
+    k = torch.randn(total, kv_heads, d, generator=gen).to(dtype)
+    v = torch.randn(total, kv_heads, d, generator=gen).to(dtype)
+    monkeypatch.setenv("DIFFUSE_ATTENTION_BACKEND", "sdpa")
+    want = KVPlan(cache, seqs, torch.device("cpu")).attend(1, q, k, v)
+    monkeypatch.setenv("DIFFUSE_ATTENTION_BACKEND", "triton")
+    plan = KVPlan(cache, seqs, torch.device("cpu"))
+    assert all(a is not None for a in plan.kernel_args)
+    calls = []
+    original = kv._kernel_attend
+    monkeypatch.setattr(kv, "_kernel_attend", lambda *a: calls.append(1) or original(*a))
+    got = plan.attend(1, q, k, v)
+    assert len(calls) == 3  # groups of equal (fresh, cached) lengths: the dual pair, and each prefix sequence
+    tol = 2e-3 if dtype == torch.float32 else 2e-2
+    torch.testing.assert_close(got.float(), want.float(), rtol=tol, atol=tol)
+
+
+def test_cached_decode_with_triton_kernels_matches_sdpa(monkeypatch):
+    """End to end under the Triton interpreter: dual-cache decoding through the Triton kernels (packed attention
+    at refresh steps, the cached-block kernel in between) gives the tokens of the SDPA path."""
+    model = build_model(from_name("llada-tiny").config, dtype=torch.float32).init_random_(2).eval()
+    llm = LLM.from_model(model)
+    prompts = [_prompt(6, 80 + i) for i in range(3)]
+    params = SamplingParams(gen_length=16, block_length=8, steps=8, cache="dual", seed=1)
+    monkeypatch.setenv("DIFFUSE_ATTENTION_BACKEND", "sdpa")
+    want = _run(llm, prompts, params)
+    monkeypatch.setenv("DIFFUSE_ATTENTION_BACKEND", "triton")
+    assert _run(llm, prompts, params) == want

@@ -13,6 +13,9 @@ block-causal for block-diffusion models, and leave-one-out verification queries)
 
 from __future__ import annotations
 
+import importlib.util
+import os
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -142,13 +145,16 @@ class KVPlan:
                 groups.setdefault((s.num_tokens, num_read), []).append(i)
         self.groups: list[tuple[list[int], torch.Tensor, torch.Tensor | None]] = []
         self.single: list[int] = [i for i in range(len(seqs)) if self.masks[i] is not None]
+        self.kernel_args: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None] = []
+        use_kernel = _cached_kernel_wanted(device)
         for (n, num_read), members in groups.items():
-            if len(members) == 1:
+            if len(members) == 1 and not use_kernel:
                 self.single.extend(members)
                 continue
             rows = torch.stack([torch.arange(self.cu[i], self.cu[i] + n) for i in members]).to(device)
             reads = torch.stack([self.read_slots[i] for i in members]) if num_read else None
             self.groups.append((members, rows, reads))
+            self.kernel_args.append(_kernel_args([seqs[i] for i in members], device) if use_kernel else None)
 
     def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         cache = self.cache
@@ -157,8 +163,13 @@ class KVPlan:
             cache.v[layer].index_copy_(0, self.write_slots, v.index_select(0, self.write_rows).to(cache.v.dtype))
         gqa = q.shape[1] != k.shape[1]
         out = torch.empty_like(q)
-        for _members, rows, reads in self.groups:  # [G, n] fresh rows, [G, r] cached slots
-            kk, vv = k[rows], v[rows]
+        for (_members, rows, reads), kernel in zip(self.groups, self.kernel_args, strict=True):
+            if kernel is not None and _CACHED_KERNEL_FAILURE is None:
+                done = _kernel_attend(cache, layer, q, k, v, rows, kernel)
+                if done is not None:
+                    out[rows.reshape(-1)] = done.reshape(-1, *q.shape[1:])
+                    continue
+            kk, vv = k[rows], v[rows]  # [G, n] fresh rows, [G, r] cached slots
             if reads is not None:
                 ck, cv = cache.gather(layer, reads.reshape(-1))
                 g, r = reads.shape
@@ -179,12 +190,79 @@ class KVPlan:
         return out
 
 
+# The Triton kernel of ops.block_attention_cached (one launch per group of equal-shape sequences, the cached
+# keys read in place from their pages) serves the plan on CUDA; set when it failed to compile or launch, after
+# which the plan stays on SDPA for the process (an explicit DIFFUSE_ATTENTION_BACKEND=triton still raises).
+_CACHED_KERNEL_FAILURE: str | None = None
+
+
+def _cached_kernel_wanted(device: torch.device) -> bool:
+    from .. import ops
+
+    choice = os.environ.get(ops.ATTENTION_ENV, "").strip().lower()
+    if choice == "triton":
+        return True
+    if choice not in ("", "auto") or ops.requested_backend() is not None:
+        return False
+    return device.type == "cuda" and _CACHED_KERNEL_FAILURE is None and importlib.util.find_spec("triton") is not None
+
+
+def _kernel_args(seqs: list[SeqPlan], device: torch.device) -> tuple[torch.Tensor, ...] | None:
+    """(block_table, cache_lens, block_start) for the kernel, when every sequence reads the kernel's pattern:
+    [0, lo) and [lo + n, end) around its n fresh tokens from lo (dual), or only [0, lo) (prefix); else None."""
+    starts, lens = [], []
+    for s in seqs:
+        n, lo = s.num_tokens, s.lo
+        ranges = [r for r in s.read if r[1] > r[0]]
+        if s.num_main != n or (ranges and ranges[0] != (0, lo)) or len(ranges) > 2:
+            return None
+        if len(ranges) == 2 and ranges[1][0] != lo + n:
+            return None
+        if s.pages is None:
+            return None
+        starts.append(lo)
+        lens.append(ranges[-1][1] if len(ranges) == 2 else lo)
+    width = max(s.pages.numel() for s in seqs)
+    table = torch.zeros(len(seqs), width, dtype=torch.int32)
+    for i, s in enumerate(seqs):
+        table[i, : s.pages.numel()] = s.pages.to(torch.int32)
+    as32 = lambda xs: torch.tensor(xs, dtype=torch.int32, device=device)  # noqa: E731
+    return table.to(device), as32(lens), as32(starts)
+
+
+def _kernel_attend(cache: PagedKVCache, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                   rows: torch.Tensor, args: tuple[torch.Tensor, ...]) -> torch.Tensor | None:
+    """One group through the Triton cached-block kernel (q and k are rotated already: identity RoPE tables)."""
+    global _CACHED_KERNEL_FAILURE
+    from .. import ops
+
+    table, lens, starts = args
+    g, n = rows.shape
+    d = q.shape[-1]
+    if q.dtype not in (torch.float16, torch.bfloat16, torch.float32) or d & (d - 1) or not 16 <= d <= 256:
+        return None  # shapes the kernel does not take (fp64 tests, odd head dims): the SDPA path
+    kc = cache.k[layer].view(cache.num_pages, cache.page_size, *cache.k.shape[2:])
+    vc = cache.v[layer].view(cache.num_pages, cache.page_size, *cache.v.shape[2:])
+    cos = torch.ones(g, n, d, dtype=torch.float32, device=q.device)
+    sin = torch.zeros(g, n, d, dtype=torch.float32, device=q.device)
+    try:
+        return ops.block_attention_cached(q[rows], k[rows].to(kc.dtype), v[rows].to(vc.dtype), kc, vc, table, lens,
+                                          starts, cos, sin, backend="triton").to(q.dtype)
+    except Exception as exc:  # noqa: BLE001 - automatic choice must not fail where SDPA runs
+        if os.environ.get(ops.ATTENTION_ENV, "").strip().lower() == "triton":
+            raise
+        _CACHED_KERNEL_FAILURE = f"{type(exc).__name__}: {exc}"
+        warnings.warn(f"the Triton cached-attention kernel failed ({_CACHED_KERNEL_FAILURE}); the KV plan uses "
+                      f"SDPA from now on.", RuntimeWarning, stacklevel=2)
+        return None
+
+
 def _mask(s: SeqPlan, num_read: int, device: torch.device) -> torch.Tensor | None:
     """Boolean ``[fresh, read + fresh]`` (True = attend), or None when every fresh token sees every key."""
     n, m = s.num_tokens, s.num_main
-    if s.block_size is None and n == m:
-        return None
     pos = s.positions
+    if n == m and (s.block_size is None or int(pos[0]) // s.block_size == int(pos[-1]) // s.block_size):
+        return None  # no verification queries, and no block boundary among the fresh tokens
     fresh = torch.ones(n, n, dtype=torch.bool)
     if s.block_size is not None:
         blk = pos // s.block_size
