@@ -15,13 +15,19 @@ from .layers import RMSNorm, TokenLayout, apply_rope, attend, swiglu
 
 
 class _Attention(nn.Module):
+    """Qwen2 attention projections; Qwen3 (``config.qk_norm``, SDAR) adds a per-head RMSNorm of q and k and puts
+    its ``attention_bias`` on o_proj too."""
+
     def __init__(self, c: ModelConfig) -> None:
         super().__init__()
         d, hd = c.hidden_size, c.head_dim
         self.q_proj = nn.Linear(d, c.num_heads * hd, bias=c.qkv_bias)
         self.k_proj = nn.Linear(d, c.num_kv_heads * hd, bias=c.qkv_bias)
         self.v_proj = nn.Linear(d, c.num_kv_heads * hd, bias=c.qkv_bias)
-        self.o_proj = nn.Linear(c.num_heads * hd, d, bias=False)
+        self.o_proj = nn.Linear(c.num_heads * hd, d, bias=c.qkv_bias and c.qk_norm)
+        if c.qk_norm:
+            self.q_norm = RMSNorm(hd, c.rms_norm_eps)
+            self.k_norm = RMSNorm(hd, c.rms_norm_eps)
 
 
 class _MLP(nn.Module):
@@ -37,6 +43,7 @@ class DreamLayer(nn.Module):
         super().__init__()
         self.layer = layer
         self.n_heads, self.n_kv, self.head_dim = c.num_heads, c.num_kv_heads, c.head_dim
+        self.qk_norm = c.qk_norm
         self.self_attn = _Attention(c)
         self.mlp = _MLP(c)
         self.input_layernorm = RMSNorm(c.hidden_size, c.rms_norm_eps)
@@ -48,9 +55,11 @@ class DreamLayer(nn.Module):
         q = ops.linear(x, at.q_proj.weight, at.q_proj.bias).view(n, self.n_heads, self.head_dim)
         k = ops.linear(x, at.k_proj.weight, at.k_proj.bias).view(n, self.n_kv, self.head_dim)
         v = ops.linear(x, at.v_proj.weight, at.v_proj.bias).view(n, self.n_kv, self.head_dim)
+        if self.qk_norm:
+            q, k = at.q_norm(q), at.k_norm(k)
         q = apply_rope(q, cos, sin, full_precision=False)
         k = apply_rope(k, cos, sin, full_precision=False)
-        h = h + ops.linear(attend(q, k, v, layout, self.layer).reshape(n, -1), at.o_proj.weight)
+        h = h + ops.linear(attend(q, k, v, layout, self.layer).reshape(n, -1), at.o_proj.weight, at.o_proj.bias)
         x = self.post_attention_layernorm(h)
         g = swiglu(ops.linear(x, mlp.gate_proj.weight), ops.linear(x, mlp.up_proj.weight))
         return h + ops.linear(g, mlp.down_proj.weight)
