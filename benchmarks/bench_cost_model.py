@@ -28,14 +28,13 @@ import os
 import statistics
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import RESULTS, append_csv, print_table, stamp, sync  # noqa: E402
+from common import RESULTS, append_csv, print_table, stamp  # noqa: E402
 
 from diffuse_engine.engine import cost_model  # noqa: E402
 from diffuse_engine.engine.kv_cache import KVPlan, PagedKVCache, SeqPlan  # noqa: E402
@@ -113,16 +112,8 @@ def step_fn(model, cache: PagedKVCache | None, batch: int, query: int, context: 
 
 
 def measure(fn, device: torch.device, reps: int) -> float:
-    """Median seconds of ``fn`` over ``reps`` runs after one warm-up run."""
-    fn()
-    sync(device)
-    times = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        fn()
-        sync(device)
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+    """Median seconds of ``fn`` over ``reps`` runs after one warm-up run (the calibration's own timer)."""
+    return cost_model.median_seconds(fn, device, reps)
 
 
 def calibrate_fresh(device: torch.device, dtype: torch.dtype) -> cost_model.DeviceCeilings:

@@ -107,19 +107,10 @@ def measure_ceilings(device: torch.device | str, copy_bytes: int = 2 << 30, mm: 
     a = torch.randn(mm, mm, device=device, dtype=dtype)
     b = torch.randn(mm, mm, device=device, dtype=dtype)
 
-    def timed(fn, reps: int) -> float:
-        fn()
-        sync(device)
-        times = []
-        for _ in range(reps):
-            t0 = time.perf_counter()
-            fn()
-            sync(device)
-            times.append(time.perf_counter() - t0)
-        return sorted(times)[len(times) // 2]
+    from diffuse_engine.engine.cost_model import median_seconds
 
-    t_copy = timed(lambda: dst.copy_(src), 10)
-    t_mm = timed(lambda: torch.mm(a, b), 10 if device.type == "cuda" else 3)
+    t_copy = median_seconds(lambda: dst.copy_(src), device, 10)
+    t_mm = median_seconds(lambda: torch.mm(a, b), device, 10 if device.type == "cuda" else 3)
     return {"bandwidth_gbs": 2 * n * 4 / t_copy / 1e9, "peak_tflops": 2 * mm ** 3 / t_mm / 1e12,
             "matmul_dtype": str(dtype).replace("torch.", "")}
 

@@ -219,7 +219,8 @@ def _llada_from_hf(raw: dict[str, Any]) -> ModelConfig:
     )
 
 
-def _dream_from_hf(raw: dict[str, Any]) -> ModelConfig:
+def _refuse_unsupported_qwen(raw: dict[str, Any]) -> None:
+    """Qwen2 / Qwen3 options the models do not implement (Dream and SDAR configs)."""
     if raw.get("use_sliding_window"):
         raise ValueError("config.json sets use_sliding_window=true; sliding-window attention is not supported.")
     if raw.get("rope_scaling"):
@@ -227,6 +228,10 @@ def _dream_from_hf(raw: dict[str, Any]) -> ModelConfig:
     act = raw.get("hidden_act", "silu")
     if act != "silu":
         raise ValueError(f"config.json sets hidden_act={act!r}; only 'silu' is supported.")
+
+
+def _dream_from_hf(raw: dict[str, Any]) -> ModelConfig:
+    _refuse_unsupported_qwen(raw)
     n_heads = int(raw["num_attention_heads"])
     known = set(_DREAM_DEFAULTS) | {"hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
                                     "intermediate_size", "vocab_size", "rms_norm_eps", "rope_theta",
@@ -256,13 +261,7 @@ def _dream_from_hf(raw: dict[str, Any]) -> ModelConfig:
 
 
 def _sdar_from_hf(raw: dict[str, Any]) -> ModelConfig:
-    if raw.get("use_sliding_window"):
-        raise ValueError("config.json sets use_sliding_window=true; sliding-window attention is not supported.")
-    if raw.get("rope_scaling"):
-        raise ValueError(f"config.json sets rope_scaling={raw['rope_scaling']!r}; RoPE scaling is not supported.")
-    act = raw.get("hidden_act", "silu")
-    if act != "silu":
-        raise ValueError(f"config.json sets hidden_act={act!r}; only 'silu' is supported.")
+    _refuse_unsupported_qwen(raw)
     n_heads = int(raw["num_attention_heads"])
     block = raw.get("block_size")
     known = set(_SDAR_DEFAULTS) | {"hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",

@@ -109,7 +109,7 @@ def test_calibrate_writes_and_reuses_its_cache(tmp_path, monkeypatch):
     def no_measuring(*args, **kwargs):
         raise AssertionError("a cached calibration must not measure again")
 
-    monkeypatch.setattr(cost_model, "_median_time", no_measuring)
+    monkeypatch.setattr(cost_model, "median_seconds", no_measuring)
     assert cost_model.calibrate("cpu", torch.float32) == first
     assert cost_model.ceilings_for("cpu", torch.float32) == first
     assert cost_model.ceilings_for("cpu", torch.float32, calibrate=False) is CPU

@@ -305,7 +305,7 @@ def device_key(device: torch.device | str, dtype: torch.dtype) -> str:
     return f"{name}|{str(dtype).replace('torch.', '')}|torch {torch.__version__}"
 
 
-def _median_time(fn: Callable[[], object], device: torch.device, reps: int) -> float:
+def median_seconds(fn: Callable[[], object], device: torch.device, reps: int) -> float:
     """Median seconds of ``fn`` over ``reps`` runs after a warm-up run (synchronised on CUDA)."""
     times = []
     for _ in range(reps + 1):
@@ -347,11 +347,11 @@ def _overheads(device: torch.device, dtype: torch.dtype) -> tuple[float, float, 
         return run
 
     one, four = tiny(1), tiny(4)
-    t11 = _median_time(forward(one, 1, False), device, 15)
-    t41 = _median_time(forward(four, 1, False), device, 15)
-    t44 = _median_time(forward(four, 4, False), device, 15)
-    t41c = _median_time(forward(four, 1, True), device, 15)
-    t44c = _median_time(forward(four, 4, True), device, 15)
+    t11 = median_seconds(forward(one, 1, False), device, 15)
+    t41 = median_seconds(forward(four, 1, False), device, 15)
+    t44 = median_seconds(forward(four, 4, False), device, 15)
+    t41c = median_seconds(forward(four, 1, True), device, 15)
+    t44c = median_seconds(forward(four, 4, True), device, 15)
     seq = max(0.0, (t44 - t41) / 12)
     cached_seq = max(0.0, (t44c - t41c) / 12)
     layer = max(0.0, (t41 - t11) / 3 - seq)
@@ -365,10 +365,10 @@ def _copy_rates(device: torch.device, dtype: torch.dtype) -> tuple[float, float 
     nbytes = (1 << 30) if cuda else (64 << 20)
     src = torch.empty(nbytes // torch.tensor([], dtype=dtype).element_size(), device=device, dtype=dtype).fill_(1)
     dst = torch.empty_like(src)
-    bandwidth = 2 * nbytes / _median_time(lambda: dst.copy_(src), device, 7) / 1e9
+    bandwidth = 2 * nbytes / median_seconds(lambda: dst.copy_(src), device, 7) / 1e9
     if cuda:
         return bandwidth, None
-    return bandwidth, nbytes / _median_time(lambda: torch.empty_like(src).fill_(1), device, 5) / 1e9
+    return bandwidth, nbytes / median_seconds(lambda: torch.empty_like(src).fill_(1), device, 5) / 1e9
 
 
 def _matmul_rates(device: torch.device, dtype: torch.dtype) -> tuple[float, float]:
@@ -378,7 +378,7 @@ def _matmul_rates(device: torch.device, dtype: torch.dtype) -> tuple[float, floa
     mm = 8192 if device.type == "cuda" else 1024
     a = torch.randn(mm, mm, device=device).to(dtype)
     b = torch.randn(mm, mm, device=device).to(dtype)
-    peak = 2 * mm ** 3 / _median_time(lambda: F.linear(a, b), device, 5 if device.type == "cuda" else 3)
+    peak = 2 * mm ** 3 / median_seconds(lambda: F.linear(a, b), device, 5 if device.type == "cuda" else 3)
     if device.type == "cuda":
         try:
             return peak, preset_for(device).matmul_half_rows
@@ -386,7 +386,7 @@ def _matmul_rates(device: torch.device, dtype: torch.dtype) -> tuple[float, floa
             return peak, 32.0
     rows, k = 16, 512
     x, w = a[:rows, :k].contiguous(), b[:k, :k].contiguous()
-    small = 2 * rows * k * k / _median_time(lambda: F.linear(x, w), device, 31)
+    small = 2 * rows * k * k / median_seconds(lambda: F.linear(x, w), device, 31)
     return peak, max(0.0, rows * (peak / small - 1))
 
 
@@ -395,7 +395,7 @@ def _attention_half_dim(device: torch.device, dtype: torch.dtype, peak: float, h
     relatively more on the softmax)."""
     heads, seq, hd = (32, 1024, 32) if device.type == "cuda" else (4, 256, 32)
     q, k, v = (torch.randn(1, heads, seq, hd, device=device).to(dtype) for _ in range(3))
-    rate = 4 * seq * seq * heads * hd / _median_time(lambda: F.scaled_dot_product_attention(q, k, v), device, 11)
+    rate = 4 * seq * seq * heads * hd / median_seconds(lambda: F.scaled_dot_product_attention(q, k, v), device, 11)
     eff = rate / (peak * seq / (seq + half_rows))
     return max(0.0, hd * (1 / eff - 1))
 
