@@ -5,7 +5,7 @@ them (``engine/runner.py``): a packed forward through ``model.hidden_states`` an
 over the head rows. Points:
 
 - ``block``: B sequences, each recomputing a block of q tokens over ``ctx`` cached tokens (the engine's
-  prefix / dual-cache step: a ``KVPlan`` whose sequences read ``[0, ctx)`` from a paged cache; ``ctx = 0`` is a
+  prefix / dual-cache step: an ``AttentionPlan`` whose sequences read ``[0, ctx)`` from a paged cache; ``ctx = 0`` is a
   plain packed forward of the block), q / 2 rows through the head;
 - ``full``: B sequences of S tokens recomputed whole (the engine's no-cache step), min(32, S) head rows each.
 
@@ -37,7 +37,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import RESULTS, append_csv, print_table, stamp  # noqa: E402
 
 from diffuse_engine.engine import cost_model  # noqa: E402
-from diffuse_engine.engine.kv_cache import KVPlan, PagedKVCache, SeqPlan  # noqa: E402
+from diffuse_engine.engine.attention_plan import AttentionPlan, SeqPlan  # noqa: E402
+from diffuse_engine.engine.kv_cache import PagedKVCache  # noqa: E402
 from diffuse_engine.models import TokenLayout, build_model  # noqa: E402
 from diffuse_engine.presets import from_name  # noqa: E402
 
@@ -84,7 +85,7 @@ def points(args: argparse.Namespace) -> list[tuple[str, int, int, int, int]]:
 def step_fn(model, cache: PagedKVCache | None, batch: int, query: int, context: int, head_rows: int,
             device: torch.device):
     """One step's forward and head, built as the engine's runner builds it (``_forward_full`` for a plain
-    packed forward, ``_forward_planned`` with a KVPlan when the sequences read cached keys)."""
+    packed forward, with an AttentionPlan when the sequences read cached keys)."""
     cfg = model.config
     gen = torch.Generator().manual_seed(batch * 100003 + query * 101 + context)
     tokens = torch.randint(0, min(256, cfg.vocab_size - 8), (batch * query,), generator=gen).to(device)
@@ -103,8 +104,8 @@ def step_fn(model, cache: PagedKVCache | None, batch: int, query: int, context: 
     def run_cached() -> torch.Tensor:
         plans = [SeqPlan(context, query, torch.arange(context, context + query), [(0, context)], None, p)
                  for p in pages]
-        pos = torch.cat([p.positions for p in plans]).to(device)
-        layout = TokenLayout.packed([query] * batch, kv=KVPlan(cache, plans, device))
+        pos = torch.arange(context, context + query, device=device).repeat(batch)
+        layout = TokenLayout.packed([query] * batch, kv=AttentionPlan(cache, plans, device))
         hidden = model.hidden_states(tokens, pos, layout)
         return model.logits_from_hidden(hidden[rows])
     run_cached.pages = pages  # type: ignore[attr-defined]

@@ -180,6 +180,8 @@ def _cu_seqlens(layout: TokenLayout, device: torch.device) -> tuple[torch.Tensor
     if layout.cu_seqlens is not None:
         cu = layout.cu_seqlens
         longest = max(b - a for a, b in zip(cu[:-1], cu[1:], strict=True))
+        if layout.cu_seqlens_device is not None and layout.cu_seqlens_device.device == device:
+            return layout.cu_seqlens_device, longest
         return torch.tensor(cu, dtype=torch.int32, device=device), longest
     b, s = layout.batch, layout.seq_len
     return torch.arange(0, (b + 1) * s, s, dtype=torch.int32, device=device), s
@@ -245,10 +247,11 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: TokenLa
 
 def block_attention_cached(q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor, k_cache: torch.Tensor,
                            v_cache: torch.Tensor, block_table: torch.Tensor, cache_lens: torch.Tensor,
-                           block_start: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, *,
+                           block_start: torch.Tensor, cos: torch.Tensor | None, sin: torch.Tensor | None, *,
                            write_cache: bool = False, backend: str | None = None) -> torch.Tensor:
     """A diffusion block's queries over a paged KV cache plus the block's fresh keys (non-causal), RoPE applied
-    to q and k_new here; with ``write_cache`` the block's post-RoPE K and V are stored in the cache in place.
+    to q and k_new here (cos / sin None: they are rotated already); with ``write_cache`` the block's post-RoPE K
+    and V are stored in the cache in place.
     Arguments as :func:`kernels.attention_cached.block_attention_cached`. Backends: ``triton`` (one launch,
     automatic on CUDA), ``sdpa`` (a gather and SDPA per request), ``reference``; flash-attn has no form of
     this op (its KV-cache API cannot leave the block's own cached range out)."""
@@ -280,9 +283,13 @@ def block_attention_cached(q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Te
         return out
     b, L, h, d = q.shape
     page = k_cache.shape[1]
-    cs, sn = cos.float()[:, :, None, :], sin.float()[:, :, None, :]
+    cs = sn = None
+    if cos is not None:
+        cs, sn = cos.float()[:, :, None, :], sin.float()[:, :, None, :]
 
     def rope(x: torch.Tensor) -> torch.Tensor:  # rotate-half in fp32, rounded back to x's dtype
+        if cs is None:
+            return x
         xf = x.float()
         return (xf * cs + torch.cat((-xf[..., d // 2:], xf[..., :d // 2]), dim=-1) * sn).to(x.dtype)
 

@@ -17,12 +17,14 @@ _BLOCK_F = 16  # fresh keys per tile: small, since their RoPE runs on fp32 tiles
 
 
 @triton.jit
-def _load_rope(x_ptr, row_off, s_d, cos_ptr, sin_ptr, cs_off, ok, D: tl.constexpr):
-    """Rows ``x[row_off]`` ``[R, D]`` rotated in fp32: x*cos + rotate_half(x)*sin, rotate_half(x) = (-x2, x1).
-    The partner half is a second load of the same (cached) row, cheaper than a register shuffle."""
+def _load_rope(x_ptr, row_off, s_d, cos_ptr, sin_ptr, cs_off, ok, D: tl.constexpr, ROPE: tl.constexpr):
+    """Rows ``x[row_off]`` ``[R, D]`` in fp32, rotated when ROPE: x*cos + rotate_half(x)*sin, rotate_half(x) =
+    (-x2, x1). The partner half is a second load of the same (cached) row, cheaper than a register shuffle."""
     d = tl.arange(0, D)
-    sign = tl.where(d < D // 2, -1.0, 1.0)
     x = tl.load(x_ptr + row_off[:, None] + d[None, :] * s_d, mask=ok[:, None], other=0.0).to(tl.float32)
+    if not ROPE:
+        return x
+    sign = tl.where(d < D // 2, -1.0, 1.0)
     xp = tl.load(x_ptr + row_off[:, None] + ((d + D // 2) % D)[None, :] * s_d, mask=ok[:, None], other=0.0)
     c = tl.load(cos_ptr + cs_off[:, None] + d[None, :], mask=ok[:, None], other=0.0)
     s = tl.load(sin_ptr + cs_off[:, None] + d[None, :], mask=ok[:, None], other=0.0)
@@ -58,6 +60,7 @@ def _block_attn_cached_kernel(
     s_os, s_ob, s_ol, s_oh, s_od,
     D: tl.constexpr, PAGE_SIZE: tl.constexpr, BLOCK_L: tl.constexpr, G_P2: tl.constexpr, BLOCK_N: tl.constexpr,
     BLOCK_F: tl.constexpr, WRITE_CACHE: tl.constexpr, STORE_LSE: tl.constexpr, DOT_F32: tl.constexpr,
+    ROPE: tl.constexpr,
 ):
     """Program (request b, kv head, split x L tile). Rows = BLOCK_L block tokens x the G_P2 query heads of the kv
     head (GQA packing: each K/V tile is read once for the whole group). Cached keys are the virtual sequence
@@ -73,7 +76,8 @@ def _block_attn_cached_kernel(
     tok = lt * BLOCK_L + r // G_P2
     h = kvh * G + r % G_P2
     row_ok = (tok < L) & (r % G_P2 < G)
-    q = _load_rope(q_ptr + b * s_qb, tok * s_ql + h * s_qh, s_qd, cos_ptr, sin_ptr, (b * L + tok) * D, row_ok, D)
+    q = _load_rope(q_ptr + b * s_qb, tok * s_ql + h * s_qh, s_qd, cos_ptr, sin_ptr, (b * L + tok) * D, row_ok, D,
+                   ROPE)
     if not DOT_F32:
         q = q.to(k_cache_ptr.dtype.element_ty)
 
@@ -105,7 +109,7 @@ def _block_attn_cached_kernel(
             f = f0 + tl.arange(0, BLOCK_F)
             f_ok = f < L
             kf = _load_rope(k_new_ptr + b * s_knb, f * s_knl + kvh * s_knh, s_knd, cos_ptr, sin_ptr, (b * L + f) * D,
-                            f_ok, D).to(k_cache_ptr.dtype.element_ty)
+                            f_ok, D, ROPE).to(k_cache_ptr.dtype.element_ty)
             vf = tl.load(v_new_ptr + b * s_vnb + (f * s_vnl + kvh * s_vnh)[:, None] + d[None, :] * s_vnd,
                          mask=f_ok[:, None], other=0.0)
             if WRITE_CACHE:
@@ -179,19 +183,22 @@ def _check(q, k_new, v_new, k_cache, v_cache, block_table, cache_lens, block_sta
     for name, t in (("cache_lens", cache_lens), ("block_start", block_start)):
         if t.dtype != torch.int32 or t.shape != (B,):
             raise ValueError(f"{name} must be int32 [{B}], got {t.dtype} {tuple(t.shape)}.")
+    if (cos is None) != (sin is None):
+        raise ValueError("cos and sin come together (RoPE in the kernel) or are both None (q and k rotated already).")
     for name, t in (("cos", cos), ("sin", sin)):
-        if t.shape != (B, L, D) or not t.is_floating_point():
+        if t is not None and (t.shape != (B, L, D) or not t.is_floating_point()):
             raise ValueError(f"{name} must be a float table [{B}, {L}, {D}], got {t.dtype} {tuple(t.shape)}.")
     if out is not None and (out.shape != q.shape or out.dtype != q.dtype):
         raise ValueError(f"out must be {q.dtype} {tuple(q.shape)} like q, got {out.dtype} {tuple(out.shape)}.")
-    tensors = (k_new, v_new, k_cache, v_cache, block_table, cache_lens, block_start, cos, sin)
+    tensors = tuple(t for t in (k_new, v_new, k_cache, v_cache, block_table, cache_lens, block_start, cos, sin)
+                    if t is not None)
     if any(t.device != q.device for t in tensors + ((out,) if out is not None else ())):
         raise ValueError("all tensors must be on the device of q.")
 
 
 def block_attention_cached(q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor, k_cache: torch.Tensor,
                            v_cache: torch.Tensor, block_table: torch.Tensor, cache_lens: torch.Tensor,
-                           block_start: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, *,
+                           block_start: torch.Tensor, cos: torch.Tensor | None, sin: torch.Tensor | None, *,
                            write_cache: bool = False, num_splits: int | None = None, scale: float | None = None,
                            out: torch.Tensor | None = None) -> torch.Tensor:
     """Non-causal attention of a block's queries q ``[B, L, H, D]`` (pre-RoPE) over the keys at logical
@@ -199,7 +206,8 @@ def block_attention_cached(q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Te
     ``k_cache`` / ``v_cache`` ``[num_pages, page_size, KV, D]`` (post-RoPE; logical page i of request b is
     ``block_table[b, i]``) plus the block's own keys k_new / v_new ``[B, L, KV, D]`` (k pre-RoPE). A cache_len
     below block_start + L is allowed: the suffix is then empty (prefix cache), and stale cache slots inside the
-    block's range are never read. cos / sin ``[B, L, D]`` are the RoPE tables of the block tokens (cast to fp32).
+    block's range are never read. cos / sin ``[B, L, D]`` are the RoPE tables of the block tokens (cast to fp32);
+    both None when q and k_new are rotated already (no rotation in the kernel).
     ``write_cache`` stores the rotated k_new and v_new at positions [block_start, block_start + L); the caller
     guarantees that every page touched (read or written) is mapped. ``num_splits`` divides each request's cached
     keys for small batches (None: chosen from the batch, kv heads and cache size). Returns ``[B, L, H, D]``."""
@@ -223,8 +231,12 @@ def block_attention_cached(q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Te
         num_splits = 1 if programs >= sms else max(1, min(triton.cdiv(2 * sms, programs), tiles // 4, 16))
     if num_splits < 1:
         raise ValueError(f"num_splits must be at least 1, got {num_splits}.")
-    cos = cos.to(torch.float32).contiguous()
-    sin = sin.to(torch.float32).contiguous()
+    rope = cos is not None
+    if rope:
+        cos = cos.to(torch.float32).contiguous()
+        sin = sin.to(torch.float32).contiguous()
+    else:
+        cos = sin = q  # unused pointers
     block_table, cache_lens, block_start = block_table.contiguous(), cache_lens.contiguous(), block_start.contiguous()
     if num_splits == 1:
         o, lse, s_o = out, out, (0,) + out.stride()
@@ -243,7 +255,7 @@ def block_attention_cached(q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Te
         *s_o,
         D=D, PAGE_SIZE=page_size, BLOCK_L=block_l, G_P2=g_p2, BLOCK_N=_BLOCK_N,
         BLOCK_F=_BLOCK_F, WRITE_CACHE=write_cache, STORE_LSE=num_splits > 1, DOT_F32=dot_f32,
-        num_warps=4 if rows * D <= 32 * 128 else 8, num_stages=1 if q.dtype == torch.float32 else 2,
+        ROPE=rope, num_warps=4 if rows * D <= 32 * 128 else 8, num_stages=1 if q.dtype == torch.float32 else 2,
     )
     if num_splits > 1:
         block_h = min(triton.next_power_of_2(H), 32)

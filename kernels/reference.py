@@ -192,17 +192,17 @@ def sample_and_score(logits: torch.Tensor, temperature: torch.Tensor, seed: torc
 # ------------------------------------------------------------------------------------ cached block attention
 def block_attention_cached_reference(q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor,
                                      k_cache: torch.Tensor, v_cache: torch.Tensor, block_table: torch.Tensor,
-                                     cache_lens: torch.Tensor, block_start: torch.Tensor, cos: torch.Tensor,
-                                     sin: torch.Tensor, *, write_cache: bool = False, scale: float | None = None
+                                     cache_lens: torch.Tensor, block_start: torch.Tensor, cos: torch.Tensor | None,
+                                     sin: torch.Tensor | None, *, write_cache: bool = False, scale: float | None = None
                                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Non-causal attention of a diffusion block over a paged KV cache (``kernels/attention_cached.py``).
 
     q ``[B, L, H, D]`` and k_new ``[B, L, KV, D]`` are pre-RoPE, v_new ``[B, L, KV, D]``; cos / sin ``[B, L, D]``
     rotate them (rotate-half convention) in fp32, or fp64 for fp64 inputs, and the results are rounded back to
-    the input dtype. ``k_cache`` / ``v_cache`` ``[num_pages, page_size, KV, D]`` hold post-RoPE keys; logical
-    position p of request b lives at page ``block_table[b, p // page_size]``, slot ``p % page_size``. Request b
-    sees the cached positions ``[0, min(block_start, cache_len))`` and ``[block_start + L, cache_len)`` plus its
-    L fresh keys; query head h uses kv head ``h // (H // KV)``. Scores and softmax are in the input dtype.
+    the input dtype (both None: q and k_new are rotated already). ``k_cache`` / ``v_cache``
+    ``[num_pages, page_size, KV, D]`` hold post-RoPE keys; logical position p of request b lives at page
+    ``block_table[b, p // page_size]``, slot ``p % page_size``. Request b sees the cached positions
+    ``[0, min(block_start, cache_len))`` and ``[block_start + L, cache_len)`` plus its L fresh keys; query head h uses kv head ``h // (H // KV)``. Scores and softmax are in the input dtype.
 
     Returns ``(out [B, L, H, D], k_cache_after, v_cache_after)``: clones of the caches, with the rotated k_new
     and v_new stored at positions [block_start, block_start + L) when ``write_cache``.
@@ -215,6 +215,8 @@ def block_attention_cached_reference(q: torch.Tensor, k_new: torch.Tensor, v_new
     half = D // 2
 
     def rope(x: torch.Tensor, b: int) -> torch.Tensor:
+        if cos is None:
+            return x
         xw = x.to(work)
         c, s = cos[b, :, None, :].to(work), sin[b, :, None, :].to(work)
         return (xw * c + torch.cat((-xw[..., half:], xw[..., :half]), dim=-1) * s).to(x.dtype)

@@ -144,7 +144,7 @@ def test_automatic_fused_head_falls_back_when_the_kernel_fails(monkeypatch):
     def broken(*args, **kwargs):
         raise RuntimeError("no kernel image")
 
-    monkeypatch.setattr(ModelRunner, "_fuse", lambda self, batch, hidden: self.fused_head is not False)
+    monkeypatch.setattr(ModelRunner, "fuse", lambda self: self.fused_head is not False)
     monkeypatch.setattr(ops, "lm_head_stats", broken)
     prompts = [e.prompt for e in get_task("sudoku4x4").test_set(3)]
     params = SamplingParams(gen_length=16, steps=8)

@@ -20,7 +20,8 @@ from oracles_parallel import sdar_generate
 
 from diffuse_engine import LLM, SamplingParams
 from diffuse_engine.engine import EngineConfig
-from diffuse_engine.engine.kv_cache import KVPlan, PagedKVCache, SeqPlan
+from diffuse_engine.engine.attention_plan import AttentionPlan, SeqPlan
+from diffuse_engine.engine.kv_cache import PagedKVCache
 from diffuse_engine.errors import KVCacheFullError
 from diffuse_engine.models import TokenLayout, build_model
 from diffuse_engine.presets import from_name
@@ -86,7 +87,7 @@ def _full_kv(model, tokens: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
     pages = pool.allocate(len(tokens))
     n = len(tokens)
     plan = SeqPlan(0, n, torch.arange(n), [], (0, n), pages)
-    layout = TokenLayout.packed([n], kv=KVPlan(pool, [plan], torch.device("cpu")))
+    layout = TokenLayout.packed([n], kv=AttentionPlan(pool, [plan], torch.device("cpu")))
     model.hidden_states(torch.tensor(tokens), torch.arange(n), layout)
     slots = pool.slots(pages, 0, n)
     return pool.k[:, slots], pool.v[:, slots]
@@ -177,7 +178,7 @@ def test_block_cache_equals_full_recomputation():
     pages = pool.allocate(n)
     plan = SeqPlan(0, n, torch.arange(n), [], (0, n), pages, block_size=b)
     model.hidden_states(torch.tensor(seq), torch.arange(n),
-                        TokenLayout.packed([n], block_size=b, kv=KVPlan(pool, [plan], torch.device("cpu"))))
+                        TokenLayout.packed([n], block_size=b, kv=AttentionPlan(pool, [plan], torch.device("cpu"))))
     ours = engine.kv_cache.slots(req.pages, 0, n)
     ref = pool.slots(pages, 0, n)
     torch.testing.assert_close(engine.kv_cache.k[:, ours], pool.k[:, ref], rtol=0, atol=1e-12)
@@ -243,17 +244,17 @@ def test_cached_requests_batch_invariant_in_fp32(mode):
     for p, out in zip(prompts, batch, strict=True):
         assert llm.generate([p], params)[0].token_ids == out.token_ids
     plan_groups = []
-    original = KVPlan.__init__
+    original = AttentionPlan.__init__
 
     def spy(self, *a, **kw):
         original(self, *a, **kw)
         plan_groups.append(len(self.groups))
 
-    KVPlan.__init__ = spy
+    AttentionPlan.__init__ = spy
     try:
         llm.generate(prompts, params)
     finally:
-        KVPlan.__init__ = original
+        AttentionPlan.__init__ = original
     assert max(plan_groups) >= 1  # the batched path ran
 
 
@@ -261,7 +262,7 @@ def test_cached_requests_batch_invariant_in_fp32(mode):
 def test_plan_through_the_triton_cached_kernel_equals_sdpa(monkeypatch, dtype):
     """Groups of dual- and prefix-pattern sequences through ops.block_attention_cached (Triton, here under the
     interpreter) give what the SDPA path gives."""
-    import diffuse_engine.engine.kv_cache as kv
+    import diffuse_engine.engine.attention_plan as kv
 
     gen = torch.Generator().manual_seed(0)
     layers, kv_heads, heads, d, page = 2, 2, 4, 16, 8
@@ -278,15 +279,15 @@ def test_plan_through_the_triton_cached_kernel_equals_sdpa(monkeypatch, dtype):
     k = torch.randn(total, kv_heads, d, generator=gen).to(dtype)
     v = torch.randn(total, kv_heads, d, generator=gen).to(dtype)
     monkeypatch.setenv("DIFFUSE_ATTENTION_BACKEND", "sdpa")
-    want = KVPlan(cache, seqs, torch.device("cpu")).attend(1, q, k, v)
+    want = AttentionPlan(cache, seqs, torch.device("cpu")).attend(1, q, k, v)
     monkeypatch.setenv("DIFFUSE_ATTENTION_BACKEND", "triton")
-    plan = KVPlan(cache, seqs, torch.device("cpu"))
-    assert all(a is not None for a in plan.kernel_args)
+    plan = AttentionPlan(cache, seqs, torch.device("cpu"))
+    assert plan.groups and all(g.kernel is not None for g in plan.groups) and not plan.single
     calls = []
     original = kv._kernel_attend
     monkeypatch.setattr(kv, "_kernel_attend", lambda *a: calls.append(1) or original(*a))
     got = plan.attend(1, q, k, v)
-    assert len(calls) == 3  # groups of equal (fresh, cached) lengths: the dual pair, and each prefix sequence
+    assert len(calls) == 2  # groups of equal fresh lengths (the kernel reads each one's own cached length)
     tol = 2e-3 if dtype == torch.float32 else 2e-2
     torch.testing.assert_close(got.float(), want.float(), rtol=tol, atol=tol)
 

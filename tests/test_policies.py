@@ -15,7 +15,6 @@ import torch.nn.functional as F
 from oracles_parallel import fastdllm_generate
 
 from diffuse_engine import LLM, SamplingParams
-from diffuse_engine.engine.request import Request
 from diffuse_engine.models import build_model
 from diffuse_engine.policies import DECODING, REVISION
 from diffuse_engine.presets import from_name
@@ -184,19 +183,32 @@ def test_remdm_cap_rate():
 
 def test_verification_hides_the_verified_position():
     """With one layer, a verification query equals a full forward with the verified position masked."""
+    from diffuse_engine.engine import step as device_step
+
     llm = _llm("llada-tiny", layers=1)
-    model, runner = llm.model, llm.engine.runner
+    model, engine = llm.model, llm.engine
     cfg = model.config
     params = SamplingParams(gen_length=8, block_length=8, steps=8, seed=0, revision="wino")
-    req = Request("r", PROMPTS[1], params, "low_confidence", 0, cfg.mask_token_id, cfg.arch)
+    engine.add_request(PROMPTS[1], params)
+    engine._admit()
+    (req,) = engine.running
     gen = torch.Generator().manual_seed(0)
     start, end = req.block_span
-    req.seq[start:start + 5] = torch.randint(0, 256, (5,), generator=gen)
-    verify = torch.arange(start, start + 5)
-    rows = runner.run([req], [verify])
-    for j, p in enumerate(verify.tolist()):
+    tokens = torch.randint(0, 256, (5,), generator=gen)
+    req.seq[start:start + 5] = tokens  # the host mirror, and the same on the device
+    base = req.slot * engine.store.capacity
+    engine.store.tokens[base + start:base + start + 5] = tokens
+    plan = engine._current_plan()
+    with torch.inference_mode():
+        hidden = device_step.forward(model, plan, engine.store, cfg.mask_token_id)
+        cur = engine.store.tokens[plan.t["pad_flat"]]
+        p_current, top_token, _ = device_step._verification(model, plan, hidden, cur, torch.float64)
+    col = start - req.window_lo
+    for j in range(5):
+        p = start + j
         x = req.seq.clone()
         x[p] = cfg.mask_token_id
         probs = F.softmax(model(x[None])[0, p].double(), -1)
-        assert rows.verify.p_current[j].item() == pytest.approx(probs[req.seq[p]].item(), abs=1e-12)
-        assert rows.verify.top_token[j].item() == int(probs.argmax())
+        assert p_current[0, col + j].item() == pytest.approx(probs[req.seq[p]].item(), abs=1e-12)
+        assert top_token[0, col + j].item() == int(probs.argmax())
+    engine.abort(req.request_id)

@@ -318,18 +318,21 @@ def test_padded_batches(tmp_path: Path) -> None:
 
 
 def test_attention_goes_through_the_layer_hook() -> None:
-    """A KV plan on the layout receives every layer's post-RoPE q, k, v under that layer's index."""
+    """An attention plan on the layout receives every layer's q, k (before RoPE), v and rotary tables under that
+    layer's index."""
     model = build_model(TINY, dtype=torch.float64).init_random_(4).eval()
     ids = _ids(1, 12, seed=3)[0]
 
     class Plan:
         layers: list[int] = []
 
-        def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rope) -> torch.Tensor:
             self.layers.append(layer)
             assert q.shape == (12, 4, 32) and k.shape == v.shape == (12, 2, 32)
             from diffuse_engine import ops
+            from diffuse_engine.models.layers import apply_rope
 
+            q, k = (apply_rope(x, rope.cos, rope.sin, rope.full_precision) for x in (q, k))
             return ops.attention(q, k, v, TokenLayout.packed([12]), block_size=B)
 
     plan = Plan()

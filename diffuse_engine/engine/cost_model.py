@@ -320,7 +320,8 @@ def median_seconds(fn: Callable[[], object], device: torch.device, reps: int) ->
 def _overheads(device: torch.device, dtype: torch.dtype) -> tuple[float, float, float, float]:
     """(step, layer, sequence-layer, cached sequence-layer) launch overheads from tiny forwards of our model."""
     from ..models import TokenLayout, build_model
-    from .kv_cache import KVPlan, PagedKVCache, SeqPlan
+    from .attention_plan import AttentionPlan, SeqPlan
+    from .kv_cache import PagedKVCache
 
     def tiny(layers: int):
         cfg = ModelConfig(arch="llada", hidden_size=32, num_layers=layers, num_heads=2, num_kv_heads=2,
@@ -335,13 +336,13 @@ def _overheads(device: torch.device, dtype: torch.dtype) -> tuple[float, float, 
         tokens = torch.zeros(seqs * n, dtype=torch.int64, device=device)
         if cached:
             plans = [SeqPlan(n, n, torch.arange(n, 2 * n), [(0, n)], None, pages[i]) for i in range(seqs)]
-            pos = torch.cat([p.positions for p in plans]).to(device)
+            pos = torch.arange(n, 2 * n, device=device).repeat(seqs)
         else:
             plans, pos = None, torch.arange(n, device=device).repeat(seqs)
 
         @torch.inference_mode()
         def run() -> object:
-            kv = KVPlan(cache, plans, device) if cached else None
+            kv = AttentionPlan(cache, plans, device) if cached else None
             h = model.hidden_states(tokens, pos, TokenLayout.packed([n] * seqs, kv=kv))
             return model.logits_from_hidden(h[:1])
         return run

@@ -4,6 +4,14 @@ Each :meth:`Engine.step` runs one denoising step for every running request in a 
 different lengths and settings batch together. A request's tokens do not depend on its batch: it keeps its own
 positions, its randomness is keyed by (seed, step, position), and CPU matmuls are batch-invariant
 (``ops.INVARIANT_ROWS``).
+
+The step lives on the device. Running requests keep their tokens in slots of a persistent batch
+(:class:`~.canvas.CanvasStore`); a step is planned on the host from host values only (:mod:`.plan`, reused while
+no request changes phase), runs forward, head, decisions and commit on the device (:mod:`.step`, or a CUDA graph of
+it: :mod:`.graphs`) and ends in one asynchronous device-to-host copy into pinned memory of what the host needs:
+per-request counters (block progress, end-of-text, failures) and the window's tokens, from which the host keeps its
+mirror of every canvas. All host decisions (block ends, stop strings, finishing) read that copy; the host work of a
+step does not grow with the batch's tokens, and no other device value is ever read.
 """
 
 from __future__ import annotations
@@ -15,17 +23,24 @@ import warnings
 from collections import OrderedDict, deque
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from ..models import DiffusionLM
-from ..policies import decoding_policy, revision_policy
+from ..policies import decoding_policy
 from ..sampling_params import SamplingParams
+from .canvas import CanvasStore
 from .cost_model import CPU, H100, CostModel, DeviceCeilings, StepEstimate, ceilings_for
-from .decide import select
+from .graphs import GRAPH_BATCH_SIZES
 from .kv_cache import PagedKVCache
-from .request import Request, RequestOutput, RequestStatus, StepOutput
-from .runner import HeadRows, ModelRunner
+from .plan import COUNTERS, StepPlan, build_plan, phase
+from .request import Request, RequestOutput, RequestStatus, StepOutput, _StepView
+from .runner import ModelRunner
 from .scheduler import SCHEDULING, Scheduler
+
+_BLOCK_MASKED, _FIRST_MASKED, _EOS, _INVALID, _COMMITTED, _REVISED = range(len(COUNTERS))
+
+__all__ = ["GRAPH_BATCH_SIZES", "Engine", "EngineConfig"]
 
 
 @dataclass(slots=True)
@@ -43,7 +58,11 @@ class EngineConfig:
     ``scheduling``: ``"roofline"`` (admit while the cost model says another request raises committed tokens
     per second: always below the ridge, up to the knee above it; see :mod:`.scheduler`) or ``"fcfs"``
     (whatever fits). ``max_step_seconds``: a bound on the predicted step time (None: none). ``calibrate``:
-    measure the device's ceilings once (cached on disk) instead of using its preset; None = on CUDA only."""
+    measure the device's ceilings once (cached on disk) instead of using its preset; None = on CUDA only.
+    ``cuda_graphs``: replay the cached block step (forward, head and commit) from CUDA graphs captured at bucketed
+    batch sizes (:data:`GRAPH_BATCH_SIZES`), padding a batch up to its bucket; None = on for CUDA models, False =
+    never, True = required (a capture failure raises instead of falling back to eager with a warning). CPU
+    models always step eagerly: True on a CPU model is refused when the engine starts."""
 
     max_num_seqs: int = 64
     max_num_batched_tokens: int = 65536
@@ -54,6 +73,7 @@ class EngineConfig:
     scheduling: str = "roofline"
     max_step_seconds: float | None = None
     calibrate: bool | None = None
+    cuda_graphs: bool | None = None
 
     def __post_init__(self) -> None:
         if self.scheduling not in SCHEDULING:
@@ -62,6 +82,8 @@ class EngineConfig:
                                                   or not isinstance(self.max_step_seconds, (int, float))
                                                   or not self.max_step_seconds > 0):
             raise ValueError(f"max_step_seconds must be a positive number or None; got {self.max_step_seconds!r}.")
+        if self.cuda_graphs is not None and not isinstance(self.cuda_graphs, bool):
+            raise ValueError(f"cuda_graphs must be True, False or None; got {self.cuda_graphs!r}.")
         for name in ("max_num_seqs", "max_num_batched_tokens", "page_size", "kv_cache_tokens", "max_retained"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
@@ -76,9 +98,17 @@ class Engine:
         self.model_config = model.config
         self.tokenizer = tokenizer
         self.config = config or EngineConfig()
-        self.runner = ModelRunner(model, fused_head=self.config.fused_head)
-        self.kv_cache: PagedKVCache | None = None
         device, dtype = self.model.device, self.model.dtype
+        if self.config.cuda_graphs and device.type != "cuda":
+            raise ValueError(f"cuda_graphs=True needs a model on a CUDA device; this one is on {device}. Use None "
+                             f"(graphs on CUDA only) or False.")
+        self.runner = ModelRunner(model, fused_head=self.config.fused_head, cuda_graphs=self.config.cuda_graphs)
+        self.kv_cache: PagedKVCache | None = None
+        cfg = self.model_config
+        self.store = CanvasStore(self.config.max_num_seqs, cfg.max_position_embeddings, device, cfg.mask_token_id)
+        self._plan: StepPlan | None = None
+        self._host: torch.Tensor | None = None  # pinned buffer of the step's copy (CUDA)
+        self._copied = torch.cuda.Event() if device.type == "cuda" else None
         calibrate = self.config.calibrate if self.config.calibrate is not None else device.type == "cuda"
         fused = self.config.fused_head if self.config.fused_head is not None else device.type == "cuda"
         self.cost_model = CostModel(self.model_config, self._ceilings(device, dtype, calibrate),
@@ -222,6 +252,7 @@ class Engine:
             self.waiting.popleft()
             req.status = RequestStatus.RUNNING
             req.metrics.first_scheduled_time = now
+            self.store.admit(req)
             self.running.append(req)
         self.last_estimate = decision.estimate
 
@@ -264,8 +295,8 @@ class Engine:
             return empty, 0
         tokens, pages = entry
         limit = min(tokens.numel(), req.prompt_len - (1 if self.model_config.shifted_logits else 0))
-        same = (tokens[:limit] == req.seq[:limit]).to(torch.int64)
-        n = int(same.cumprod(0).sum()) if limit > 0 else 0
+        differ = np.flatnonzero(tokens.numpy()[:max(limit, 0)] != req.seq.numpy()[:max(limit, 0)])
+        n = int(differ[0]) if differ.size else max(limit, 0)
         if req.block_size is not None:
             n -= n % req.block_size
         keep = -(-n // self.kv_cache.page_size)
@@ -274,8 +305,9 @@ class Engine:
         return pages[:keep], n
 
     def _release(self, req: Request, finished: bool = False) -> None:
-        """Free everything ``req`` holds on the engine (its KV-cache pages), or retain them for a continuation
-        (``retain=True``, finished): the K/V valid for the final tokens are those before its last block."""
+        """Free everything ``req`` holds on the engine (its slot and KV-cache pages), or retain its pages for a
+        continuation (``retain=True``, finished): the K/V valid for the final tokens are those before its last
+        block."""
         if self.kv_cache is not None:
             if req.retain and finished and req.pages is not None:
                 valid = req.cached_upto if req.cache_mode == "block" else req.spans[-1][0]
@@ -287,6 +319,7 @@ class Engine:
                 self.kv_cache.free(req.pages)
             self.kv_cache.free(req.uncond_pages)
         req.pages = req.uncond_pages = None
+        self.store.release(req)
 
     def release_retained(self, request_id: str) -> bool:
         """Free the pages retained for ``request_id``; returns whether there were any."""
@@ -305,91 +338,126 @@ class Engine:
         if not self.running:
             return []
         t0 = time.perf_counter()
-        batch = list(self.running)
-        verify = [self._verify_positions(r) for r in batch]
-        rows = self.runner.run(batch, verify)
-        chosen = select(batch, rows)
-        outputs = []
-        for i, req in enumerate(batch):
-            revised = self._revise(req, rows, i)
-            a, b = rows.starts[i], rows.starts[i + 1]
-            pick = chosen[a:b]
-            pos, tok = rows.position[a:b][pick], rows.token[a:b][pick]
-            req.seq[pos] = tok
-            req.commit_conf[pos] = rows.prob[a:b][pick].float()
-            committed = list(zip((pos - req.prompt_len).tolist(), tok.tolist(), strict=True))
-            outputs.append(self._advance(req, committed, revised))
+        plan = self._current_plan()
+        result = self._fetch(self.runner.run(plan, self.store))
+        outputs = self._apply(plan, result)
         self.num_steps += 1
         self.step_seconds += time.perf_counter() - t0
         return outputs
 
-    @staticmethod
-    def _block_committed(req: Request) -> torch.Tensor:
-        start, end = req.block_span
-        return (req.seq[start:end] != req.mask_id).nonzero().squeeze(1) + start
+    def _current_plan(self) -> StepPlan:
+        """The plan of this step: the last one while no running request changed phase, else a new one."""
+        key = (tuple(phase(r) for r in self.running), self.store.generation, id(self.kv_cache))
+        if self._plan is None or self._plan.key != key:
+            cfg = self.model_config
+            self._plan = None  # drop the old plan's device tensors before building the next
+            self._plan = build_plan(self.running, key, self.store, self.kv_cache, mask_id=cfg.mask_token_id,
+                                    shifted=cfg.shifted_logits, block_size=getattr(cfg, "block_size", None),
+                                    eot_id=cfg.eot_token_id, eos_id=cfg.eos_token_id, fused=self.runner.fuse(),
+                                    score_dtype=torch.float64 if self.model.dtype == torch.float64 else torch.float32)
+        return self._plan
 
-    def _verify_positions(self, req: Request) -> torch.Tensor | None:
-        policy = revision_policy(req)
-        if policy is None or not policy.verifies:
-            return None
-        return self._block_committed(req)
+    def _fetch(self, result: torch.Tensor) -> np.ndarray:
+        """The step's one device-to-host copy: asynchronous into pinned memory, then the wait for it."""
+        if result.device.type != "cuda":
+            return result.numpy()
+        n = result.numel()
+        if self._host is None or self._host.numel() < n:
+            self._host = torch.empty(max(n, 1024), dtype=torch.int32, pin_memory=True)
+        self._host[:n].copy_(result, non_blocking=True)
+        self._copied.record()
+        mode = torch.cuda.get_sync_debug_mode()  # the planned wait: exempt from sync-debug checks
+        torch.cuda.set_sync_debug_mode(0)
+        try:
+            self._copied.synchronize()
+        finally:
+            torch.cuda.set_sync_debug_mode(mode)
+        return self._host[:n].numpy()
 
-    def _revise(self, req: Request, rows: HeadRows, index: int) -> list[tuple[int, int, int]]:
-        """Apply ``req``'s revision policy to the committed tokens of its block; returns what changed."""
-        policy = revision_policy(req)
-        if policy is None:
-            return []
-        rev = policy.revise(req, self._block_committed(req), rows.verify, index)
-        changes = []
-        for p in rev.remask:
-            changes.append((p - req.prompt_len, int(req.seq[p]), req.mask_id))
-            req.seq[p] = req.mask_id
-        for p, t in rev.replace.items():
-            changes.append((p - req.prompt_len, int(req.seq[p]), t))
-            req.seq[p] = t
-        req.num_revised += len(changes)
-        return changes
+    def _apply(self, plan: StepPlan, result: np.ndarray) -> list[StepOutput]:
+        """Bring the host mirror and every request's host state up to date from the step's copy."""
+        nb, width, k = plan.batch, plan.width, len(COUNTERS)
+        counters = result[:nb * k].reshape(nb, k)
+        cells = nb * width
+        after = np.full((nb, width), self.model_config.mask_token_id, dtype=np.int64)
+        after[plan.host_valid] = result[nb * k:nb * k + cells].reshape(nb, width)[plan.host_valid]
+        code = result[nb * k + cells:nb * k + 2 * cells].reshape(nb, width).copy()
+        store = self.store
+        before = np.full_like(after, self.model_config.mask_token_id)
+        before[plan.host_valid] = store.host_tokens[plan.host_slot, plan.host_pos]
+        store.host_tokens[plan.host_slot, plan.host_pos] = after[plan.host_valid]
+        conf = None
+        if plan.any_snapshot:
+            conf = result[nb * k + 2 * cells:nb * k + 3 * cells].view(np.float32).reshape(nb, width)
+            store.host_conf[plan.host_slot, plan.host_pos] = conf[plan.host_valid]
+        outputs = []
+        for i, req in enumerate(plan.requests):
+            c = counters[i]
+            lo = req.window_lo
+            w = req.block_span[1] - lo
+            step, block = req.nfe, req.block
+            req.nfe += 1
+            req.block_step += 1
+            req.block_masked_count = int(c[_BLOCK_MASKED])
+            req.num_revised += int(c[_REVISED])
+            if req.cache_mode == "block":  # the step stored every finished block before the current one
+                start = req.block_span[0]
+                req.cached_upto = start - start % req.block_size
+            p = req.prompt_len
+            view = _StepView(None, lo - p, before[i, :w], after[i, :w], code[i, :w], None)
+            if c[_INVALID]:
+                outputs.append(self._finish(req, step, block, view, error=(
+                    f"the model's logits for request {req.request_id!r} were not finite (NaN or +inf) at step {step}; "
+                    f"the request stopped there.")))
+                continue
+            outputs.append(self._advance(req, step, block, view, bool(c[_EOS]), int(c[_FIRST_MASKED])))
+        return outputs
 
-    def _advance(self, req: Request, committed: list[tuple[int, int]],
-                 revised: list[tuple[int, int, int]]) -> StepOutput:
-        step, block = req.nfe, req.block
-        req.nfe += 1
-        req.block_step += 1
+    def _advance(self, req: Request, step: int, block: int, view: _StepView, eos_in_block: bool,
+                 first_masked: int) -> StepOutput:
         p, cfg = req.params, self.model_config
+        advanced = False
         if decoding_policy(req).block_done(req):
-            start, end = req.block_span
-            ends = (req.seq[start:end] == cfg.eos_token_id)
-            if cfg.eot_token_id is not None:
-                ends |= req.seq[start:end] == cfg.eot_token_id
+            end = req.block_span[1]
             req.block += 1
-            if p.early_stop and bool(ends.any()) and req.block < req.num_blocks:
-                req.seq[end:] = cfg.eos_token_id
+            if p.early_stop and eos_in_block and req.block < req.num_blocks:
+                self.store.fill(req, end, req.seq_len, cfg.eos_token_id)
                 req.block = req.num_blocks
             if req.block == req.num_blocks:
-                return self._finish(req, step, block, committed, revised)
+                return self._finish(req, step, block, view)
             req.start_block()
-        stop = self._update_stable(req)
+            advanced = True
+        stop = self._update_stable(req, 0 if advanced else first_masked)
         if stop is not None:
-            return self._finish(req, step, block, committed, revised, stop)
-        return StepOutput(req.request_id, step, block, committed, req.canvas.tolist(), False, None, revised,
-                          req.stable, self._confidences(req))
+            return self._finish(req, step, block, view, stop=stop)
+        return self._output(req, step, block, view, False, None)
 
-    def _update_stable(self, req: Request) -> tuple[str, int] | None:
+    def _output(self, req: Request, step: int, block: int, view: _StepView, finished: bool,
+                out: RequestOutput | None) -> StepOutput:
+        """The step's output for ``req``: its lists are built from ``view`` only if a consumer reads them."""
+        p = req.prompt_len
+        view.canvas = req.host[p:p + req.params.gen_length].copy()
+        if req.snapshots:
+            view.confidences = req.commit_conf.numpy()[p:p + req.params.gen_length].copy()
+        return StepOutput(req.request_id, step, block, None, None, finished, out, None, req.stable, None, view=view)
+
+    def _update_stable(self, req: Request, first_masked: int) -> tuple[str, int] | None:
         """Advance ``req.stable`` (canvas tokens that no later step can change: finished blocks, and the
-        committed start of the current block unless a revision policy may still change it); returns
-        (text, character cut) when a stop string appears in that final text."""
+        committed start of the current block unless a revision policy may still change it; ``first_masked``: the
+        current block's first masked position, from its start); returns (text, character cut) when a stop string
+        appears in that final text."""
         start, end = req.block_span
         n = start - req.prompt_len
         if req.params.revision is None:
-            masked = (req.seq[start:end] == req.mask_id).nonzero()
-            n += int(masked[0]) if masked.numel() else end - start
+            n += min(first_masked, end - start)
         n = max(0, min(n, req.params.gen_length))
         if n <= req.stable:
             return None
         req.stable = n
         if not req.params.stop or self.tokenizer is None:
             return None
-        text = self._text(req.canvas[:n].tolist())[0]
+        p = req.prompt_len
+        text = self._text(req.host[p:p + n].tolist())[0]
         hits = [i for i in (text.find(s) for s in req.params.stop) if i >= 0]
         return (text, min(hits)) if hits else None
 
@@ -402,32 +470,31 @@ class Engine:
             return None, cut
         return self.tokenizer.decode(tokens[:cut] if cut is not None else tokens), cut
 
-    @staticmethod
-    def _confidences(req: Request) -> list[float] | None:
-        if not req.snapshots:
-            return None
+    def _finish(self, req: Request, step: int, block: int, view: _StepView, stop: tuple[str, int] | None = None,
+                error: str | None = None) -> StepOutput:
         p = req.prompt_len
-        return req.commit_conf[p:p + req.params.gen_length].tolist()
-
-    def _finish(self, req: Request, step: int, block: int, committed: list[tuple[int, int]],
-                revised: list[tuple[int, int, int]], stop: tuple[str, int] | None = None) -> StepOutput:
-        self._release(req, finished=True)
+        tokens = req.host[p:p + req.params.gen_length].tolist()
+        self._release(req, finished=error is None)
         req.status = RequestStatus.FINISHED
         req.metrics.finished_time = time.perf_counter()
         self.running.remove(req)
         self._known.discard(req.request_id)
-        tokens = req.canvas.tolist()
-        if stop is None and req.params.stop and self.tokenizer is not None:  # a stop string final only now
-            full = self._text(tokens)[0]
-            hits = [i for i in (full.find(x) for x in req.params.stop) if i >= 0]
-            stop = (full, min(hits)) if hits else None
-        if stop is not None:
-            text, reason = stop[0][:stop[1]], "stop"
+        if error is not None:
+            text, reason = self._text(tokens)[0], "error"
         else:
-            text, cut = self._text(tokens)
-            reason = "eos" if cut is not None else "length"
-        req.stable = len(tokens)
+            if stop is None and req.params.stop and self.tokenizer is not None:  # a stop string final only now
+                full = self._text(tokens)[0]
+                hits = [i for i in (full.find(x) for x in req.params.stop) if i >= 0]
+                stop = (full, min(hits)) if hits else None
+            if stop is not None:
+                text, reason = stop[0][:stop[1]], "stop"
+            else:
+                text, cut = self._text(tokens)
+                reason = "eos" if cut is not None else "length"
+            req.stable = len(tokens)
+        req.finish_reason, req.error = reason, error
         out = RequestOutput(req.request_id, req.prompt_ids, tokens, text, req.nfe, reason, req.seed, req.metrics,
-                            req.num_revised)
-        return StepOutput(req.request_id, step, block, committed, tokens, True, out, revised, req.stable,
-                          self._confidences(req))
+                            req.num_revised, error)
+        step_out = self._output(req, step, block, view, True, out)
+        step_out._canvas = tokens
+        return step_out

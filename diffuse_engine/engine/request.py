@@ -1,4 +1,9 @@
-"""A request's state on the engine, and what the engine returns for it."""
+"""A request's host-side state on the engine, and what the engine returns for it.
+
+The tokens a step reads and writes live on the model's device (:class:`~.canvas.CanvasStore`); the host keeps a
+mirror of them (``Request.seq``), brought up to date from the one copy each step makes, so that every host decision
+(block ends, stop strings, the final text) reads host memory and never waits for the device.
+"""
 
 from __future__ import annotations
 
@@ -6,6 +11,7 @@ import enum
 import time
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 
 from ..sampling_params import SamplingParams
@@ -46,7 +52,9 @@ class RequestOutput:
     end-of-turn token, with special tokens skipped (None when the engine has no tokenizer). ``nfe``: forward
     evaluations spent.
     ``finish_reason``: ``"eos"`` (the answer ended), ``"length"`` (the canvas is full without EOS), ``"stop"``
-    (a stop string of ``SamplingParams.stop`` appeared; ``text`` ends before it).
+    (a stop string of ``SamplingParams.stop`` appeared; ``text`` ends before it), ``"error"`` (the request's own
+    step failed, e.g. its logits were not finite; ``error`` says why, ``token_ids`` holds the canvas as it was;
+    the other requests of the batch were not affected).
     ``seed``: the key of the request's randomness (give it back in SamplingParams to reproduce the output).
     ``num_revised``: committed tokens that a revision policy re-masked or replaced.
     """
@@ -60,13 +68,13 @@ class RequestOutput:
     seed: int
     metrics: RequestMetrics
     num_revised: int = 0
+    error: str | None = None
 
     @property
     def tokens_per_forward(self) -> float:
         return len(self.token_ids) / self.nfe if self.nfe else 0.0
 
 
-@dataclass(slots=True)
 class StepOutput:
     """What one engine step did to one request: ``committed`` holds (canvas position, token) pairs committed
     in this step; ``canvas`` is the canvas after the step (mask id where still masked); ``output`` is set when
@@ -74,30 +82,98 @@ class StepOutput:
     committed token a revision policy changed in this step (new token = mask id when it was re-masked); they
     happen before the step's commits. ``stable``: how many leading canvas tokens are final (no later step
     changes them: what a stream may emit). ``confidences``: each canvas position's confidence when it was
-    committed (0 where masked), only for requests added with ``snapshots=True``."""
+    committed (0 where masked), only for requests added with ``snapshots=True``.
 
-    request_id: str
-    step: int
-    block: int
-    committed: list[tuple[int, int]]
-    canvas: list[int]
-    finished: bool
-    output: RequestOutput | None = None
-    revised: list[tuple[int, int, int]] = field(default_factory=list)
-    stable: int = 0
-    confidences: list[float] | None = None
+    The engine builds ``committed``, ``canvas``, ``revised`` and ``confidences`` as Python lists only when they
+    are read (a step's host work must not grow with the canvas); constructing a StepOutput with plain lists, as
+    tests and views do, works as a dataclass would."""
+
+    __slots__ = ("request_id", "step", "block", "finished", "output", "stable", "_committed", "_canvas",
+                 "_revised", "_confidences", "_view")
+
+    def __init__(self, request_id: str, step: int, block: int, committed: list[tuple[int, int]] | None,
+                 canvas: list[int] | None, finished: bool, output: RequestOutput | None = None,
+                 revised: list[tuple[int, int, int]] | None = None, stable: int = 0,
+                 confidences: list[float] | None = None, *, view: _StepView | None = None) -> None:
+        self.request_id, self.step, self.block, self.finished = request_id, step, block, finished
+        self.output, self.stable = output, stable
+        self._committed, self._canvas = committed, canvas
+        self._revised = revised if revised is not None or view is not None else []
+        self._confidences, self._view = confidences, view
+
+    @property
+    def committed(self) -> list[tuple[int, int]]:
+        if self._committed is None:
+            self._committed = self._view.committed() if self._view is not None else []
+        return self._committed
+
+    @property
+    def canvas(self) -> list[int] | None:
+        if self._canvas is None and self._view is not None:
+            self._canvas = self._view.canvas.tolist()
+        return self._canvas
+
+    @property
+    def revised(self) -> list[tuple[int, int, int]]:
+        if self._revised is None:
+            self._revised = self._view.revised() if self._view is not None else []
+        return self._revised
+
+    @property
+    def confidences(self) -> list[float] | None:
+        if self._confidences is None and self._view is not None and self._view.confidences is not None:
+            self._confidences = self._view.confidences.tolist()
+        return self._confidences
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, StepOutput):
+            return NotImplemented
+        names = ("request_id", "step", "block", "committed", "canvas", "finished", "output", "revised", "stable",
+                 "confidences")
+        return all(getattr(self, n) == getattr(other, n) for n in names)
+
+    def __repr__(self) -> str:
+        return (f"StepOutput(request_id={self.request_id!r}, step={self.step}, block={self.block}, "
+                f"committed={self.committed!r}, finished={self.finished}, stable={self.stable})")
+
+
+@dataclass(slots=True)
+class _StepView:
+    """A step's change to one request, kept as numpy arrays until a consumer asks for lists: the canvas after the
+    step, and for the step's window (canvas positions ``window_lo..``) the tokens before and after and a code per
+    position (1 committed, 2 revised)."""
+
+    canvas: np.ndarray
+    window_lo: int
+    before: np.ndarray
+    after: np.ndarray
+    code: np.ndarray
+    confidences: np.ndarray | None
+
+    def committed(self) -> list[tuple[int, int]]:
+        idx = np.flatnonzero(self.code == 1)
+        return list(zip((idx + self.window_lo).tolist(), self.after[idx].tolist(), strict=True))
+
+    def revised(self) -> list[tuple[int, int, int]]:
+        idx = np.flatnonzero(self.code >= 2)
+        return list(zip((idx + self.window_lo).tolist(), self.before[idx].tolist(), self.after[idx].tolist(),
+                        strict=True))
 
 
 @dataclass(slots=True)
 class Request:
-    """A request's state. ``seq`` holds prompt + canvas (int64, CPU). ``spans`` are the diffusion blocks as
+    """A request's host state. ``seq`` holds prompt + canvas (int64, CPU): while the request runs it is a view of
+    the host mirror of its device slot (``slot``), updated after every step. ``spans`` are the diffusion blocks as
     [start, end) sequence positions: ``block_length`` each after the prompt, or, for a block-diffusion model
     (``block_size`` set), the model's absolute blocks (the first one starts where the prompt ends inside its
     block; the last one may run past ``gen_length``, those extra positions are decoded and dropped).
-    ``pages`` / ``uncond_pages``: KV-cache page tables (None without a cache). ``cached_upto``: the exact block
-    cache holds positions [0, cached_upto). ``commit_conf``: each position's confidence when committed.
-    ``reused``: leading positions whose K/V came from an earlier request of the conversation (never
-    recomputed); ``retain``: keep this request's pages for a continuation when it finishes."""
+    ``pages`` / ``uncond_pages``: KV-cache page tables (int64 numpy arrays; None without a cache).
+    ``cached_upto``: the exact block cache holds positions [0, cached_upto). ``commit_conf``: each position's
+    confidence when committed (host mirror, float32). ``reused``: leading positions whose K/V came from an earlier
+    request of the conversation (never recomputed); ``retain``: keep this request's pages for a continuation when it
+    finishes. ``block_masked_count``: masked positions of the current block after the last step.
+    ``window_lo``: the first position the current block's steps may commit (the block start, or an earlier
+    position a model left masked, without a cache)."""
 
     request_id: str
     prompt_ids: list[int]
@@ -116,8 +192,8 @@ class Request:
     block_counts: list[int] = field(default_factory=list)
     timesteps: torch.Tensor | None = None
     finish_reason: str | None = None
-    pages: torch.Tensor | None = None
-    uncond_pages: torch.Tensor | None = None
+    pages: np.ndarray | None = None
+    uncond_pages: np.ndarray | None = None
     cached_upto: int = 0
     commit_conf: torch.Tensor = field(init=False)
     num_revised: int = 0
@@ -126,6 +202,10 @@ class Request:
     retain: bool = False
     continue_from: str | None = None
     reused: int = 0
+    slot: int | None = None
+    block_masked_count: int = 0
+    window_lo: int = 0
+    error: str | None = None
     metrics: RequestMetrics = field(default_factory=lambda: RequestMetrics(time.perf_counter()))
 
     def __post_init__(self) -> None:
@@ -181,24 +261,40 @@ class Request:
         every = self.params.cache_refresh
         return self.block_step == 0 or bool(every and self.block_step % every == 0)
 
+    @property
+    def host(self) -> np.ndarray:
+        """``seq`` as a numpy array (shares its memory)."""
+        return self.seq.numpy()
+
+    def window(self) -> tuple[int, int]:
+        """[lo, end) of the positions the current block's steps may commit: still-masked canvas positions up to the
+        end of the block. Normally these all lie in the block; a model that predicts [MASK] itself leaves a
+        committed position masked, and the published loops (LLaDA scores every masked position before the block's
+        end; Dream has one block) then offer it again in later steps and blocks. With a cache, only the current
+        block's positions are recomputed, so only they are candidates."""
+        return self.window_lo, self.block_span[1]
+
     def candidates(self) -> torch.Tensor:
-        """Sequence positions a step may commit, ascending: every still-masked canvas position up to the end of
-        the current block. Normally these all lie in the current block; a model that predicts [MASK] itself
-        leaves a committed position masked, and the published loops (LLaDA scores every masked position
-        before the block's end; Dream has one block) then offer it again in later steps and blocks. With a
-        cache, only the current block's positions are recomputed, so only they are candidates."""
-        start, end = self.block_span
-        lo = self.prompt_len if self.cache_mode == "none" else start
-        return (self.seq[lo:end] == self.mask_id).nonzero().squeeze(1) + lo
+        """Sequence positions a step may commit now, ascending (see :meth:`window`)."""
+        lo, end = self.window()
+        return torch.from_numpy(np.flatnonzero(self.host[lo:end] == self.mask_id) + lo)
 
     def block_masked(self) -> int:
         start, end = self.block_span
-        return int((self.seq[start:end] == self.mask_id).sum())
+        return int(np.count_nonzero(self.host[start:end] == self.mask_id))
 
     def start_block(self) -> None:
         """Enter the current block: LLaDA's per-step counts come from the block's own masked positions; a
         block-diffusion model's from its block size (SDAR's schedule; a first block that starts inside the
-        prompt commits at most what is masked and ends when nothing is)."""
+        prompt commits at most what is masked and ends when nothing is). The window starts at the block, or at the
+        first position before it that is still masked when there is no cache."""
         self.block_step = 0
-        num = self.block_size if self.block_size is not None else self.block_masked()
+        self.block_masked_count = self.block_masked()
+        start = self.block_span[0]
+        self.window_lo = start
+        if self.cache_mode == "none" and start > self.prompt_len:
+            left = np.flatnonzero(self.host[self.prompt_len:start] == self.mask_id)
+            if left.size:
+                self.window_lo = self.prompt_len + int(left[0])
+        num = self.block_size if self.block_size is not None else self.block_masked_count
         self.block_counts = llada_transfer_counts(num, self.params.steps_per_block)

@@ -50,7 +50,7 @@ def step_item(req: Request) -> tuple[int, int, int]:
         q, ctx = block, req.seq_len - block
     else:  # exact block cache
         q, ctx = block, start
-    rows = max(1, min(q, req.block_masked()))
+    rows = max(1, min(q, req.block_masked_count))
     return q, ctx, rows
 
 

@@ -7,7 +7,7 @@ from torch import nn
 
 from .. import ops
 from ..config import ModelConfig
-from .layers import TokenLayout, init_linear_, rope_cos_sin
+from .layers import Rotary, TokenLayout, init_linear_, rope_cos_sin
 
 
 class DiffusionLM(nn.Module):
@@ -15,7 +15,8 @@ class DiffusionLM(nn.Module):
 
     Subclasses define the parameter tree (names of the published checkpoints) and:
     ``embed(ids)``, ``blocks()``, ``final_norm(h)``, ``lm_head_weight()`` and ``rope_full_precision``;
-    each block is called as ``block(h, cos, sin, layout)``.
+    each block is called as ``block(h, rope, layout)`` (:class:`~.layers.Rotary` tables; q and k go to
+    :func:`~.layers.attend` before RoPE).
     """
 
     rope_full_precision = False
@@ -53,10 +54,10 @@ class DiffusionLM(nn.Module):
         if input_ids.numel() != layout.num_tokens:
             raise ValueError(f"layout covers {layout.num_tokens} tokens but {input_ids.numel()} were given.")
         cfg = self.config
-        cos, sin = rope_cos_sin(positions, cfg.head_dim, cfg.rope_theta, self.dtype)
+        rope = Rotary(*rope_cos_sin(positions, cfg.head_dim, cfg.rope_theta, self.dtype), self.rope_full_precision)
         h = self.embed(input_ids)
         for block in self.blocks():
-            h = block(h, cos, sin, layout)
+            h = block(h, rope, layout)
         return self.final_norm(h)
 
     def logits_from_hidden(self, hidden: torch.Tensor) -> torch.Tensor:

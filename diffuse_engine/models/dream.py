@@ -11,7 +11,7 @@ from torch import nn
 from .. import ops
 from ..config import ModelConfig
 from .base import DiffusionLM
-from .layers import RMSNorm, TokenLayout, apply_rope, attend, swiglu
+from .layers import RMSNorm, Rotary, TokenLayout, attend, swiglu
 
 
 class _Attention(nn.Module):
@@ -49,7 +49,7 @@ class DreamLayer(nn.Module):
         self.input_layernorm = RMSNorm(c.hidden_size, c.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(c.hidden_size, c.rms_norm_eps)
 
-    def forward(self, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, layout: TokenLayout) -> torch.Tensor:
+    def forward(self, h: torch.Tensor, rope: Rotary, layout: TokenLayout) -> torch.Tensor:
         n, at, mlp = h.shape[0], self.self_attn, self.mlp
         x = self.input_layernorm(h)
         q = ops.linear(x, at.q_proj.weight, at.q_proj.bias).view(n, self.n_heads, self.head_dim)
@@ -57,9 +57,7 @@ class DreamLayer(nn.Module):
         v = ops.linear(x, at.v_proj.weight, at.v_proj.bias).view(n, self.n_kv, self.head_dim)
         if self.qk_norm:
             q, k = at.q_norm(q), at.k_norm(k)
-        q = apply_rope(q, cos, sin, full_precision=False)
-        k = apply_rope(k, cos, sin, full_precision=False)
-        h = h + ops.linear(attend(q, k, v, layout, self.layer).reshape(n, -1), at.o_proj.weight, at.o_proj.bias)
+        h = h + ops.linear(attend(q, k, v, layout, self.layer, rope).reshape(n, -1), at.o_proj.weight, at.o_proj.bias)
         x = self.post_attention_layernorm(h)
         g = swiglu(ops.linear(x, mlp.gate_proj.weight), ops.linear(x, mlp.up_proj.weight))
         return h + ops.linear(g, mlp.down_proj.weight)

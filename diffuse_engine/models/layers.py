@@ -38,8 +38,10 @@ class TokenLayout:
     - packed: ``cu_seqlens`` (cumulative lengths, ``len = num_sequences + 1``) of concatenated sequences.
     Attention is bidirectional within a sequence, or block-causal with ``block_size`` (a token in block j of its
     sequence, counted from the sequence's first token, sees the tokens of blocks <= j).
-    ``kv``: a KV-cache plan (``engine.kv_cache.KVPlan``) that takes over attention: it reads cached keys and
-    values, writes fresh ones, and knows which tokens see which (see :func:`attend`).
+    ``kv``: an attention plan (``engine.attention_plan.AttentionPlan``, any object with its ``attend(layer, q, k,
+    v, rope)``) that takes over attention: it reads cached keys and values, writes fresh ones, and knows which
+    tokens see which (see :func:`attend`). ``cu_seqlens_device``: ``cu_seqlens`` as an int32 tensor on the
+    model's device, made once per forward by whoever builds the layout (else each attention call uploads it).
     """
 
     batch: int = 0
@@ -48,6 +50,7 @@ class TokenLayout:
     cu_seqlens: list[int] | None = None
     block_size: int | None = None
     kv: object | None = None
+    cu_seqlens_device: torch.Tensor | None = None
 
     @classmethod
     def padded(cls, batch: int, seq_len: int, key_mask: torch.Tensor | None = None) -> TokenLayout:
@@ -65,13 +68,27 @@ class TokenLayout:
         return self.cu_seqlens[-1] if self.cu_seqlens is not None else self.batch * self.seq_len
 
 
-def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: TokenLayout, layer: int) -> torch.Tensor:
-    """Attention of layer ``layer`` (post-RoPE q ``[N, H, D]``, k / v ``[N, KV, D]``): through the layout's KV
-    plan when it has one, else :func:`ops.attention` within each sequence."""
+@dataclass(slots=True)
+class Rotary:
+    """The rotary tables of one forward: ``cos`` / ``sin`` ``[num_tokens, head_dim]`` (fp32, fp64 for fp64 models)
+    and whether q and k rotate in fp32 (``full_precision``, LLaDA) or in their own dtype (Qwen2 / Dream)."""
+
+    cos: torch.Tensor
+    sin: torch.Tensor
+    full_precision: bool
+
+
+def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: TokenLayout, layer: int,
+           rope: Rotary) -> torch.Tensor:
+    """Attention of layer ``layer``: q ``[N, H, D]``, k / v ``[N, KV, D]``, q and k before RoPE. Through the
+    layout's attention plan when it has one (which rotates where it attends: in the cached-block kernel, or in
+    torch for SDPA and the cache), else RoPE here and :func:`ops.attention` within each sequence."""
     if layout.kv is not None:
-        return layout.kv.attend(layer, q, k, v)
+        return layout.kv.attend(layer, q, k, v, rope)
     from .. import ops
 
+    q = apply_rope(q, rope.cos, rope.sin, rope.full_precision)
+    k = apply_rope(k, rope.cos, rope.sin, rope.full_precision)
     return ops.attention(q, k, v, layout, block_size=layout.block_size)
 
 

@@ -10,7 +10,7 @@ from torch import nn
 from .. import ops
 from ..config import ModelConfig
 from .base import DiffusionLM
-from .layers import RMSNorm, TokenLayout, apply_rope, attend, swiglu
+from .layers import RMSNorm, Rotary, TokenLayout, attend, swiglu
 
 
 class LLaDABlock(nn.Module):
@@ -29,15 +29,13 @@ class LLaDABlock(nn.Module):
         self.attn_norm = RMSNorm(d, c.rms_norm_eps)
         self.ff_norm = RMSNorm(d, c.rms_norm_eps)
 
-    def forward(self, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, layout: TokenLayout) -> torch.Tensor:
+    def forward(self, h: torch.Tensor, rope: Rotary, layout: TokenLayout) -> torch.Tensor:
         n = h.shape[0]
         x = self.attn_norm(h)
         q = ops.linear(x, self.q_proj.weight, self.q_proj.bias).view(n, self.n_heads, self.head_dim)
         k = ops.linear(x, self.k_proj.weight, self.k_proj.bias).view(n, self.n_kv, self.head_dim)
         v = ops.linear(x, self.v_proj.weight, self.v_proj.bias).view(n, self.n_kv, self.head_dim)
-        q = apply_rope(q, cos, sin, full_precision=True)
-        k = apply_rope(k, cos, sin, full_precision=True)
-        a = attend(q, k, v, layout, self.layer).reshape(n, -1)
+        a = attend(q, k, v, layout, self.layer, rope).reshape(n, -1)
         h = h + ops.linear(a, self.attn_out.weight)
         x = self.ff_norm(h)
         g = swiglu(ops.linear(x, self.ff_proj.weight), ops.linear(x, self.up_proj.weight))

@@ -6,7 +6,7 @@ Revision (``SamplingParams.revision``): ``remdm``, ``wino``, ``edit``.
 
 from __future__ import annotations
 
-from .base import CommitRule, DecodingPolicy, Revision, RevisionPolicy
+from .base import CommitRule, DecodingPolicy, Revision, RevisionContext, RevisionPolicy
 from .eb import EntropyBounded
 from .edit import Edit
 from .factor import Factor
@@ -48,5 +48,5 @@ def revision_policy(req) -> RevisionPolicy | None:
     return REVISION[name] if req.block_step < limit else None
 
 
-__all__ = ["DECODING", "REVISION", "CommitRule", "DecodingPolicy", "Revision", "RevisionPolicy", "decoding_policy",
-           "register_decoding", "register_revision", "revision_policy"]
+__all__ = ["DECODING", "REVISION", "CommitRule", "DecodingPolicy", "Revision", "RevisionContext", "RevisionPolicy",
+           "decoding_policy", "register_decoding", "register_revision", "revision_policy"]

@@ -9,4 +9,4 @@ class AdaptivePolicy:
     def block_done(self, req) -> bool:
         start, end = req.block_span
         # A model may predict [MASK] itself, which commits nothing; the cap keeps such a block finite.
-        return req.block_masked() == 0 or req.block_step >= 2 * (end - start)
+        return req.block_masked_count == 0 or req.block_step >= 2 * (end - start)

@@ -10,5 +10,5 @@ from .base import COMMIT_ENTROPY, CommitRule
 class EntropyBounded(AdaptivePolicy):
     name = "eb"
 
-    def rule(self, req, num_candidates: int) -> CommitRule:
+    def rule(self, req) -> CommitRule:
         return CommitRule(COMMIT_ENTROPY, eb_gamma=req.params.eb_gamma)

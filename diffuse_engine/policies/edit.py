@@ -6,19 +6,14 @@ from __future__ import annotations
 
 import torch
 
-from .base import Revision
+from .base import Revision, RevisionContext
 
 
 class Edit:
     name = "edit"
     verifies = True
 
-    def revise(self, req, committed: torch.Tensor, verify, index: int) -> Revision:
-        if verify is None:
-            return Revision([], {})
-        a, b = verify.starts[index], verify.starts[index + 1]
-        top, cur = verify.top_token[a:b], verify.current[a:b]
-        better = (top != cur) & (top != req.mask_id) & (verify.top_prob[a:b] - verify.p_current[a:b]
-                                                          >= req.params.edit_margin)
-        pos = verify.position[a:b][better].tolist()
-        return Revision([], dict(zip(pos, top[better].tolist(), strict=True)))
+    def revise(self, ctx: RevisionContext) -> Revision:
+        better = (ctx.committed & (ctx.top_token != ctx.current) & (ctx.top_token != ctx.mask_id)
+                  & (ctx.top_prob - ctx.p_current >= ctx.edit_margin[:, None]))
+        return Revision(torch.zeros_like(better), better, ctx.top_token)

@@ -10,5 +10,5 @@ from .base import COMMIT_FACTOR, CommitRule
 class Factor(AdaptivePolicy):
     name = "factor"
 
-    def rule(self, req, num_candidates: int) -> CommitRule:
+    def rule(self, req) -> CommitRule:
         return CommitRule(COMMIT_FACTOR, factor=req.params.factor)

@@ -1,30 +1,71 @@
-"""Fixed steps: the model family's published schedule (LLaDA's per-step counts, Dream's timesteps)."""
+"""Fixed steps: the model family's published schedule (LLaDA's per-step counts, Dream's timesteps).
+
+How many candidates a step commits depends on the step (and, for Dream, on how many are still masked), so the count
+is computed on the device from the request's schedule (:func:`step_counts`), one kind per request:
+
+- ``COUNT_TABLE``: LLaDA's per-step counts of the block (``Request.block_counts``, from its masked positions);
+- ``COUNT_SPREAD``: with a revision policy, revised tokens come back as candidates: what is masked is spread over
+  the steps left (equal to LLaDA's counts while nothing has been re-masked);
+- ``COUNT_DREAM``: Dream's ``int(n * (1 - s / t))`` of the n candidates (fp32), all of them at the last step;
+- ``COUNT_COINS``: Dream's ``origin`` ordering: the candidates whose independent coin came up.
+"""
 
 from __future__ import annotations
 
-from .base import COMMIT_TOPK, CommitRule, ceil_div, steps_left
+import torch
+
+from .base import COMMIT_TOPK, COUNT_COINS, COUNT_DREAM, COUNT_NONE, COUNT_SPREAD, COUNT_TABLE, CommitRule
 
 
 class FixedSteps:
     name = "fixed"
     adaptive = False
 
-    def rule(self, req, num_candidates: int) -> CommitRule:
-        if req.arch == "dream":
-            from ..engine.schedule import dream_transfer_count
-
-            count = dream_transfer_count(num_candidates, req.block_step, req.timesteps)
+    def rule(self, req) -> CommitRule:
+        if req.remasking == "origin":
+            kind = COUNT_COINS
+        elif req.arch == "dream":
+            kind = COUNT_DREAM
         elif req.params.revision is not None:
-            # Revised tokens come back as candidates: spread what is masked over the steps left (equal to
-            # LLaDA's counts while nothing has been re-masked).
-            count = ceil_div(num_candidates, steps_left(req))
+            kind = COUNT_SPREAD
         else:
-            count = req.block_counts[req.block_step]
-        return CommitRule(COMMIT_TOPK, count=count)
+            kind = COUNT_TABLE
+        return CommitRule(COMMIT_TOPK, count_kind=kind)
 
     def block_done(self, req) -> bool:
         # A block-diffusion model's block ends when nothing is left to commit (SDAR's loop; its first block,
         # which starts inside the prompt, can run out early). LLaDA and Dream run every scheduled step, as
         # published (Dream's ``origin`` coins can empty a block early; the NFE stays that of the reference).
         return req.block_step >= req.params.steps_per_block or (req.block_size is not None
-                                                                and req.block_masked() == 0)
+                                                                and req.block_masked_count == 0)
+
+
+def step_counts(kind: torch.Tensor, block_step: torch.Tensor, steps_per_block: torch.Tensor, table: torch.Tensor,
+                timesteps: torch.Tensor, num_candidates: torch.Tensor, coins: torch.Tensor | None) -> torch.Tensor:
+    """Per request ``[B]``: the count of this step (0 for ``COUNT_NONE``, the adaptive rules). ``table`` ``[B, T]``
+    holds LLaDA's counts, ``timesteps`` ``[B, T + 1]`` Dream's fp32 schedule, ``coins`` ``[B]`` the origin coins that
+    came up among the candidates (None when no request uses them)."""
+    last = block_step >= steps_per_block - 1
+    at = block_step[:, None]
+    llada = table.gather(1, at.clamp(max=table.shape[1] - 1))[:, 0]
+    spread = -torch.div(-num_candidates, (steps_per_block - block_step).clamp(min=1), rounding_mode="floor")
+    t = timesteps.gather(1, at.clamp(max=timesteps.shape[1] - 1))[:, 0]
+    s = timesteps.gather(1, (at + 1).clamp(max=timesteps.shape[1] - 1))[:, 0]
+    dream = torch.where(last, num_candidates, (num_candidates.float() * (1 - s / t)).to(torch.int64))
+    count = torch.zeros_like(num_candidates)
+    count = torch.where(kind == COUNT_TABLE, llada, count)
+    count = torch.where(kind == COUNT_SPREAD, spread, count)
+    count = torch.where(kind == COUNT_DREAM, dream, count)
+    if coins is not None:
+        count = torch.where(kind == COUNT_COINS, coins, count)
+    return torch.where(kind == COUNT_NONE, 0, count).clamp(min=0)
+
+
+def origin_probability(block_step: torch.Tensor, steps_per_block: torch.Tensor,
+                       timesteps: torch.Tensor) -> torch.Tensor:
+    """Dream's ``origin`` coin per request: each masked position is unmasked with probability ``1 - s / t`` (fp32),
+    1 at the last step."""
+    at = block_step[:, None]
+    t = timesteps.gather(1, at.clamp(max=timesteps.shape[1] - 1))[:, 0]
+    s = timesteps.gather(1, (at + 1).clamp(max=timesteps.shape[1] - 1))[:, 0]
+    return torch.where(block_step >= steps_per_block - 1, 1.0, 1 - s / t)

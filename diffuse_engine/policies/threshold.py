@@ -10,5 +10,5 @@ from .base import COMMIT_THRESHOLD, CommitRule
 class Threshold(AdaptivePolicy):
     name = "threshold"
 
-    def rule(self, req, num_candidates: int) -> CommitRule:
+    def rule(self, req) -> CommitRule:
         return CommitRule(COMMIT_THRESHOLD, threshold=req.params.threshold)

@@ -4,18 +4,12 @@ Paired with ``policy="threshold"`` and a low ``threshold`` it accepts wide and k
 
 from __future__ import annotations
 
-import torch
-
-from .base import Revision
+from .base import Revision, RevisionContext
 
 
 class Wino:
     name = "wino"
     verifies = True
 
-    def revise(self, req, committed: torch.Tensor, verify, index: int) -> Revision:
-        if verify is None:
-            return Revision([], {})
-        a, b = verify.starts[index], verify.starts[index + 1]
-        low = verify.p_current[a:b] < req.params.verify_threshold
-        return Revision(verify.position[a:b][low].tolist(), {})
+    def revise(self, ctx: RevisionContext) -> Revision:
+        return Revision(ctx.committed & (ctx.p_current < ctx.verify_threshold[:, None]))

@@ -1,0 +1,208 @@
+"""The step lives on the device (DESIGN.md section 2): what the host does per step must not grow with the batch or
+the block, plans are reused while nothing changes phase, and a batch padded to a CUDA-graph bucket decodes exactly
+as the batch itself.
+
+On the CPU, device values and host values are the same tensors, so "the host reads the device" is counted as
+tensor-to-Python conversions (``item``, ``tolist``, ``cpu``, ``__bool__``, ``__int__``, ``__float__``,
+``__index__``) inside ``Engine.step``. On a GPU each of them would be a synchronisation; the GPU twin of this test
+runs whole generations under ``torch.cuda.set_sync_debug_mode("error")`` (tests/test_gpu_engine.py).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+
+import pytest
+import torch
+
+from diffuse_engine import LLM, SamplingParams
+from diffuse_engine.engine import EngineConfig
+from diffuse_engine.engine import graphs as graphs_mod
+from diffuse_engine.engine import plan as plan_mod
+from diffuse_engine.models import build_model
+from diffuse_engine.presets import from_name
+
+CONVERSIONS = ("item", "tolist", "cpu", "__bool__", "__int__", "__float__", "__index__")
+
+
+@functools.cache
+def _model(preset: str, dtype: torch.dtype = torch.float32):
+    return build_model(from_name(preset).config, dtype=dtype).init_random_(0).eval()
+
+
+@contextlib.contextmanager
+def _count_conversions(engine):
+    """Counts conversions per ``engine.step()`` call (a list, one entry per step)."""
+    per_step: list[int] = []
+    active = [False]
+    originals = {name: getattr(torch.Tensor, name) for name in CONVERSIONS}
+
+    def counting(name):
+        original = originals[name]
+
+        def wrapper(self, *args, **kwargs):
+            if active[0]:
+                per_step[-1] += 1
+            return original(self, *args, **kwargs)
+        return wrapper
+
+    step = engine.step
+
+    def counted_step():
+        per_step.append(0)
+        active[0] = True
+        try:
+            return step()
+        finally:
+            active[0] = False
+
+    for name in CONVERSIONS:
+        setattr(torch.Tensor, name, counting(name))
+    engine.step = counted_step
+    try:
+        yield per_step
+    finally:
+        for name, original in originals.items():
+            setattr(torch.Tensor, name, original)
+        del engine.step
+
+
+def _prompts(n: int) -> list[list[int]]:
+    g = torch.Generator().manual_seed(n)
+    return [torch.randint(0, 256, (3 + 5 * i % 17,), generator=g).tolist() for i in range(n)]
+
+
+def _conversions(preset: str, batch: int, block: int, **kw) -> list[int]:
+    llm = LLM.from_model(_model(preset))
+    params = SamplingParams(gen_length=2 * block, block_length=block, steps=block, seed=1, **kw)
+    with _count_conversions(llm.engine) as per_step:
+        outs = llm.generate(_prompts(batch), params)
+    assert all(len(o.token_ids) == 2 * block for o in outs)
+    return per_step
+
+
+SETTINGS = [
+    ("llada-tiny", {}),
+    ("llada-tiny", dict(cache="dual", policy="threshold", threshold=0.5)),
+    ("llada-tiny", dict(cache="prefix", temperature=0.8, remasking="random")),
+    ("dream-tiny", dict(remasking="origin", temperature=0.5)),
+    ("dream-tiny", dict(remasking="topk_margin", alg_temp=0.5, top_p=0.9)),
+    ("llada-tiny", dict(revision="remdm", remdm_variant="conf", remdm_eta=0.5)),
+    ("llada-tiny", dict(policy="threshold", threshold=0.2, revision="wino", cache="dual")),
+    ("llada-tiny", dict(cfg_scale=1.0, early_stop=True, stop=None)),
+    ("sdar-tiny", {}),
+]
+
+
+@pytest.mark.parametrize("preset,kw", SETTINGS, ids=[f"{p}-{'-'.join(k) or 'plain'}" for p, k in SETTINGS])
+def test_host_reads_per_step_do_not_grow_with_batch_or_block(preset, kw):
+    block = from_name(preset).config.block_size or 8
+    small = _conversions(preset, 1, block, **kw)
+    wide = _conversions(preset, 8, block, **kw)
+    assert max(wide) == max(small), (small, wide)
+    if from_name(preset).config.block_size is None:
+        longer = _conversions(preset, 1, 4 * block, **kw)
+        assert max(longer) == max(small), (small, longer)
+    assert max(small) <= 2  # at most the commit op's mode check on CPU tensors, and nothing per request
+
+
+def test_a_plan_is_reused_while_no_request_changes_phase(monkeypatch):
+    builds = []
+    original = plan_mod.build_plan
+
+    def spy(*args, **kwargs):
+        builds.append(1)
+        return original(*args, **kwargs)
+
+    import diffuse_engine.engine.engine as engine_mod
+
+    monkeypatch.setattr(engine_mod, "build_plan", spy)
+    llm = LLM.from_model(_model("llada-tiny"))
+    # 4 blocks of 8 steps each, dual cache: a refresh plan and a steady plan per block
+    out = llm.generate(_prompts(4), SamplingParams(gen_length=32, block_length=8, steps=32, cache="dual", seed=0))
+    assert out[0].nfe == 32
+    assert len(builds) == 2 * 4
+    builds.clear()
+    llm.generate(_prompts(4), SamplingParams(gen_length=32, block_length=8, steps=32, seed=0))
+    assert len(builds) == 4  # no cache: one plan per block
+
+
+def test_one_copy_back_per_step(monkeypatch):
+    llm = LLM.from_model(_model("llada-tiny"))
+    engine = llm.engine
+    fetches = []
+    original = engine._fetch
+    monkeypatch.setattr(engine, "_fetch", lambda result: fetches.append(result.numel()) or original(result))
+    steps = []
+    llm.generate(_prompts(3), SamplingParams(gen_length=16, block_length=8, steps=8, cache="dual", seed=0),
+                 on_step=steps.append)
+    assert len(fetches) == len(steps) == 8
+
+
+def test_cuda_graphs_refused_on_cpu():
+    with pytest.raises(ValueError, match="cuda_graphs=True needs a model on a CUDA device"):
+        LLM.from_model(_model("llada-tiny"), engine_config=EngineConfig(cuda_graphs=True))
+    with pytest.raises(ValueError, match="cuda_graphs must be True, False or None"):
+        EngineConfig(cuda_graphs="yes")
+    llm = LLM.from_model(_model("llada-tiny"), engine_config=EngineConfig(cuda_graphs=None))
+    assert not llm.engine.runner.graphs.enabled
+
+
+@pytest.mark.parametrize("preset,kw", [
+    ("llada-tiny", dict(cache="dual", temperature=0.7)),
+    ("llada-tiny", dict(cache="dual", policy="threshold", threshold=0.3, remasking="random", temperature=0.5)),
+    ("dream-tiny", dict(cache="dual", remasking="entropy")),
+    ("sdar-tiny", dict(temperature=0.6)),
+])
+def test_a_batch_padded_to_its_graph_bucket_decodes_as_itself(monkeypatch, preset, kw):
+    """The tensors a CUDA graph replays: the plan padded to its bucket (padding requests read no cache, own no
+    cell, commit nothing). Stepping the padded plan eagerly (here through the Triton cached-block kernel under the
+    interpreter, as on a GPU) gives the tokens of the unpadded batch."""
+    monkeypatch.setenv("DIFFUSE_ATTENTION_BACKEND", "triton")
+    model = _model(preset)
+    block = model.config.block_size or 8
+    gen = 2 * block if model.config.block_size else block  # a block-diffusion model's first block is partial
+    params = SamplingParams(gen_length=gen, block_length=block, steps=gen // 2, seed=3, **kw)
+    prompts = _prompts(3)  # bucket 4: one padding request
+    if model.config.block_size:  # whole prompt blocks: the three requests step through their blocks in lockstep
+        prompts = [list(range(20 + i, 20 + i + block * (i + 1))) for i in range(3)]
+    want = [o.token_ids for o in LLM.from_model(model).generate(prompts, params)]
+
+    llm = LLM.from_model(model)
+    runner = llm.engine.runner
+    padded = []
+
+    def run(plan, store):
+        key = _graph_key(plan, store)
+        if key is None:
+            return runner.eager(plan, store)
+        size, _, fresh, pages = key[:4]
+        static = graphs_mod._static_plan(plan, size, fresh, pages)
+        graphs_mod._load(static, plan, pages)
+        padded.append(size)
+        out = runner.eager(static, store)
+        plan.t["nfe"].add_(1)  # the real plan's counters follow the graph's, as after a replay
+        plan.t["block_step"].add_(1)
+        return _unpad(out, plan, size)
+
+    def _graph_key(plan, store):
+        runner.graphs.enabled = True
+        try:
+            return runner.graphs.key(plan, store)
+        finally:
+            runner.graphs.enabled = False
+
+    monkeypatch.setattr(runner, "run", run)
+    got = [o.token_ids for o in llm.generate(prompts, params)]
+    assert padded and max(padded) == 4 and set(padded) <= {1, 2, 4}
+    assert got == want
+
+
+def _unpad(out: torch.Tensor, plan, size: int) -> torch.Tensor:
+    """The packed result of a padded step, cut back to the plan's own requests (the layout of step.pack_outputs)."""
+    k = len(plan_mod.COUNTERS)
+    b, w = plan.batch, plan.width
+    counters = out[:size * k].view(size, k)[:b].reshape(-1)
+    rest = out[size * k:].view(-1, size, w)[:, :b].reshape(-1)
+    return torch.cat((counters, rest))
