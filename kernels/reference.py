@@ -202,7 +202,8 @@ def block_attention_cached_reference(q: torch.Tensor, k_new: torch.Tensor, v_new
     the input dtype (both None: q and k_new are rotated already). ``k_cache`` / ``v_cache``
     ``[num_pages, page_size, KV, D]`` hold post-RoPE keys; logical position p of request b lives at page
     ``block_table[b, p // page_size]``, slot ``p % page_size``. Request b sees the cached positions
-    ``[0, min(block_start, cache_len))`` and ``[block_start + L, cache_len)`` plus its L fresh keys; query head h uses kv head ``h // (H // KV)``. Scores and softmax are in the input dtype.
+    ``[0, min(block_start, cache_len))`` and ``[block_start + L, cache_len)`` plus its L fresh keys;
+    query head h uses kv head ``h // (H // KV)``. Scores and softmax are in the input dtype.
 
     Returns ``(out [B, L, H, D], k_cache_after, v_cache_after)``: clones of the caches, with the rotated k_new
     and v_new stored at positions [block_start, block_start + L) when ``write_cache``.
