@@ -239,6 +239,9 @@ class AsyncEngine:
         stream = self._streams.get(out.request_id)
         if stream is None:
             return
+        if out.finished and out.output is not None and out.output.finish_reason == "error":
+            self._deliver_error(out.request_id, RuntimeError(out.output.error))  # this request's step failed
+            return
         tokens = out.canvas[: out.stable]
         new_ids = tokens[stream.emitted_tokens:]
         if out.finished:

@@ -206,3 +206,22 @@ def _unpad(out: torch.Tensor, plan, size: int) -> torch.Tensor:
     counters = out[:size * k].view(size, k)[:b].reshape(-1)
     rest = out[size * k:].view(-1, size, w)[:, :b].reshape(-1)
     return torch.cat((counters, rest))
+
+
+def test_a_request_with_non_finite_logits_fails_alone():
+    """A prompt token whose embedding is NaN poisons its own sequence only: that request finishes with
+    finish_reason "error" and a message; the others decode exactly as alone, and the engine keeps serving."""
+    model = build_model(from_name("llada-tiny").config, dtype=torch.float32).init_random_(0).eval()
+    poison = 77
+    with torch.no_grad():
+        model.model.transformer.wte.weight[poison] = float("nan")
+    llm = LLM.from_model(model)
+    params = SamplingParams(gen_length=16, block_length=8, steps=8, seed=2)
+    clean = [[5, 6, 7], [40, 41, 42, 43]]
+    alone = [llm.generate([p], params)[0].token_ids for p in clean]
+    outs = llm.generate([clean[0], [1, poison, 3], clean[1]], params)
+    assert outs[1].finish_reason == "error" and "not finite" in outs[1].error
+    assert outs[1].nfe == 1 and outs[0].error is None
+    assert [outs[0].token_ids, outs[2].token_ids] == alone
+    assert not llm.engine.has_unfinished() and llm.engine.store.num_free_slots == llm.engine.config.max_num_seqs
+    assert llm.generate([clean[0]], params)[0].token_ids == alone[0]

@@ -93,8 +93,8 @@ class CanvasStore:
         self.host_conf[slot, :n] = conf
         self.host_conf[slot, n:] = 0.0
         row = slice(slot * self.capacity, slot * self.capacity + self.capacity)
-        self.tokens[row].copy_(_upload(self.host_tokens[slot], self.device), non_blocking=True)
-        self.conf[row].copy_(_upload(self.host_conf[slot], self.device), non_blocking=True)
+        self.tokens[row].copy_(upload(self.host_tokens[slot], self.device), non_blocking=True)
+        self.conf[row].copy_(upload(self.host_conf[slot], self.device), non_blocking=True)
         req.slot = slot
         self._owner[slot] = req
         self._bind(req, slot)
@@ -118,7 +118,7 @@ class CanvasStore:
         self.host_tokens[req.slot, lo:hi] = token
 
 
-def _upload(array: np.ndarray, device: torch.device) -> torch.Tensor:
+def upload(array: np.ndarray, device: torch.device) -> torch.Tensor:
     """A host array as a tensor on ``device``: through pinned memory and a non-blocking copy on CUDA (the caching
     host allocator keeps the pinned block alive until the copy has run)."""
     t = torch.from_numpy(np.ascontiguousarray(array))
@@ -126,5 +126,3 @@ def _upload(array: np.ndarray, device: torch.device) -> torch.Tensor:
         return t.pin_memory().to(device, non_blocking=True)
     return t.to(device)
 
-
-upload = _upload

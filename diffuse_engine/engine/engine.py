@@ -29,7 +29,7 @@ import torch
 from ..models import DiffusionLM
 from ..policies import decoding_policy
 from ..sampling_params import SamplingParams
-from .canvas import CanvasStore
+from .canvas import CanvasStore, upload
 from .cost_model import CPU, H100, CostModel, DeviceCeilings, StepEstimate, ceilings_for
 from .graphs import GRAPH_BATCH_SIZES
 from .kv_cache import PagedKVCache
@@ -339,7 +339,7 @@ class Engine:
             return []
         t0 = time.perf_counter()
         plan = self._current_plan()
-        result = self._fetch(self.runner.run(plan, self.store))
+        result = self._fetch(self.runner.run(plan, self.store, lambda: self._candidate_rows(plan)))
         outputs = self._apply(plan, result)
         self.num_steps += 1
         self.step_seconds += time.perf_counter() - t0
@@ -356,6 +356,17 @@ class Engine:
                                     eot_id=cfg.eot_token_id, eos_id=cfg.eos_token_id, fused=self.runner.fuse(),
                                     score_dtype=torch.float64 if self.model.dtype == torch.float64 else torch.float32)
         return self._plan
+
+    def _candidate_rows(self, plan: StepPlan) -> torch.Tensor | None:
+        """The window rows that are candidates this step (still masked in the host mirror, which is exact between
+        steps), as indices into the plan's rows, for the head to compute only those; None: every row (all are
+        candidates, or guidance needs the plan's row order)."""
+        if plan.any_cfg:
+            return None
+        masked = self.store.host_tokens[plan.host_slot, plan.host_pos] == self.model_config.mask_token_id
+        if masked.all():
+            return None
+        return upload(np.flatnonzero(masked), self.store.device)
 
     def _fetch(self, result: torch.Tensor) -> np.ndarray:
         """The step's one device-to-host copy: asynchronous into pinned memory, then the wait for it."""

@@ -63,6 +63,7 @@ class StepGraphs:
         self.graphs: dict[tuple, _Graph] = {}
         self._seen: set[tuple] = set()
         self._pool = None
+        self._generation = -1
         self.failure: str | None = None
         self.captures = 0
         self.replays = 0
@@ -95,6 +96,10 @@ class StepGraphs:
         key = self.key(plan, store)
         if key is None:
             return None
+        if key[6] != self._generation:  # the canvas store was reallocated: every graph holds stale addresses
+            self.graphs.clear()
+            self._seen.clear()
+            self._generation = key[6]
         graph = self.graphs.get(key)
         if graph is None:
             if key not in self._seen:

@@ -10,6 +10,7 @@ with one warning, to the unfused head for the rest of the process; an explicit `
 from __future__ import annotations
 
 import warnings
+from collections.abc import Callable
 
 import torch
 
@@ -40,24 +41,27 @@ class ModelRunner:
         return self.fused_head is True or self.device.type == "cuda"
 
     @torch.inference_mode()
-    def run(self, plan: StepPlan, store: CanvasStore) -> torch.Tensor:
+    def run(self, plan: StepPlan, store: CanvasStore,
+            rows: Callable[[], torch.Tensor | None] | None = None) -> torch.Tensor:
         """One step of ``plan`` on the device; returns the packed result (:func:`step.pack_outputs`), still on the
-        device (nothing here waits for it)."""
+        device (nothing here waits for it). ``rows``: called for an eager step, the window rows the head computes
+        (the step's candidates; None: all of them). A replayed graph computes every row."""
         replay = self.graphs.run(plan, store)
         if replay is not None:
             return replay
-        return self.eager(plan, store)
+        return self.eager(plan, store, rows() if rows is not None else None)
 
-    def eager(self, plan: StepPlan, store: CanvasStore) -> torch.Tensor:
+    def eager(self, plan: StepPlan, store: CanvasStore, rows: torch.Tensor | None = None) -> torch.Tensor:
         hidden = device_step.forward(self.model, plan, store, self.mask_id)
-        stats = self._head(plan, hidden)
-        return device_step.decide(self.model, plan, store, hidden, stats, self.mask_id, self.eos_id, self.eot_id)
+        stats = self._head(plan, hidden, rows)
+        return device_step.decide(self.model, plan, store, hidden, stats, self.mask_id, self.eos_id, self.eot_id,
+                                  rows)
 
-    def _head(self, plan: StepPlan, hidden: torch.Tensor) -> dict[str, torch.Tensor]:
+    def _head(self, plan: StepPlan, hidden: torch.Tensor, rows: torch.Tensor | None) -> dict[str, torch.Tensor]:
         if not plan.fused:
-            return device_step.head(self.model, plan, hidden, self.eos_id)
+            return device_step.head(self.model, plan, hidden, self.eos_id, rows)
         try:
-            return device_step.head(self.model, plan, hidden, self.eos_id)
+            return device_step.head(self.model, plan, hidden, self.eos_id, rows)
         except ValueError:
             raise
         except Exception as exc:  # noqa: BLE001 - automatic choice must not fail where the unfused head runs
@@ -67,4 +71,4 @@ class ModelRunner:
             warnings.warn(f"the fused LM head failed ({type(exc).__name__}: {exc}); using the unfused head from now "
                           f"on. EngineConfig(fused_head=True) raises the error instead.", RuntimeWarning, stacklevel=3)
             plan.fused = False
-            return device_step.head(self.model, plan, hidden, self.eos_id)
+            return device_step.head(self.model, plan, hidden, self.eos_id, rows)

@@ -37,10 +37,14 @@ def forward(model: DiffusionLM, plan: StepPlan, store: CanvasStore, mask_id: int
     return model.hidden_states(ids, t["positions"], plan.layout)
 
 
-def head(model: DiffusionLM, plan: StepPlan, hidden: torch.Tensor, eos_id: int) -> dict[str, torch.Tensor]:
-    """Statistics of the plan's M window rows (keys of :func:`ops.row_stats`, scores in the plan's score dtype)."""
-    t = plan.t
-    step = t["nfe"][t["row_req"]]
+def head(model: DiffusionLM, plan: StepPlan, hidden: torch.Tensor, eos_id: int,
+         rows: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+    """Statistics of the plan's M window rows, or of the rows ``rows`` (indices into them: the step's candidates,
+    which the host knows from its mirror) (keys of :func:`ops.row_stats`, scores in the plan's score dtype)."""
+    t = {k: v for k, v in plan.t.items() if k.startswith("row_")}
+    if rows is not None:
+        t = {k: v[rows] for k, v in t.items()}
+    step = plan.t["nfe"][t["row_req"]]
     conf_exclude = t.get("row_exclude")
     args = (t["row_temp"], t["row_seed"], step, t["row_pos"])
     if plan.fused:
@@ -49,11 +53,11 @@ def head(model: DiffusionLM, plan: StepPlan, hidden: torch.Tensor, eos_id: int) 
     logits = model.logits_from_hidden(hidden[t["row_hidden"]])
     work = torch.float64 if logits.dtype == torch.float64 else torch.float32
     logits = logits.to(work)
-    if plan.any_cfg:
-        un = model.logits_from_hidden(hidden[t["cfg_hidden"]]).to(work)
-        cond = logits[t["cfg_row"]]
-        scale = t["cfg_scale"].to(work)[:, None]
-        logits = logits.index_copy(0, t["cfg_row"], un + (scale + 1) * (cond - un))
+    if plan.any_cfg:  # (never with a row subset: see Engine._candidate_rows)
+        un = model.logits_from_hidden(hidden[plan.t["cfg_hidden"]]).to(work)
+        cond = logits[plan.t["cfg_row"]]
+        scale = plan.t["cfg_scale"].to(work)[:, None]
+        logits = logits.index_copy(0, plan.t["cfg_row"], un + (scale + 1) * (cond - un))
     if plan.any_eos_inf:
         logits[:, eos_id] = torch.where(t["row_eos_inf"], float("-inf"), logits[:, eos_id])
     if logits.device.type == "cuda" and not (plan.any_top_k or plan.any_top_p) and work == torch.float32:
@@ -65,10 +69,12 @@ def head(model: DiffusionLM, plan: StepPlan, hidden: torch.Tensor, eos_id: int) 
                        raw_confidence=t["row_raw"], conf_exclude=conf_exclude)
 
 
-def _padded(plan: StepPlan, x: torch.Tensor, fill) -> torch.Tensor:
-    """Row values ``[M]`` placed in the ``[B, W]`` matrix (``fill`` in padding cells)."""
+def _padded(plan: StepPlan, x: torch.Tensor, fill, rows: torch.Tensor | None) -> torch.Tensor:
+    """Values of the window rows (all M, or the subset ``rows``) placed in the ``[B, W]`` matrix (``fill``
+    elsewhere)."""
     out = torch.full((plan.batch * plan.width,), fill, dtype=x.dtype, device=x.device)
-    return out.index_copy(0, plan.t["row_pad"], x).view(plan.batch, plan.width)
+    at = plan.t["row_pad"] if rows is None else plan.t["row_pad"][rows]
+    return out.index_copy(0, at, x).view(plan.batch, plan.width)
 
 
 def _verification(model: DiffusionLM, plan: StepPlan, hidden: torch.Tensor, cur: torch.Tensor,
@@ -91,7 +97,8 @@ def _verification(model: DiffusionLM, plan: StepPlan, hidden: torch.Tensor, cur:
 
 
 def decide(model: DiffusionLM, plan: StepPlan, store: CanvasStore, hidden: torch.Tensor,
-           stats: dict[str, torch.Tensor], mask_id: int, eos_id: int, eot_id: int | None) -> torch.Tensor:
+           stats: dict[str, torch.Tensor], mask_id: int, eos_id: int, eot_id: int | None,
+           rows: torch.Tensor | None = None) -> torch.Tensor:
     """Steps 3 to 6 of the module docstring; returns the packed int32 result (:func:`pack_outputs`)."""
     t = plan.t
     b, w = plan.batch, plan.width
@@ -100,10 +107,10 @@ def decide(model: DiffusionLM, plan: StepPlan, store: CanvasStore, hidden: torch
     cur = flat[t["pad_flat"]]
     valid = t["pad_valid"]
     is_mask = (cur == mask_id) & valid
-    invalid = _padded(plan, stats["invalid"].to(torch.bool), False)
+    invalid = _padded(plan, stats["invalid"].to(torch.bool), False, rows)
     cand = is_mask & ~invalid
-    prob = _padded(plan, stats["prob"].to(dtype), 0.0)
-    token = _padded(plan, stats["token"].to(torch.int64), mask_id)
+    prob = _padded(plan, stats["prob"].to(dtype), 0.0, rows)
+    token = _padded(plan, stats["token"].to(torch.int64), mask_id, rows)
     seed = t["seed"][:, None].expand(b, w)
     stepk = t["nfe"][:, None].expand(b, w)
     pos = t["pad_pos"]
@@ -111,8 +118,8 @@ def decide(model: DiffusionLM, plan: StepPlan, store: CanvasStore, hidden: torch
     # 3. scores by ordering, and each request's count
     score = prob
     if "margin" in stats and "margin" in plan.scores:
-        score = torch.where(t["ord_margin"][:, None], _padded(plan, stats["margin"].to(dtype), 0.0), score)
-    neg_entropy = _padded(plan, stats["neg_entropy"].to(dtype), 0.0) if "neg_entropy" in plan.scores else None
+        score = torch.where(t["ord_margin"][:, None], _padded(plan, stats["margin"].to(dtype), 0.0, rows), score)
+    neg_entropy = _padded(plan, stats["neg_entropy"].to(dtype), 0.0, rows) if "neg_entropy" in plan.scores else None
     if neg_entropy is not None:
         score = torch.where(t["ord_negent"][:, None], neg_entropy, score)
         score = torch.where(t["ord_negexp"][:, None], neg_entropy.exp(), score)
