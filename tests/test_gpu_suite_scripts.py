@@ -1,12 +1,13 @@
 """The GPU suite's scripts on the CPU: bench_engine's cache and CUDA-graph dimensions (steady-state steps against
-their floors), the step counts they use (benchmarks/common.py) and the CSV merging that keeps the suite's output
-folder small."""
+their floors), the step counts they use (benchmarks/common.py), the CSV merging that keeps the suite's output
+folder small, run.sh's list of output files, and summary.py on such a folder."""
 
 from __future__ import annotations
 
 import csv
 import dataclasses
 import importlib.util
+import re
 import sys
 from pathlib import Path
 
@@ -25,6 +26,8 @@ def _load(name: str, path: Path):
 
 bench_engine = _load("bench_engine", ROOT / "benchmarks" / "bench_engine.py")
 common = _load("common", ROOT / "benchmarks" / "common.py")
+summary = _load("gpu_summary", ROOT / "benchmarks" / "gpu" / "summary.py")
+profile_step = _load("profile_step", ROOT / "benchmarks" / "gpu" / "profile_step.py")
 
 ENGINE_COLUMNS = ("batch", "cache", "cuda_graphs", "step_ms", "floor_ms", "pct_of_floor")
 
@@ -125,3 +128,41 @@ def test_append_csv_union_keeps_one_file(tmp_path):
     common.append_csv(tmp_path / "other.csv", [{"a": 1}])
     common.append_csv(tmp_path / "other.csv", [{"b": 2}])
     assert sorted(p.name for p in tmp_path.iterdir()) == ["kernels.csv", "other.1.csv", "other.csv"]
+
+
+def run_sh_outputs() -> set[str]:
+    text = (ROOT / "benchmarks" / "gpu" / "run.sh").read_text()
+    return set(re.findall(r'\$OUT_DIR/([\w.\-]+)', text)) | {"summary.md"}  # summary.py writes summary.md
+
+
+def test_run_sh_writes_at_most_eight_files():
+    names = run_sh_outputs()
+    assert len(names) <= 8, sorted(names)
+    assert {"profile.csv", "engine.csv", "kernels.csv", "suite.log", "summary.md"} <= names
+    header = (ROOT / "benchmarks" / "gpu" / "run.sh").read_text()
+    listed = re.search(r"Writes at most 8 files into OUT_DIR: ([^(]+)", header.replace("\n# ", " ")).group(1).split()
+    assert set(listed) == names
+    assert "pytest -m gpu" in header and "--trace" not in header
+
+
+def test_summary_on_a_suite_folder(steady_csv, tmp_path, capsys):
+    out = tmp_path / "suite"
+    out.mkdir()
+    (out / "engine.csv").write_bytes(steady_csv.read_bytes())
+    profile_step.main(["--device", "cpu", "--preset", "llada-tiny", "--batches", "2", "--gen-length", "32",
+                       "--block-length", "16", "--prompt-len", "8", "--steps", "1", "--out", str(out / "profile.csv")])
+    common.append_csv(out / "kernels.csv", [{"op": "full", "shape": "S=64", "provider": "triton", "ms": 1.0,
+                                             "tflops": 2.0, "gbps": "", "pct_floor": 50.0, "ratio_vs_sdpa": 1.5}],
+                      union=True)
+    common.append_csv(out / "kernels.csv", [{"op": "row_stats", "shape": "M=4", "provider": "cuda", "ms": 0.1,
+                                             "gbps": 900.0, "tflops": "", "pct_floor": 40.0, "baseline": "torch",
+                                             "ratio": 9.0}], union=True)
+    before = {p.name for p in out.iterdir()}
+    capsys.readouterr()
+    text = summary.main(out)
+    assert {p.name for p in out.iterdir()} - before == {"summary.md"}
+    assert len(before | {"summary.md"}) <= 8
+    assert "attn_full/triton" in text and "row_stats/cuda" in text
+    assert "batch  cache   graphs" in text and "pct_of_floor" in text and "dual" in text
+    assert "where a step's time goes" in text and "idle (host)" in text and "top kernel" in text
+    assert capsys.readouterr().out.strip() == text.strip()
