@@ -36,7 +36,6 @@ those dimensions. CUDA graphs replay only cached steps, so cache ``none`` runs w
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import gc
 import sys
 import time
@@ -51,6 +50,8 @@ from common import (  # noqa: E402
     RESULTS,
     append_csv,
     cache_step_tokens,
+    engine_config,
+    graphs_option,
     measure_ceilings,
     print_table,
     roofline_seconds,
@@ -60,14 +61,13 @@ from common import (  # noqa: E402
 )
 
 from diffuse_engine import LLM, SamplingParams  # noqa: E402
-from diffuse_engine.engine import EngineConfig  # noqa: E402
 from diffuse_engine.models import build_model  # noqa: E402
 from diffuse_engine.presets import from_name  # noqa: E402
 
 EXTRA_COLUMNS = ("floor_ms", "pct_of_floor", "bound", "reference_s", "reference_tok_s", "speedup", "identical_tokens")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 CACHES = ("none", "prefix", "dual")
-GRAPHS = {"on": True, "off": False}
+GRAPHS = ("on", "off")
 
 
 def ints(text: str) -> list[int]:
@@ -96,7 +96,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--batches", type=ints, default=[1])
     ap.add_argument("--tokens-per-step", type=ints, default=[1])
     ap.add_argument("--caches", type=names(CACHES), default=["none"], help="KV-cache modes, e.g. none,prefix,dual")
-    ap.add_argument("--graphs", type=names(tuple(GRAPHS)), default=None,
+    ap.add_argument("--graphs", type=names(GRAPHS), default=None,
                     help="CUDA graphs on,off (EngineConfig.cuda_graphs); default: the engine's default")
     ap.add_argument("--timing", default="generation", choices=["generation", "steady"])
     ap.add_argument("--warmup-steps", type=int, default=4, help="steady timing: untimed steps first")
@@ -141,21 +141,6 @@ def run_reference(model, prompt: list[int], params: SamplingParams, mask_id: int
     out = llada_generate(model, x, steps=params.steps, gen_length=params.gen_length,
                          block_length=params.block_length, temperature=0.0, mask_id=mask_id)
     return out[0, len(prompt):].tolist()
-
-
-def graphs_option() -> bool:
-    """Whether this engine has ``EngineConfig.cuda_graphs``."""
-    return "cuda_graphs" in {f.name for f in dataclasses.fields(EngineConfig)}
-
-
-def engine_config(batch: int, seq_len: int, graphs: str | None) -> EngineConfig:
-    """Every request of the batch in every step: first come first served, slots, tokens and KV pages for all."""
-    page = EngineConfig().page_size
-    kw = {"max_num_seqs": max(1, batch), "max_num_batched_tokens": max(65536, batch * seq_len),
-          "kv_cache_tokens": max(page, batch * -(-seq_len // page) * page), "scheduling": "fcfs", "calibrate": False}
-    if graphs is not None and graphs_option():
-        kw["cuda_graphs"] = GRAPHS[graphs]
-    return EngineConfig(**kw)
 
 
 def schedule_items(config, params: SamplingParams, prompt_len: int, steps: range) -> list[tuple[int, int, int]]:

@@ -180,6 +180,31 @@ def roofline_seconds(cost: dict[str, float], ceilings: dict[str, float]) -> tupl
     return (cost["bytes"] / (ceilings["bandwidth_gbs"] * 1e9), cost["flops"] / (ceilings["peak_tflops"] * 1e12))
 
 
+def graphs_option(config_cls=None) -> bool:
+    """Whether the engine's config (``config_cls``, default ``EngineConfig``) has the ``cuda_graphs`` option."""
+    import dataclasses
+
+    if config_cls is None:
+        from diffuse_engine.engine import EngineConfig as config_cls
+    return "cuda_graphs" in {f.name for f in dataclasses.fields(config_cls)}
+
+
+def engine_config(batch: int, seq_len: int, graphs: str | None = None, config_cls=None):
+    """An ``EngineConfig`` that runs every request of a ``batch`` of ``seq_len``-token sequences in every step
+    (first come first served; slots, tokens per forward and KV-cache pages for all; no calibration: the scheduler's
+    cost model is not consulted). ``graphs``: ``"on"`` / ``"off"`` set ``cuda_graphs=True`` / ``False`` when the
+    engine has that option (without it, ``"off"`` is the default config); None leaves the engine's default.
+    ``config_cls``: the config class (default ``diffuse_engine.engine.EngineConfig``)."""
+    if config_cls is None:
+        from diffuse_engine.engine import EngineConfig as config_cls
+    page = config_cls().page_size
+    kw = {"max_num_seqs": max(1, batch), "max_num_batched_tokens": max(65536, batch * seq_len),
+          "kv_cache_tokens": max(page, batch * -(-seq_len // page) * page), "scheduling": "fcfs", "calibrate": False}
+    if graphs is not None and graphs_option(config_cls):
+        kw["cuda_graphs"] = {"on": True, "off": False}[graphs]
+    return config_cls(**kw)
+
+
 def timed(fn, device: torch.device, quick: bool) -> tuple[float, float, float]:
     """(median, p20, p80) milliseconds of ``fn``: triton.testing.do_bench on CUDA, else time.perf_counter over
     repeats after one warm-up call."""

@@ -74,20 +74,20 @@ def test_steady_window_must_fit_in_the_first_block(tmp_path, capsys):
     assert "must fit in the first block" in capsys.readouterr().out
 
 
-def test_engine_config_graphs_option(monkeypatch):
-    cfg = bench_engine.engine_config(64, 320, "off")
+def test_engine_config_runs_the_whole_batch_and_sets_graphs():
+    cfg = common.engine_config(64, 320, "off")
     assert cfg.max_num_seqs == 64 and cfg.scheduling == "fcfs" and cfg.kv_cache_tokens >= 64 * 320
     assert getattr(cfg, "cuda_graphs", False) is False  # off: False, or the default config without the option
+    from diffuse_engine.engine import EngineConfig
 
     @dataclasses.dataclass
-    class WithGraphs(bench_engine.EngineConfig):
+    class WithGraphs(EngineConfig):
         cuda_graphs: bool | None = None
 
-    monkeypatch.setattr(bench_engine, "EngineConfig", WithGraphs)
-    assert bench_engine.graphs_option()
-    assert bench_engine.engine_config(1, 40, "on").cuda_graphs is True
-    assert bench_engine.engine_config(1, 40, "off").cuda_graphs is False
-    assert bench_engine.engine_config(1, 40, None).cuda_graphs is None
+    assert common.graphs_option(WithGraphs)
+    assert common.engine_config(1, 40, "on", WithGraphs).cuda_graphs is True
+    assert common.engine_config(1, 40, "off", WithGraphs).cuda_graphs is False
+    assert common.engine_config(1, 40, None, WithGraphs).cuda_graphs is None
 
 
 def test_cache_step_tokens_and_cost():

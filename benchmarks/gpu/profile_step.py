@@ -40,7 +40,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from common import append_csv, stamp, sync  # noqa: E402
+from common import append_csv, engine_config, stamp, sync  # noqa: E402
 
 CATEGORIES = ("GEMM", "attention", "head", "commit", "norms/elementwise", "other")
 MARKER = "engine.step"
@@ -215,21 +215,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def make_engine(model, batch: int, seq_len: int, graphs: str):
-    """An engine that runs the whole batch in every step (first come first served, KV pages for all)."""
-    import dataclasses
-
-    from diffuse_engine import LLM
-    from diffuse_engine.engine import EngineConfig
-
-    page = EngineConfig().page_size
-    kw = {"max_num_seqs": batch, "max_num_batched_tokens": max(65536, batch * seq_len), "scheduling": "fcfs",
-          "kv_cache_tokens": max(page, batch * -(-seq_len // page) * page), "calibrate": False}
-    if graphs != "default" and "cuda_graphs" in {f.name for f in dataclasses.fields(EngineConfig)}:
-        kw["cuda_graphs"] = graphs == "on"
-    return LLM.from_model(model, engine_config=EngineConfig(**kw)).engine
-
-
 class Stepper:
     """Steps an engine and says whether each step was steady: every request stayed in the block of its previous
     step (so none recomputed its whole sequence to start a block)."""
@@ -253,11 +238,12 @@ def profile_batch(model, config, batch: int, args, device: torch.device, trace_d
     """The breakdown of ``args.steps`` steady steps at ``batch`` and the median unprofiled step time (ms)."""
     from torch.profiler import ProfilerActivity, profile, record_function
 
-    from diffuse_engine import SamplingParams
+    from diffuse_engine import LLM, SamplingParams
 
     params = SamplingParams(gen_length=args.gen_length, block_length=args.block_length, cache=args.cache,
                             policy=args.policy, threshold=args.threshold, seed=args.seed)
-    engine = make_engine(model, batch, args.prompt_len + args.gen_length, args.graphs)
+    graphs = None if args.graphs == "default" else args.graphs
+    engine = LLM.from_model(model, engine_config=engine_config(batch, args.prompt_len + args.gen_length, graphs)).engine
     gen = torch.Generator().manual_seed(args.seed + batch)
     high = min(config.vocab_size, 256)
     for _ in range(batch):
