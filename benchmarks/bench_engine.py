@@ -12,8 +12,9 @@ recomputed plus attention (``common.step_cost``; what each cache mode recomputes
 Two timings (``--timing``):
 - ``generation`` (default): whole generations through ``LLM.generate``; ``step_ms`` = time / NFE, the floor is
   the mean over the generation's steps (a cached block's first step recomputes the whole sequence).
-- ``steady``: ``--warmup-steps`` W engine steps (a cached block's first step, JIT compilation, graph capture),
-  then ``--timed-steps`` K steps timed together, all inside the first block and past its first step: the cost
+- ``steady``: ``--warmup-steps`` W engine steps (with a cache: the block's first step, which recomputes the whole
+  sequence, an eager cached step and the CUDA-graph capture, so W >= 3; JIT compilation), then
+  ``--timed-steps`` K steps timed together, all inside the first block and past its first step: the cost
   of a cached step alone, affordable at large batches without a cache. ``engine_tok_s`` is then committed tokens
   per second in that window. With ``--cache prefix``, a first-block step recomputes the whole canvas (the most
   a prefix step ever recomputes); ``query_tokens`` / ``context_tokens`` say what was counted.
@@ -23,9 +24,10 @@ cache sized for them), so ``batch`` is the batch of every step.
 
 ``--caches none,prefix,dual`` (``SamplingParams.cache``) and ``--graphs on,off``
 (``EngineConfig.cuda_graphs=True|False``; not given: the engine's default, column ``cuda_graphs`` = default) add
-those dimensions. CUDA graphs replay only cached steps, so cache ``none`` runs with graphs ``off`` only (an
-``on`` row would repeat it). An engine without the ``cuda_graphs`` option runs ``off`` as its default and skips
-``on``, as does a CPU device. A configuration that fails is reported and the others still run (exit status 1).
+those dimensions. CUDA graphs replay only cached steps (in the engine today: dual-cache steps; a prefix row with
+graphs on shows whether its steps gain), so cache ``none`` runs with graphs ``off`` only (an ``on`` row would
+repeat it). An engine without the ``cuda_graphs`` option runs ``off`` as its default and skips ``on``, as does a
+CPU device. A configuration that fails is reported and the others still run (exit status 1).
 
     python benchmarks/bench_engine.py                       # CPU, writes benchmarks/results/engine_cpu.csv
     python benchmarks/bench_engine.py --quick               # seconds; what CI runs
@@ -259,9 +261,10 @@ def main(argv: list[str] | None = None) -> list[dict]:
                 raise ValueError(f"--warmup-steps + --timed-steps ({args.warmup_steps + args.timed_steps}) must fit "
                                  f"in the first block's {params.steps_per_block} steps (block_length / tokens "
                                  f"per step) so that every timed step is a steady one.")
-            if args.timing == "steady" and cache != "none" and args.warmup_steps < 2:
-                raise ValueError("with a cache, --warmup-steps must be at least 2: the block's first step "
-                                 "recomputes the whole sequence and the second is the first cached one.")
+            if args.timing == "steady" and cache != "none" and args.warmup_steps < 3:
+                raise ValueError("with a cache, --warmup-steps must be at least 3: the block's first step "
+                                 "recomputes the whole sequence, the next runs eagerly, the third captures the "
+                                 "CUDA graphs.")
             prompts = random_prompts(config, batch, args.prompt_len, args.seed + batch)
             llm = LLM.from_model(model, engine_config=engine_config(batch, args.prompt_len + gen_length, graphs))
             m = measure(llm, prompts, params, args, device)

@@ -16,7 +16,8 @@ confidences meaningless: a threshold step may commit only its top-1 fallback, wh
   unprofiled native code.
 Category times sum kernel durations (one stream: no overlap). The profiler adds host overhead per op, so the
 profiled span exceeds ``step_ms_unprofiled``, and idle time is an upper bound. Kernels replayed from CUDA graphs
-are traced one by one; ``graph_launches`` counts the graph launches of a step.
+should appear one by one in the trace; ``graph_launches`` counts a step's graph launches, and a warning is printed
+when such a step shows the device mostly idle (its kernels then missing from the trace: compare --graphs off).
 
 Rows (one CSV, ``--out``): per batch, ``kind`` = step (the span), category (:data:`CATEGORIES`), idle,
 idle_part, kernel (the top ``--top`` kernels by total time: name, category, calls per step, ms per step, % of the
