@@ -68,9 +68,12 @@ def full_providers(q, k, v, device):
 
 def cached_inputs(b, L, p, h, kv, d, dtype, device):
     gen = torch.Generator(device="cpu").manual_seed(b * 7919 + L * 31 + p)
+    # Drawn where they live, in their dtype: the B=64, P=4096 caches hold ~4e9 values, which the CPU would take
+    # about half a minute per shape to draw (and the suite has 7 minutes).
+    dev_gen = torch.Generator(device=device).manual_seed(b * 7919 + L * 31 + p)
 
     def rnd(*shape):
-        return torch.randn(*shape, generator=gen).to(device, dtype)
+        return torch.randn(*shape, generator=dev_gen, device=device, dtype=dtype)
 
     q, k_new, v_new = rnd(b, L, h, d), rnd(b, L, kv, d), rnd(b, L, kv, d)
     pages_per = math.ceil((p + L) / PAGE)

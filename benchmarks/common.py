@@ -53,27 +53,46 @@ def stamp(device: torch.device | str) -> dict[str, str]:
     }
 
 
-def append_csv(path: Path, rows: list[dict]) -> None:
-    """Append rows (dicts with the same keys) to a CSV, writing the header when the file is new or its header
-    differs (then a new file with a numeric suffix is used rather than mixing schemas)."""
+def append_csv(path: Path, rows: list[dict], *, union: bool = False) -> Path:
+    """Append rows to a CSV and return the file written. The columns are the union of the rows' keys (in order
+    of first appearance); a row without a column leaves it empty. When the file exists with another header:
+    ``union=False`` writes to a new file with a numeric suffix rather than mixing schemas; ``union=True`` rewrites
+    the file once with the union of both headers (old columns first) so that benchmarks with different columns
+    share one file (the GPU suite's output folder holds at most 8 files)."""
     if not rows:
-        return
+        return path
     path.parent.mkdir(parents=True, exist_ok=True)
-    fields = list(rows[0].keys())
+    fields = list(dict.fromkeys(k for r in rows for k in r))
     candidate, n = path, 1
-    while candidate.exists():
+    while candidate.exists() and not union:
         with candidate.open() as f:
-            header = f.readline().strip().split(",")
+            header = next(csv.reader(f), [])
         if header == fields:
             break
         candidate = path.with_name(f"{path.stem}.{n}{path.suffix}")
         n += 1
+    if union and candidate.exists():
+        with candidate.open(newline="") as f:
+            reader = csv.DictReader(f)
+            header = list(reader.fieldnames or [])
+            if header != fields:
+                merged = header + [c for c in fields if c not in header]
+                if merged != header:
+                    old = list(reader)
+                    tmp = candidate.with_name(f".{candidate.name}.{os.getpid()}.tmp")
+                    with tmp.open("w", newline="") as out:
+                        writer = csv.DictWriter(out, fieldnames=merged)
+                        writer.writeheader()
+                        writer.writerows(old)
+                    os.replace(tmp, candidate)
+                fields = merged
     new = not candidate.exists()
     with candidate.open("a", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=fields)
+        writer = csv.DictWriter(f, fieldnames=fields, restval="")
         if new:
             writer.writeheader()
         writer.writerows(rows)
+    return candidate
 
 
 def print_table(rows: list[dict], columns: list[str]) -> None:
@@ -115,20 +134,75 @@ def measure_ceilings(device: torch.device | str, copy_bytes: int = 2 << 30, mm: 
             "matmul_dtype": str(dtype).replace("torch.", "")}
 
 
-def step_cost(config, seq_lens: list[int], head_rows: int, dtype_bytes: int) -> dict[str, float]:
-    """FLOPs and minimum bytes of one full (no-cache) denoising step over sequences of ``seq_lens`` tokens with
-    ``head_rows`` rows through the LM head: every weight is read once (the embedding table is not streamed,
-    only looked up); attention is QK^T and PV over each whole sequence."""
+def step_cost(config, seq_lens: list[int], head_rows: int, dtype_bytes: int,
+              context_lens: list[int] | None = None) -> dict[str, float]:
+    """FLOPs and minimum bytes of one denoising step. Sequence i recomputes ``seq_lens[i]`` tokens (without a
+    cache: its whole sequence) and reads the K and V of ``context_lens[i]`` cached tokens (None: no cache);
+    ``head_rows`` rows go through the LM head. Every weight is read once (the embedding table is not streamed,
+    only looked up); attention is QK^T and PV of each sequence's recomputed tokens over its cached and recomputed
+    keys. Bytes are the weights plus the cached K/V read (activations and writes are left out: a floor)."""
     d, layers = config.hidden_size, config.num_layers
     hd = config.head_dim
     per_layer = d * config.num_heads * hd + 2 * d * config.num_kv_heads * hd + config.num_heads * hd * d \
         + 3 * d * config.intermediate_size
+    context_lens = list(context_lens) if context_lens is not None else [0] * len(seq_lens)
+    if len(context_lens) != len(seq_lens):
+        raise ValueError(f"context_lens has {len(context_lens)} entries for {len(seq_lens)} sequences.")
     tokens = sum(seq_lens)
     flops = 2 * per_layer * layers * tokens
-    flops += layers * sum(4 * s * s * config.num_heads * hd for s in seq_lens)
+    flops += layers * sum(4 * q * (c + q) * config.num_heads * hd for q, c in zip(seq_lens, context_lens, strict=True))
     flops += 2 * d * config.vocab_size * head_rows
     weight_bytes = (per_layer * layers + d * config.vocab_size) * dtype_bytes
-    return {"flops": float(flops), "bytes": float(weight_bytes)}
+    kv_bytes = 2 * config.num_kv_heads * hd * layers * sum(context_lens) * dtype_bytes
+    return {"flops": float(flops), "bytes": float(weight_bytes + kv_bytes)}
+
+
+def cache_step_tokens(cache: str, prompt_len: int, gen_length: int, block_length: int, block: int,
+                      refresh: bool, shift: int = 0) -> tuple[int, int]:
+    """(tokens recomputed, cached tokens read) by one sequence in one step of ``block`` (0-based) under
+    ``SamplingParams.cache``, as the engine's runner plans it: without a cache, and at a block's first step
+    (``refresh``, which rewrites the cache), the whole sequence; ``"prefix"`` the block and everything after it,
+    reading the prefix; ``"dual"`` only the block, reading the prefix and the suffix. ``shift``: 1 for models
+    with shifted logits (Dream), whose block starts one position earlier."""
+    if cache not in ("none", "prefix", "dual"):
+        raise ValueError(f"cache must be 'none', 'prefix' or 'dual'; got {cache!r}.")
+    length = prompt_len + gen_length
+    if cache == "none" or refresh:
+        return length, 0
+    lo = prompt_len + block * block_length - shift
+    hi = length if cache == "prefix" else lo + shift + block_length
+    return hi - lo, length - (hi - lo)
+
+
+def roofline_seconds(cost: dict[str, float], ceilings: dict[str, float]) -> tuple[float, float]:
+    """(bytes / copy bandwidth, FLOPs / matmul peak) of a step's ``cost`` with the measured ``ceilings``
+    (:func:`measure_ceilings`): the floor is the larger of the two."""
+    return (cost["bytes"] / (ceilings["bandwidth_gbs"] * 1e9), cost["flops"] / (ceilings["peak_tflops"] * 1e12))
+
+
+def graphs_option(config_cls=None) -> bool:
+    """Whether the engine's config (``config_cls``, default ``EngineConfig``) has the ``cuda_graphs`` option."""
+    import dataclasses
+
+    if config_cls is None:
+        from diffuse_engine.engine import EngineConfig as config_cls
+    return "cuda_graphs" in {f.name for f in dataclasses.fields(config_cls)}
+
+
+def engine_config(batch: int, seq_len: int, graphs: str | None = None, config_cls=None):
+    """An ``EngineConfig`` that runs every request of a ``batch`` of ``seq_len``-token sequences in every step
+    (first come first served; slots, tokens per forward and KV-cache pages for all; no calibration: the scheduler's
+    cost model is not consulted). ``graphs``: ``"on"`` / ``"off"`` set ``cuda_graphs=True`` / ``False`` when the
+    engine has that option (without it, ``"off"`` is the default config); None leaves the engine's default.
+    ``config_cls``: the config class (default ``diffuse_engine.engine.EngineConfig``)."""
+    if config_cls is None:
+        from diffuse_engine.engine import EngineConfig as config_cls
+    page = config_cls().page_size
+    kw = {"max_num_seqs": max(1, batch), "max_num_batched_tokens": max(65536, batch * seq_len),
+          "kv_cache_tokens": max(page, batch * -(-seq_len // page) * page), "scheduling": "fcfs", "calibrate": False}
+    if graphs is not None and graphs_option(config_cls):
+        kw["cuda_graphs"] = {"on": True, "off": False}[graphs]
+    return config_cls(**kw)
 
 
 def timed(fn, device: torch.device, quick: bool) -> tuple[float, float, float]:
@@ -173,6 +247,6 @@ def bench_main(doc: str, run, default_csv: Path, columns: list[str], argv: list[
     args = parser.parse_args(argv)
     rows = run(torch.device(args.device), args.quick)
     print_table(rows, columns)
-    append_csv(args.csv, rows)
+    append_csv(args.csv, rows, union=True)
     print(f"appended {len(rows)} rows to {args.csv}")
     return 0
