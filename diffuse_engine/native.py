@@ -2,18 +2,34 @@
 
 The module takes raw data pointers and sizes and never sees a tensor, so every launcher here checks the tensor
 contract (dtype, rank, length, device, contiguity) first and raises ``ValueError`` with a sentence; only then does it
-look for the module, raising :class:`~diffuse_engine.ops.BackendUnavailableError` when it is not built. CPU tensors
-run the C++ twin (blocking); CUDA tensors launch the kernel on the tensors' device and its current stream.
+look for the module, raising :class:`~diffuse_engine.errors.BackendUnavailableError` when it is not built. CPU
+tensors run the C++ twin (blocking); CUDA tensors launch the kernel on the tensors' device and its current stream.
 """
 
 from __future__ import annotations
 
+import importlib.util
+from functools import lru_cache
+
 import torch
 
-from .ops import BackendUnavailableError, native_status
+from .errors import BackendUnavailableError
 
 MASK32 = 0xFFFFFFFF
 MAX_COLS = 2**31 - 1  # column numbers are 32-bit words in the hash (and int32 in the reference)
+
+
+@lru_cache(maxsize=1)
+def native_status() -> tuple[object | None, str]:
+    """The native module and '' when it imports, else (None, reason)."""
+    if importlib.util.find_spec("diffuse_engine._C") is None:
+        return None, ("not built: install with nvcc on PATH (and without DIFFUSE_SKIP_CUDA_BUILD=1) to compile "
+                      "csrc/")
+    try:
+        from . import _C  # type: ignore[attr-defined]
+    except ImportError as exc:
+        return None, f"built but failed to import: {exc}"
+    return _C, ""
 
 
 def native_module() -> object:

@@ -12,17 +12,15 @@ from __future__ import annotations
 import importlib.util
 import os
 import warnings
-from functools import lru_cache
-from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 
+from .errors import BackendUnavailableError
 from .kernels import reference as ref
 from .kernels.commit_torch import commit_torch
-
-if TYPE_CHECKING:
-    from .models.layers import TokenLayout
+from .layout import TokenLayout
+from .native import native_status
 
 BACKENDS = ("cuda", "triton", "torch")
 BACKEND_ENV = "DIFFUSE_BACKEND"
@@ -30,10 +28,6 @@ BACKEND_ENV = "DIFFUSE_BACKEND"
 # CPU matmuls are computed over row counts padded to a multiple of this: oneDNN/MKL then give every row the
 # same bits whatever the number of rows, which makes a request's tokens independent of its batch.
 INVARIANT_ROWS = 16
-
-
-class BackendUnavailableError(RuntimeError):
-    """An explicitly requested backend cannot run an op; the message says why."""
 
 
 def requested_backend() -> str | None:
@@ -44,19 +38,6 @@ def requested_backend() -> str | None:
     if value not in BACKENDS:
         raise ValueError(f"{BACKEND_ENV}={value!r} is not a backend; use one of {', '.join(BACKENDS)} or 'auto'.")
     return value
-
-
-@lru_cache(maxsize=1)
-def native_status() -> tuple[object | None, str]:
-    """The native module and '' when it imports, else (None, reason)."""
-    if importlib.util.find_spec("diffuse_engine._C") is None:
-        return None, ("not built: install with nvcc on PATH (and without DIFFUSE_SKIP_CUDA_BUILD=1) to compile "
-                      "csrc/")
-    try:
-        from . import _C  # type: ignore[attr-defined]
-    except ImportError as exc:
-        return None, f"built but failed to import: {exc}"
-    return _C, ""
 
 
 def backend_report() -> dict[str, tuple[bool, str]]:
@@ -89,8 +70,6 @@ def attention_report() -> dict[str, tuple[bool, str]]:
     """For each attention backend: whether it can run on this machine's default device, and why not."""
     device = "cuda" if torch.cuda.is_available() else "cpu"
     probe = torch.empty(1, 1, 1, device=device, dtype=torch.bfloat16 if device == "cuda" else torch.float32)
-    from .models.layers import TokenLayout
-
     out = {}
     for name in ATTENTION_BACKENDS:
         ok, why = _attention_runs(name, probe, TokenLayout.packed([1]), None)
