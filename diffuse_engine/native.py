@@ -4,6 +4,7 @@ The module takes raw data pointers and sizes and never sees a tensor, so every l
 contract (dtype, rank, length, device, contiguity) first and raises ``ValueError`` with a sentence; only then does it
 look for the module, raising :class:`~diffuse_engine.errors.BackendUnavailableError` when it is not built. CPU
 tensors run the C++ twin (blocking); CUDA tensors launch the kernel on the tensors' device and its current stream.
+The checks are :class:`~diffuse_engine.contract.Contract`'s sentences, shared with the Triton launchers.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from functools import lru_cache
 
 import torch
 
+from .contract import Contract
 from .errors import BackendUnavailableError
 
 MASK32 = 0xFFFFFFFF
@@ -49,20 +51,9 @@ def _launch(module: object, op: str, device: torch.device, args: tuple) -> None:
             getattr(module, f"{op}_cuda")(*args, torch.cuda.current_stream(device).cuda_stream)
 
 
-def _check_rows(name: str, t: object, rows: int | None, device: torch.device | None) -> None:
-    if not isinstance(t, torch.Tensor):
-        raise ValueError(f"{name} must be a torch.Tensor, got {type(t).__name__}.")
-    if t.dtype != torch.int64:
-        raise ValueError(f"{name} must be int64, got {t.dtype}.")
-    if t.ndim != 1:
-        raise ValueError(f"{name} must be 1-D [rows], got shape {tuple(t.shape)}.")
-    if rows is not None and t.shape[0] != rows:
-        raise ValueError(f"{name} has {t.shape[0]} rows but seed has {rows}; seed, step and position must have the "
-                         f"same length.")
-    if device is not None and t.device != device:
-        raise ValueError(f"{name} is on {t.device} but seed is on {device}; all tensors must be on one device.")
-    if not t.is_contiguous():
-        raise ValueError(f"{name} must be contiguous.")
+def _check_device_type(op: str, device: torch.device) -> None:
+    if device.type not in ("cpu", "cuda"):
+        raise ValueError(f"{op} runs on CPU or CUDA tensors, got device {device}.")
 
 
 def counter_noise(seed: torch.Tensor, step: torch.Tensor, position: torch.Tensor, stream: int, num_cols: int,
@@ -75,12 +66,12 @@ def counter_noise(seed: torch.Tensor, step: torch.Tensor, position: torch.Tensor
     32 bits are used). out: optional ``[M, num_cols]`` fp32 contiguous tensor on the same device, written and
     returned. CUDA launches are asynchronous on the current stream of the tensors' device.
     """
-    _check_rows("seed", seed, None, None)
+    check = Contract("seed", seed)
+    check("seed", seed, torch.int64, ndim=1, dims="[rows]", contiguous=True)
     rows, device = seed.shape[0], seed.device
-    _check_rows("step", step, rows, device)
-    _check_rows("position", position, rows, device)
-    if device.type not in ("cpu", "cuda"):
-        raise ValueError(f"counter_noise runs on CPU or CUDA tensors, got device {device}.")
+    for name, t in (("step", step), ("position", position)):
+        check(name, t, torch.int64, ndim=1, dims="[rows]", length=(rows, "rows, as seed"), contiguous=True)
+    _check_device_type("counter_noise", device)
     if isinstance(stream, bool) or not isinstance(stream, int):
         raise ValueError(f"stream must be an int, got {type(stream).__name__}.")
     if isinstance(num_cols, bool) or not isinstance(num_cols, int) or not 1 <= num_cols <= MAX_COLS:
@@ -88,16 +79,7 @@ def counter_noise(seed: torch.Tensor, step: torch.Tensor, position: torch.Tensor
     if out is None:
         out = torch.empty((rows, num_cols), dtype=torch.float32, device=device)
     else:
-        if not isinstance(out, torch.Tensor):
-            raise ValueError(f"out must be a torch.Tensor, got {type(out).__name__}.")
-        if out.dtype != torch.float32:
-            raise ValueError(f"out must be float32, got {out.dtype}.")
-        if tuple(out.shape) != (rows, num_cols):
-            raise ValueError(f"out must have shape {(rows, num_cols)} [rows, num_cols], got {tuple(out.shape)}.")
-        if out.device != device:
-            raise ValueError(f"out is on {out.device} but seed is on {device}; all tensors must be on one device.")
-        if not out.is_contiguous():
-            raise ValueError("out must be contiguous.")
+        check("out", out, torch.float32, shape=(rows, num_cols), dims="[rows, num_cols]", contiguous=True)
     module = native_module()
     if rows == 0:
         return out
@@ -111,22 +93,6 @@ def counter_noise(seed: torch.Tensor, step: torch.Tensor, position: torch.Tensor
 ROW_STATS_DTYPES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}  # dtype codes of csrc/row_stats.cuh
 ROW_STATS_MAX_EXCLUDE = 4
 ROW_STATS_KEYS = ("token", "prob", "top1", "margin", "neg_entropy", "invalid")
-
-
-def _check_per_row(name: str, t: object, dtypes: tuple[torch.dtype, ...], rows: int, device: torch.device) -> None:
-    if not isinstance(t, torch.Tensor):
-        raise ValueError(f"{name} must be a torch.Tensor, got {type(t).__name__}.")
-    if t.dtype not in dtypes:
-        want = " or ".join(str(d).removeprefix("torch.") for d in dtypes)
-        raise ValueError(f"{name} must be {want}, got {t.dtype}.")
-    if t.ndim != 1:
-        raise ValueError(f"{name} must be 1-D [M], got shape {tuple(t.shape)}.")
-    if t.shape[0] != rows:
-        raise ValueError(f"{name} has {t.shape[0]} entries but rows has {rows}; every per-row tensor must be [M].")
-    if t.device != device:
-        raise ValueError(f"{name} is on {t.device} but logits is on {device}; all tensors must be on one device.")
-    if not t.is_contiguous():
-        raise ValueError(f"{name} must be contiguous.")
 
 
 def row_stats(logits: torch.Tensor, rows: torch.Tensor, temperature: torch.Tensor, seed: torch.Tensor,
@@ -151,48 +117,31 @@ def row_stats(logits: torch.Tensor, rows: torch.Tensor, temperature: torch.Tenso
     invalid = 1, token -1 and NaN scores (no exception). CPU tensors run the C++ twin (blocking); CUDA tensors
     launch one kernel on the current stream of their device (asynchronous).
     """
-    if not isinstance(logits, torch.Tensor):
-        raise ValueError(f"logits must be a torch.Tensor, got {type(logits).__name__}.")
-    if logits.dtype not in ROW_STATS_DTYPES:
-        raise ValueError(f"logits must be float32, float16 or bfloat16, got {logits.dtype}.")
-    if logits.ndim != 2:
-        raise ValueError(f"logits must be 2-D [R, V], got shape {tuple(logits.shape)}.")
+    check = Contract("logits", logits)
+    check("logits", logits, tuple(ROW_STATS_DTYPES), ndim=2, dims="[R, V]", last_dim_contiguous=True)
     num_logit_rows, vocab = logits.shape
     device = logits.device
-    if device.type not in ("cpu", "cuda"):
-        raise ValueError(f"row_stats runs on CPU or CUDA tensors, got device {device}.")
+    _check_device_type("row_stats", device)
     if not 1 <= vocab <= MAX_COLS:
         raise ValueError(f"logits must have V in [1, 2**31 - 1] columns, got {vocab}.")
-    if vocab > 1 and logits.stride(1) != 1:
-        raise ValueError(f"logits rows must be contiguous (unit stride along V), got strides {logits.stride()}.")
     row_stride = logits.stride(0) if num_logit_rows > 1 else vocab
     if row_stride < vocab:
         raise ValueError(f"logits rows must not overlap (row stride >= V), got strides {logits.stride()}.")
-    if not isinstance(rows, torch.Tensor):
-        raise ValueError(f"rows must be a torch.Tensor, got {type(rows).__name__}.")
-    _check_per_row("rows", rows, (torch.int64,), rows.shape[0] if rows.ndim == 1 else -1, device)
-    m = rows.shape[0]
-    _check_per_row("temperature", temperature, (torch.float32,), m, device)
-    for name, t in (("seed", seed), ("step", step), ("position", position)):
-        _check_per_row(name, t, (torch.int64,), m, device)
+    m = check("rows", rows, torch.int64, ndim=1, dims="[M]", contiguous=True).shape[0]
+    per_row = {"temperature": (temperature, torch.float32), "seed": (seed, torch.int64), "step": (step, torch.int64),
+               "position": (position, torch.int64)}
     if raw_confidence is not None:
-        _check_per_row("raw_confidence", raw_confidence, (torch.bool, torch.uint8), m, device)
+        per_row["raw_confidence"] = (raw_confidence, (torch.bool, torch.uint8))
+    for name, (t, dtype) in per_row.items():
+        check(name, t, dtype, ndim=1, dims="[M]", length=(m, "M, as rows"), contiguous=True)
     k = 0
     if conf_exclude is not None:
-        if not isinstance(conf_exclude, torch.Tensor):
-            raise ValueError(f"conf_exclude must be a torch.Tensor, got {type(conf_exclude).__name__}.")
-        if conf_exclude.dtype != torch.int64:
-            raise ValueError(f"conf_exclude must be int64, got {conf_exclude.dtype}.")
+        check("conf_exclude", conf_exclude, torch.int64, contiguous=True)
         if conf_exclude.ndim not in (1, 2) or conf_exclude.shape[0] != m:
             raise ValueError(f"conf_exclude must be [M, K] or [M] with M = {m}, got shape {tuple(conf_exclude.shape)}.")
         k = conf_exclude.shape[1] if conf_exclude.ndim == 2 else 1
         if k > ROW_STATS_MAX_EXCLUDE:
             raise ValueError(f"conf_exclude may hold at most {ROW_STATS_MAX_EXCLUDE} columns per row, got {k}.")
-        if conf_exclude.device != device:
-            raise ValueError(f"conf_exclude is on {conf_exclude.device} but logits is on {device}; all tensors must "
-                             f"be on one device.")
-        if not conf_exclude.is_contiguous():
-            raise ValueError("conf_exclude must be contiguous.")
     if device.type == "cpu" and m and not bool(((rows >= 0) & (rows < num_logit_rows)).all()):
         bad = int(((rows < 0) | (rows >= num_logit_rows)).nonzero()[0, 0])
         raise ValueError(f"rows[{bad}] = {int(rows[bad])} is outside [0, {num_logit_rows}), the logits rows.")

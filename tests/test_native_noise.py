@@ -126,7 +126,7 @@ def _ok_keys(rows: int = 3) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
 @pytest.mark.parametrize("case,match", [
     ("seed_int32", "seed must be int64"),
     ("seed_2d", "seed must be 1-D"),
-    ("step_length", "step has 2 rows but seed has 3"),
+    ("step_length", r"step must have 3 entries \(rows, as seed\), got 2"),
     ("position_strided", "position must be contiguous"),
     ("step_device", "step is on meta but seed is on cpu"),
     ("all_meta", "runs on CPU or CUDA"),
