@@ -77,8 +77,8 @@ def step_providers(logits, args, raw, device, requests: int):
 
         def native_step():
             st = native.row_stats(logits, rows, temperature, seed, step, pos, raw_confidence=raw)
-            native.commit(canvas, offsets, index, st["token"], st["prob"], st["neg_entropy"], mode, count, zeros,
-                          zeros, zeros, 0)
+            native.commit(ops.CommitBatch(canvas, offsets, index, st["token"], st["prob"], st["neg_entropy"], mode,
+                                          count, zeros, zeros, zeros, 0))
 
         out["cuda" if device.type == "cuda" else "c++"] = native_step
     if device.type == "cuda" and ops._triton_runs(logits)[0]:
@@ -87,8 +87,8 @@ def step_providers(logits, args, raw, device, requests: int):
 
         def triton_step():
             st = row_stats(logits, rows, temperature, seed, step, pos, raw_confidence=raw)
-            commit(canvas, offsets, index, st["token"], st["prob"], st["neg_entropy"], mode, count, zeros, zeros,
-                   zeros, 0, max_rows=per)
+            commit(ops.CommitBatch(canvas, offsets, index, st["token"], st["prob"], st["neg_entropy"], mode, count,
+                                   zeros, zeros, zeros, 0), max_rows=per)
 
         out["triton"] = triton_step
     return out

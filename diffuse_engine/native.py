@@ -14,6 +14,7 @@ from functools import lru_cache
 
 import torch
 
+from .commit_batch import CommitBatch
 from .contract import Contract
 from .errors import BackendUnavailableError
 
@@ -167,22 +168,6 @@ COMMIT_MAX_ROWS = 2048  # candidate rows per request (kCommitMaxRows of csrc/com
 COMMIT_NUM_MODES = 4  # COMMIT_TOPK, COMMIT_THRESHOLD, COMMIT_FACTOR, COMMIT_ENTROPY of kernels/reference.py
 
 
-def _check_commit_vec(name: str, t: object, dtype: torch.dtype, length: int | None, device: torch.device,
-                      what: str) -> None:
-    if not isinstance(t, torch.Tensor):
-        raise ValueError(f"{name} must be a torch.Tensor, got {type(t).__name__}.")
-    if t.dtype != dtype:
-        raise ValueError(f"{name} must be {str(dtype).removeprefix('torch.')}, got {t.dtype}.")
-    if t.ndim != 1:
-        raise ValueError(f"{name} must be 1-D, got shape {tuple(t.shape)}.")
-    if length is not None and t.shape[0] != length:
-        raise ValueError(f"{name} must have {length} entries ({what}), got {t.shape[0]}.")
-    if t.device != device:
-        raise ValueError(f"{name} is on {t.device} but canvas is on {device}; all tensors must be on one device.")
-    if not t.is_contiguous():
-        raise ValueError(f"{name} must be contiguous.")
-
-
 def _check_offsets_cpu(name: str, offsets: torch.Tensor, total: int, rows_name: str) -> torch.Tensor:
     """CPU only: non-decreasing offsets in [0, total]; returns the per-request sizes."""
     if offsets.numel() and (int(offsets[0]) < 0 or int(offsets[-1]) > total):
@@ -194,61 +179,31 @@ def _check_offsets_cpu(name: str, offsets: torch.Tensor, total: int, rows_name: 
     return sizes
 
 
-def commit(canvas: torch.Tensor, row_offsets: torch.Tensor, row_index: torch.Tensor, token: torch.Tensor,
-           score: torch.Tensor, entropy: torch.Tensor, mode: torch.Tensor, count: torch.Tensor,
-           threshold: torch.Tensor, factor: torch.Tensor, eb_gamma: torch.Tensor, mask_id: int, *,
-           revise_offsets: torch.Tensor | None = None, revise_index: torch.Tensor | None = None,
-           revise_score: torch.Tensor | None = None, remask_bound: torch.Tensor | None = None,
-           ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Commit (and optionally re-mask) in place on the flat ``canvas`` for a batch of B requests (csrc/commit*;
-    semantics of :func:`kernels.reference.commit_reference`, results equal).
+def commit(batch: CommitBatch) -> tuple[torch.Tensor, torch.Tensor]:
+    """Commit (and optionally re-mask) in place on the flat ``batch.canvas`` for a batch of B requests
+    (csrc/commit*; semantics of :func:`kernels.reference.commit_reference`, results equal).
 
-    canvas: ``[N]`` int64 on CPU or CUDA, contiguous, modified in place. row_offsets: ``[B+1]`` int64; row_index,
-    token: ``[M]`` int64; score, entropy: ``[M]`` fp32; mode, count: ``[B]`` int32; threshold, factor, eb_gamma:
-    ``[B]`` fp32. Revision (all four or none): revise_offsets ``[B+1]`` int64, revise_index ``[R]`` int64,
-    revise_score ``[R]`` fp32, remask_bound ``[B]`` fp32. All on the canvas' device and contiguous.
+    The batch must keep :meth:`CommitBatch.validate`'s strict contract (the dtypes and lengths of its fields, all
+    contiguous on the canvas' device), on CPU or CUDA; the canvas is modified in place.
 
-    Contract, checked here for CPU tensors and the caller's for CUDA tensors (a check would synchronise the device;
-    the kernel skips out-of-range writes and clamps offsets instead of reading out of bounds): offsets
-    non-decreasing within ``[0, M]`` / ``[0, R]``, canvas indices in ``[0, N)``, modes in 0..3, count >= 0, at most
-    ``COMMIT_MAX_ROWS`` rows per request (a larger request commits nothing and gets counters ``(-1, remasked,
+    Values, checked here for CPU tensors and the caller's contract for CUDA tensors (a check would synchronise the
+    device; the kernel skips out-of-range writes and clamps offsets instead of reading out of bounds): offsets
+    non-decreasing within ``[0, M]`` / ``[0, R]``, canvas indices in ``[0, N)``, modes in 0..3, count >= 0, at
+    most ``COMMIT_MAX_ROWS`` rows per request (a larger request commits nothing and gets counters ``(-1, remasked,
     -1)``), scores not NaN, and canvas slots not shared between requests (requests run concurrently on the GPU).
 
     Returns ``(committed [M] bool, counters [B, 3] int32)`` on the canvas' device. CPU tensors run the C++ twin
     (blocking); CUDA tensors launch one kernel on the current stream of their device (asynchronous).
     """
-    if not isinstance(canvas, torch.Tensor):
-        raise ValueError(f"canvas must be a torch.Tensor, got {type(canvas).__name__}.")
-    device = canvas.device
-    if device.type not in ("cpu", "cuda"):
-        raise ValueError(f"commit runs on CPU or CUDA tensors, got device {device}.")
-    _check_commit_vec("canvas", canvas, torch.int64, None, device, "")
-    _check_commit_vec("row_offsets", row_offsets, torch.int64, None, device, "")
-    if row_offsets.shape[0] < 1:
-        raise ValueError("row_offsets must have B + 1 >= 1 entries, got 0.")
-    b = row_offsets.shape[0] - 1
-    _check_commit_vec("row_index", row_index, torch.int64, None, device, "")
-    m = row_index.shape[0]
-    _check_commit_vec("token", token, torch.int64, m, device, "M, as row_index")
-    for name, t in (("score", score), ("entropy", entropy)):
-        _check_commit_vec(name, t, torch.float32, m, device, "M, as row_index")
-    for name, t in (("mode", mode), ("count", count)):
-        _check_commit_vec(name, t, torch.int32, b, device, "B, one per request")
-    for name, t in (("threshold", threshold), ("factor", factor), ("eb_gamma", eb_gamma)):
-        _check_commit_vec(name, t, torch.float32, b, device, "B, one per request")
-    if isinstance(mask_id, bool) or not isinstance(mask_id, int) or not -(2**63) <= mask_id < 2**63:
-        raise ValueError(f"mask_id must be an int64 value, got {mask_id!r}.")
-    revision = (revise_offsets, revise_index, revise_score, remask_bound)
-    revise = any(t is not None for t in revision)
-    if revise and not all(t is not None for t in revision):
-        raise ValueError("revise_offsets, revise_index, revise_score and remask_bound must be given together.")
-    r = 0
-    if revise:
-        _check_commit_vec("revise_offsets", revise_offsets, torch.int64, b + 1, device, "B + 1, as row_offsets")
-        _check_commit_vec("revise_index", revise_index, torch.int64, None, device, "")
-        r = revise_index.shape[0]
-        _check_commit_vec("revise_score", revise_score, torch.float32, r, device, "R, as revise_index")
-        _check_commit_vec("remask_bound", remask_bound, torch.float32, b, device, "B, one per request")
+    batch.validate()
+    device = batch.canvas.device
+    _check_device_type("commit", device)
+    revise = batch.has_revision
+    canvas, row_offsets, row_index, mode, count, score = (batch.canvas, batch.row_offsets, batch.row_index,
+                                                          batch.mode, batch.count, batch.score)
+    revise_offsets, revise_index = batch.revise_offsets, batch.revise_index
+    b, m = batch.num_requests, batch.num_rows
+    r = revise_index.shape[0] if revise else 0
     if device.type == "cpu":
         sizes = _check_offsets_cpu("row_offsets", row_offsets, m, "row_index")
         if b and int(sizes.max()) > COMMIT_MAX_ROWS:
@@ -273,11 +228,11 @@ def commit(canvas: torch.Tensor, row_offsets: torch.Tensor, row_index: torch.Ten
     counters = torch.zeros(b, 3, dtype=torch.int32, device=device)
     if b == 0:
         return committed.view(torch.bool), counters
-    args = (canvas.data_ptr(), canvas.shape[0], row_offsets.data_ptr(), b, row_index.data_ptr(), token.data_ptr(),
-            score.data_ptr(), entropy.data_ptr(), m, mode.data_ptr(), count.data_ptr(), threshold.data_ptr(),
-            factor.data_ptr(), eb_gamma.data_ptr(), int(mask_id),
+    args = (canvas.data_ptr(), canvas.shape[0], row_offsets.data_ptr(), b, row_index.data_ptr(),
+            batch.token.data_ptr(), score.data_ptr(), batch.entropy.data_ptr(), m, mode.data_ptr(), count.data_ptr(),
+            batch.threshold.data_ptr(), batch.factor.data_ptr(), batch.eb_gamma.data_ptr(), int(batch.mask_id),
             revise_offsets.data_ptr() if revise else 0, revise_index.data_ptr() if revise else 0,
-            revise_score.data_ptr() if revise else 0, remask_bound.data_ptr() if revise else 0, r,
+            batch.revise_score.data_ptr() if revise else 0, batch.remask_bound.data_ptr() if revise else 0, r,
             committed.data_ptr(), counters.data_ptr())
     _launch(module, "commit", device, args)
     return committed.view(torch.bool), counters

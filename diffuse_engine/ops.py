@@ -16,6 +16,7 @@ import warnings
 import torch
 import torch.nn.functional as F
 
+from .commit_batch import CommitBatch
 from .errors import BackendUnavailableError
 from .kernels import reference as ref
 from .kernels.commit_torch import commit_torch
@@ -397,30 +398,24 @@ def lm_head_stats(hidden: torch.Tensor, weight: torch.Tensor, rows: torch.Tensor
     return _raise_invalid(out, "lm_head_stats") if check else out
 
 
-def commit(canvas: torch.Tensor, row_offsets: torch.Tensor, row_index: torch.Tensor, token: torch.Tensor,
-           score: torch.Tensor, entropy: torch.Tensor, mode: torch.Tensor, count: torch.Tensor,
-           threshold: torch.Tensor, factor: torch.Tensor, eb_gamma: torch.Tensor, mask_id: int, *,
-           revise_offsets: torch.Tensor | None = None, revise_index: torch.Tensor | None = None,
-           revise_score: torch.Tensor | None = None, remask_bound: torch.Tensor | None = None,
-           max_rows: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Commit / re-mask in place on a flat canvas for a batch of requests, one launch and no host sync on
+def commit(batch: CommitBatch, *, max_rows: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Commit / re-mask in place on ``batch.canvas`` for a batch of requests, one launch and no host sync on
     CUDA (see :func:`kernels.reference.commit_reference` for the rules: LLaDA top-k, Fast-dLLM threshold and
     factor, EB-sampler entropy budget, re-masking below a bound). Backends: native CUDA (C++ twin on CPU
     tensors when forced), Triton and the torch path (``max_rows``: a bound on rows per request, avoiding a sync);
-    the torch path is :func:`kernels.commit_torch.commit_torch`, the reference vectorised over the batch."""
-    choice = _stats_backend(canvas, "commit", native_ok=True)
-    args = (canvas, row_offsets, row_index, token, score, entropy, mode, count, threshold, factor, eb_gamma, mask_id)
-    revision = {"revise_offsets": revise_offsets, "revise_index": revise_index, "revise_score": revise_score,
-                "remask_bound": remask_bound}
+    the torch path is :func:`kernels.commit_torch.commit_torch`, the reference vectorised over the batch.
+
+    Returns ``(committed [M] bool, counters [B, 3] int32)`` on the canvas' device."""
+    choice = _stats_backend(batch.canvas, "commit", native_ok=True)
     if choice == "cuda":
         from . import native
 
-        return native.commit(*args, **revision)
+        return native.commit(batch)
     if choice == "triton":
         from .kernels.commit import commit as kernel
 
-        return kernel(*args, **revision, max_rows=max_rows)
-    return commit_torch(*args, **revision, max_rows=max_rows)
+        return kernel(batch, max_rows=max_rows)
+    return commit_torch(batch, max_rows=max_rows)
 
 
 def _counter_noise(op: str, seed: torch.Tensor, step: torch.Tensor, position: torch.Tensor, stream: int,

@@ -131,8 +131,8 @@ def test_ops_commit_dispatch_matches_the_reference(monkeypatch, backend):
         torch.tensor([0.0, 0.0, 0.0, 0.8])
     args = (row_index, token, score, entropy, mode, count, threshold, factor, gamma, 0)
     want_canvas = canvas.clone()
-    want = commit_reference(want_canvas, offsets, *args)
-    got = ops.commit(canvas, offsets, *args, max_rows=max(sizes))
+    want = commit_reference(ops.CommitBatch(want_canvas, offsets, *args))
+    got = ops.commit(ops.CommitBatch(canvas, offsets, *args), max_rows=max(sizes))
     assert torch.equal(canvas, want_canvas) and torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
 
 

@@ -69,10 +69,11 @@ def select(batch: list[Request], rows: HeadRows) -> torch.Tensor:
         return torch.zeros(0, dtype=torch.bool)
     entropy = (-rows.neg_entropy).clamp(min=0) if rows.neg_entropy is not None else torch.zeros(num_rows)
     scratch = torch.zeros(num_rows, dtype=torch.int64)  # the rows' own slots: only `committed` is used
-    committed, _ = ops.commit(
-        scratch, torch.tensor(starts, dtype=torch.int64), torch.arange(num_rows, dtype=torch.int64),
-        rows.token.to(torch.int64), score, entropy.to(score.dtype),
-        torch.tensor(modes, dtype=torch.int32), torch.tensor(count, dtype=torch.int32),
-        torch.tensor(threshold, dtype=torch.float32), torch.tensor(factor, dtype=torch.float32),
-        torch.tensor(gamma, dtype=torch.float32), 0, max_rows=max(counts) if counts else 0)
+    committed, _ = ops.commit(ops.CommitBatch(
+        canvas=scratch, row_offsets=torch.tensor(starts, dtype=torch.int64),
+        row_index=torch.arange(num_rows, dtype=torch.int64), token=rows.token.to(torch.int64), score=score,
+        entropy=entropy.to(score.dtype), mode=torch.tensor(modes, dtype=torch.int32),
+        count=torch.tensor(count, dtype=torch.int32), threshold=torch.tensor(threshold, dtype=torch.float32),
+        factor=torch.tensor(factor, dtype=torch.float32), eb_gamma=torch.tensor(gamma, dtype=torch.float32),
+        mask_id=0), max_rows=max(counts) if counts else 0)
     return committed
