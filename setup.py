@@ -142,7 +142,7 @@ setup(
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
     packages=["diffuse_engine", "diffuse_engine.engine", "diffuse_engine.kernels", "diffuse_engine.models",
-              "diffuse_engine.policies", "diffuse_engine.tasks", "diffuse_engine.zoo"],
+              "diffuse_engine.ops", "diffuse_engine.policies", "diffuse_engine.tasks", "diffuse_engine.zoo"],
     package_data={"diffuse_engine.zoo": ["*/*.json", "*/*.safetensors", "*/*.md", "*/*.csv"]},
     package_dir={"diffuse_engine.kernels": "kernels"},
     install_requires=[

@@ -1,7 +1,7 @@
 """Pure-torch references of every op in ``diffuse_engine.kernels`` and ``csrc/``.
 
 These are the semantics that the Triton and CUDA kernels must reproduce; the engine runs them directly on
-CPU tensors (see ``diffuse_engine/ops.py``).
+CPU tensors (see ``diffuse_engine/ops/``).
 
 Counter-based noise
 -------------------

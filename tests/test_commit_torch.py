@@ -9,6 +9,8 @@ stopping at its first failure).
 
 from __future__ import annotations
 
+import importlib
+
 import pytest
 import torch
 
@@ -121,7 +123,7 @@ def test_random_batches_reach_every_outcome():
         assert {(m, "full"), (m, "partial"), (m, "one")} <= seen, m
 
 
-def test_large_batch_and_ops_dispatch(monkeypatch):
+def test_large_batch_and_ops_dispatch(monkeypatch, backend_env):
     """64 requests x 32 rows, every rule, through ops.commit: the torch path on CPU is commit_torch."""
     calls = []
 
@@ -129,11 +131,11 @@ def test_large_batch_and_ops_dispatch(monkeypatch):
         calls.append(kw.get("max_rows"))
         return commit_torch(*a, **kw)
 
-    monkeypatch.delenv("DIFFUSE_BACKEND", raising=False)
-    monkeypatch.setattr(ops, "commit_torch", spy)
+    backend_env("DIFFUSE_BACKEND", None)
+    monkeypatch.setattr(importlib.import_module("diffuse_engine.ops.commit"), "commit_torch", spy)
     args = random_batch(5, 64, max_rows=32)
     assert_same(*run_both(args, fn=ops.commit, max_rows=32))
-    monkeypatch.setenv("DIFFUSE_BACKEND", "torch")
+    backend_env("DIFFUSE_BACKEND", "torch")
     assert_same(*run_both(args, fn=ops.commit))
     assert calls == [32, None]
 
