@@ -141,8 +141,8 @@ setup(
     long_description=(ROOT / "README.md").read_text() if (ROOT / "README.md").exists() else "",
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
-    packages=["diffuse_engine", "diffuse_engine.models", "diffuse_engine.engine", "diffuse_engine.kernels",
-              "diffuse_engine.tasks", "diffuse_engine.zoo"],
+    packages=["diffuse_engine", "diffuse_engine.engine", "diffuse_engine.kernels", "diffuse_engine.models",
+              "diffuse_engine.ops", "diffuse_engine.policies", "diffuse_engine.tasks", "diffuse_engine.zoo"],
     package_data={"diffuse_engine.zoo": ["*/*.json", "*/*.safetensors", "*/*.md", "*/*.csv"]},
     package_dir={"diffuse_engine.kernels": "kernels"},
     install_requires=[

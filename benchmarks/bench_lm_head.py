@@ -33,7 +33,7 @@ def providers(hidden, weight, args, device):
 
         name = "matmul+cuda" if device.type == "cuda" else "matmul+c++"
         out[name] = lambda: native.row_stats(hidden @ weight.T, *args)
-    if device.type == "cuda" and ops._triton_runs(hidden)[0]:
+    if device.type == "cuda" and ops.triton_runs(device)[0]:
         from diffuse_engine.kernels.lm_head_stats import lm_head_stats
 
         out["fused"] = lambda: lm_head_stats(hidden, weight, *args)

@@ -45,7 +45,7 @@ def providers(logits, args, raw, device):
         from diffuse_engine import native
 
         out["cuda" if device.type == "cuda" else "c++"] = lambda: native.row_stats(logits, *args, raw_confidence=raw)
-    if ops._triton_runs(logits)[0] and device.type == "cuda":
+    if ops.triton_runs(device)[0] and device.type == "cuda":
         from diffuse_engine.kernels.row_stats import row_stats
 
         out["triton"] = lambda: row_stats(logits, *args, raw_confidence=raw)
@@ -77,18 +77,18 @@ def step_providers(logits, args, raw, device, requests: int):
 
         def native_step():
             st = native.row_stats(logits, rows, temperature, seed, step, pos, raw_confidence=raw)
-            native.commit(canvas, offsets, index, st["token"], st["prob"], st["neg_entropy"], mode, count, zeros,
-                          zeros, zeros, 0)
+            native.commit(ops.CommitBatch(canvas, offsets, index, st["token"], st["prob"], st["neg_entropy"], mode,
+                                          count, zeros, zeros, zeros, 0))
 
         out["cuda" if device.type == "cuda" else "c++"] = native_step
-    if device.type == "cuda" and ops._triton_runs(logits)[0]:
+    if device.type == "cuda" and ops.triton_runs(device)[0]:
         from diffuse_engine.kernels.commit import commit
         from diffuse_engine.kernels.row_stats import row_stats
 
         def triton_step():
             st = row_stats(logits, rows, temperature, seed, step, pos, raw_confidence=raw)
-            commit(canvas, offsets, index, st["token"], st["prob"], st["neg_entropy"], mode, count, zeros, zeros,
-                   zeros, 0, max_rows=per)
+            commit(ops.CommitBatch(canvas, offsets, index, st["token"], st["prob"], st["neg_entropy"], mode, count,
+                                   zeros, zeros, zeros, 0), max_rows=per)
 
         out["triton"] = triton_step
     return out

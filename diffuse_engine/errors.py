@@ -14,3 +14,8 @@ class CheckpointError(ValueError):
 class KVCacheFullError(RuntimeError):
     """The paged KV cache has too few free pages for a request right now (the engine waits for pages to free;
     a request that could never fit is refused with a ValueError when it is added)."""
+
+
+class BackendUnavailableError(RuntimeError):
+    """An explicitly requested backend cannot run an op (``DIFFUSE_BACKEND``, ``DIFFUSE_ATTENTION_BACKEND``, a
+    ``backend=`` argument, or the native module when it is not built); the message says why."""

@@ -2,18 +2,37 @@
 
 The module takes raw data pointers and sizes and never sees a tensor, so every launcher here checks the tensor
 contract (dtype, rank, length, device, contiguity) first and raises ``ValueError`` with a sentence; only then does it
-look for the module, raising :class:`~diffuse_engine.ops.BackendUnavailableError` when it is not built. CPU tensors
-run the C++ twin (blocking); CUDA tensors launch the kernel on the tensors' device and its current stream.
+look for the module, raising :class:`~diffuse_engine.errors.BackendUnavailableError` when it is not built. CPU
+tensors run the C++ twin (blocking); CUDA tensors launch the kernel on the tensors' device and its current stream.
+The checks are :class:`~diffuse_engine.contract.Contract`'s sentences, shared with the Triton launchers.
 """
 
 from __future__ import annotations
 
+import importlib.util
+from functools import lru_cache
+
 import torch
 
-from .ops import BackendUnavailableError, native_status
+from .commit_batch import CommitBatch
+from .contract import Contract
+from .errors import BackendUnavailableError
 
 MASK32 = 0xFFFFFFFF
 MAX_COLS = 2**31 - 1  # column numbers are 32-bit words in the hash (and int32 in the reference)
+
+
+@lru_cache(maxsize=1)
+def native_status() -> tuple[object | None, str]:
+    """The native module and '' when it imports, else (None, reason)."""
+    if importlib.util.find_spec("diffuse_engine._C") is None:
+        return None, ("not built: install with nvcc on PATH (and without DIFFUSE_SKIP_CUDA_BUILD=1) to compile "
+                      "csrc/")
+    try:
+        from . import _C  # type: ignore[attr-defined]
+    except ImportError as exc:
+        return None, f"built but failed to import: {exc}"
+    return _C, ""
 
 
 def native_module() -> object:
@@ -33,20 +52,9 @@ def _launch(module: object, op: str, device: torch.device, args: tuple) -> None:
             getattr(module, f"{op}_cuda")(*args, torch.cuda.current_stream(device).cuda_stream)
 
 
-def _check_rows(name: str, t: object, rows: int | None, device: torch.device | None) -> None:
-    if not isinstance(t, torch.Tensor):
-        raise ValueError(f"{name} must be a torch.Tensor, got {type(t).__name__}.")
-    if t.dtype != torch.int64:
-        raise ValueError(f"{name} must be int64, got {t.dtype}.")
-    if t.ndim != 1:
-        raise ValueError(f"{name} must be 1-D [rows], got shape {tuple(t.shape)}.")
-    if rows is not None and t.shape[0] != rows:
-        raise ValueError(f"{name} has {t.shape[0]} rows but seed has {rows}; seed, step and position must have the "
-                         f"same length.")
-    if device is not None and t.device != device:
-        raise ValueError(f"{name} is on {t.device} but seed is on {device}; all tensors must be on one device.")
-    if not t.is_contiguous():
-        raise ValueError(f"{name} must be contiguous.")
+def _check_device_type(op: str, device: torch.device) -> None:
+    if device.type not in ("cpu", "cuda"):
+        raise ValueError(f"{op} runs on CPU or CUDA tensors, got device {device}.")
 
 
 def counter_noise(seed: torch.Tensor, step: torch.Tensor, position: torch.Tensor, stream: int, num_cols: int,
@@ -59,12 +67,12 @@ def counter_noise(seed: torch.Tensor, step: torch.Tensor, position: torch.Tensor
     32 bits are used). out: optional ``[M, num_cols]`` fp32 contiguous tensor on the same device, written and
     returned. CUDA launches are asynchronous on the current stream of the tensors' device.
     """
-    _check_rows("seed", seed, None, None)
+    check = Contract("seed", seed)
+    check("seed", seed, torch.int64, ndim=1, dims="[rows]", contiguous=True)
     rows, device = seed.shape[0], seed.device
-    _check_rows("step", step, rows, device)
-    _check_rows("position", position, rows, device)
-    if device.type not in ("cpu", "cuda"):
-        raise ValueError(f"counter_noise runs on CPU or CUDA tensors, got device {device}.")
+    for name, t in (("step", step), ("position", position)):
+        check(name, t, torch.int64, ndim=1, dims="[rows]", length=(rows, "rows, as seed"), contiguous=True)
+    _check_device_type("counter_noise", device)
     if isinstance(stream, bool) or not isinstance(stream, int):
         raise ValueError(f"stream must be an int, got {type(stream).__name__}.")
     if isinstance(num_cols, bool) or not isinstance(num_cols, int) or not 1 <= num_cols <= MAX_COLS:
@@ -72,16 +80,7 @@ def counter_noise(seed: torch.Tensor, step: torch.Tensor, position: torch.Tensor
     if out is None:
         out = torch.empty((rows, num_cols), dtype=torch.float32, device=device)
     else:
-        if not isinstance(out, torch.Tensor):
-            raise ValueError(f"out must be a torch.Tensor, got {type(out).__name__}.")
-        if out.dtype != torch.float32:
-            raise ValueError(f"out must be float32, got {out.dtype}.")
-        if tuple(out.shape) != (rows, num_cols):
-            raise ValueError(f"out must have shape {(rows, num_cols)} [rows, num_cols], got {tuple(out.shape)}.")
-        if out.device != device:
-            raise ValueError(f"out is on {out.device} but seed is on {device}; all tensors must be on one device.")
-        if not out.is_contiguous():
-            raise ValueError("out must be contiguous.")
+        check("out", out, torch.float32, shape=(rows, num_cols), dims="[rows, num_cols]", contiguous=True)
     module = native_module()
     if rows == 0:
         return out
@@ -95,22 +94,6 @@ def counter_noise(seed: torch.Tensor, step: torch.Tensor, position: torch.Tensor
 ROW_STATS_DTYPES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}  # dtype codes of csrc/row_stats.cuh
 ROW_STATS_MAX_EXCLUDE = 4
 ROW_STATS_KEYS = ("token", "prob", "top1", "margin", "neg_entropy", "invalid")
-
-
-def _check_per_row(name: str, t: object, dtypes: tuple[torch.dtype, ...], rows: int, device: torch.device) -> None:
-    if not isinstance(t, torch.Tensor):
-        raise ValueError(f"{name} must be a torch.Tensor, got {type(t).__name__}.")
-    if t.dtype not in dtypes:
-        want = " or ".join(str(d).removeprefix("torch.") for d in dtypes)
-        raise ValueError(f"{name} must be {want}, got {t.dtype}.")
-    if t.ndim != 1:
-        raise ValueError(f"{name} must be 1-D [M], got shape {tuple(t.shape)}.")
-    if t.shape[0] != rows:
-        raise ValueError(f"{name} has {t.shape[0]} entries but rows has {rows}; every per-row tensor must be [M].")
-    if t.device != device:
-        raise ValueError(f"{name} is on {t.device} but logits is on {device}; all tensors must be on one device.")
-    if not t.is_contiguous():
-        raise ValueError(f"{name} must be contiguous.")
 
 
 def row_stats(logits: torch.Tensor, rows: torch.Tensor, temperature: torch.Tensor, seed: torch.Tensor,
@@ -135,48 +118,31 @@ def row_stats(logits: torch.Tensor, rows: torch.Tensor, temperature: torch.Tenso
     invalid = 1, token -1 and NaN scores (no exception). CPU tensors run the C++ twin (blocking); CUDA tensors
     launch one kernel on the current stream of their device (asynchronous).
     """
-    if not isinstance(logits, torch.Tensor):
-        raise ValueError(f"logits must be a torch.Tensor, got {type(logits).__name__}.")
-    if logits.dtype not in ROW_STATS_DTYPES:
-        raise ValueError(f"logits must be float32, float16 or bfloat16, got {logits.dtype}.")
-    if logits.ndim != 2:
-        raise ValueError(f"logits must be 2-D [R, V], got shape {tuple(logits.shape)}.")
+    check = Contract("logits", logits)
+    check("logits", logits, tuple(ROW_STATS_DTYPES), ndim=2, dims="[R, V]", last_dim_contiguous=True)
     num_logit_rows, vocab = logits.shape
     device = logits.device
-    if device.type not in ("cpu", "cuda"):
-        raise ValueError(f"row_stats runs on CPU or CUDA tensors, got device {device}.")
+    _check_device_type("row_stats", device)
     if not 1 <= vocab <= MAX_COLS:
         raise ValueError(f"logits must have V in [1, 2**31 - 1] columns, got {vocab}.")
-    if vocab > 1 and logits.stride(1) != 1:
-        raise ValueError(f"logits rows must be contiguous (unit stride along V), got strides {logits.stride()}.")
     row_stride = logits.stride(0) if num_logit_rows > 1 else vocab
     if row_stride < vocab:
         raise ValueError(f"logits rows must not overlap (row stride >= V), got strides {logits.stride()}.")
-    if not isinstance(rows, torch.Tensor):
-        raise ValueError(f"rows must be a torch.Tensor, got {type(rows).__name__}.")
-    _check_per_row("rows", rows, (torch.int64,), rows.shape[0] if rows.ndim == 1 else -1, device)
-    m = rows.shape[0]
-    _check_per_row("temperature", temperature, (torch.float32,), m, device)
-    for name, t in (("seed", seed), ("step", step), ("position", position)):
-        _check_per_row(name, t, (torch.int64,), m, device)
+    m = check("rows", rows, torch.int64, ndim=1, dims="[M]", contiguous=True).shape[0]
+    per_row = {"temperature": (temperature, torch.float32), "seed": (seed, torch.int64), "step": (step, torch.int64),
+               "position": (position, torch.int64)}
     if raw_confidence is not None:
-        _check_per_row("raw_confidence", raw_confidence, (torch.bool, torch.uint8), m, device)
+        per_row["raw_confidence"] = (raw_confidence, (torch.bool, torch.uint8))
+    for name, (t, dtype) in per_row.items():
+        check(name, t, dtype, ndim=1, dims="[M]", length=(m, "M, as rows"), contiguous=True)
     k = 0
     if conf_exclude is not None:
-        if not isinstance(conf_exclude, torch.Tensor):
-            raise ValueError(f"conf_exclude must be a torch.Tensor, got {type(conf_exclude).__name__}.")
-        if conf_exclude.dtype != torch.int64:
-            raise ValueError(f"conf_exclude must be int64, got {conf_exclude.dtype}.")
+        check("conf_exclude", conf_exclude, torch.int64, contiguous=True)
         if conf_exclude.ndim not in (1, 2) or conf_exclude.shape[0] != m:
             raise ValueError(f"conf_exclude must be [M, K] or [M] with M = {m}, got shape {tuple(conf_exclude.shape)}.")
         k = conf_exclude.shape[1] if conf_exclude.ndim == 2 else 1
         if k > ROW_STATS_MAX_EXCLUDE:
             raise ValueError(f"conf_exclude may hold at most {ROW_STATS_MAX_EXCLUDE} columns per row, got {k}.")
-        if conf_exclude.device != device:
-            raise ValueError(f"conf_exclude is on {conf_exclude.device} but logits is on {device}; all tensors must "
-                             f"be on one device.")
-        if not conf_exclude.is_contiguous():
-            raise ValueError("conf_exclude must be contiguous.")
     if device.type == "cpu" and m and not bool(((rows >= 0) & (rows < num_logit_rows)).all()):
         bad = int(((rows < 0) | (rows >= num_logit_rows)).nonzero()[0, 0])
         raise ValueError(f"rows[{bad}] = {int(rows[bad])} is outside [0, {num_logit_rows}), the logits rows.")
@@ -202,22 +168,6 @@ COMMIT_MAX_ROWS = 2048  # candidate rows per request (kCommitMaxRows of csrc/com
 COMMIT_NUM_MODES = 4  # COMMIT_TOPK, COMMIT_THRESHOLD, COMMIT_FACTOR, COMMIT_ENTROPY of kernels/reference.py
 
 
-def _check_commit_vec(name: str, t: object, dtype: torch.dtype, length: int | None, device: torch.device,
-                      what: str) -> None:
-    if not isinstance(t, torch.Tensor):
-        raise ValueError(f"{name} must be a torch.Tensor, got {type(t).__name__}.")
-    if t.dtype != dtype:
-        raise ValueError(f"{name} must be {str(dtype).removeprefix('torch.')}, got {t.dtype}.")
-    if t.ndim != 1:
-        raise ValueError(f"{name} must be 1-D, got shape {tuple(t.shape)}.")
-    if length is not None and t.shape[0] != length:
-        raise ValueError(f"{name} must have {length} entries ({what}), got {t.shape[0]}.")
-    if t.device != device:
-        raise ValueError(f"{name} is on {t.device} but canvas is on {device}; all tensors must be on one device.")
-    if not t.is_contiguous():
-        raise ValueError(f"{name} must be contiguous.")
-
-
 def _check_offsets_cpu(name: str, offsets: torch.Tensor, total: int, rows_name: str) -> torch.Tensor:
     """CPU only: non-decreasing offsets in [0, total]; returns the per-request sizes."""
     if offsets.numel() and (int(offsets[0]) < 0 or int(offsets[-1]) > total):
@@ -229,61 +179,31 @@ def _check_offsets_cpu(name: str, offsets: torch.Tensor, total: int, rows_name: 
     return sizes
 
 
-def commit(canvas: torch.Tensor, row_offsets: torch.Tensor, row_index: torch.Tensor, token: torch.Tensor,
-           score: torch.Tensor, entropy: torch.Tensor, mode: torch.Tensor, count: torch.Tensor,
-           threshold: torch.Tensor, factor: torch.Tensor, eb_gamma: torch.Tensor, mask_id: int, *,
-           revise_offsets: torch.Tensor | None = None, revise_index: torch.Tensor | None = None,
-           revise_score: torch.Tensor | None = None, remask_bound: torch.Tensor | None = None,
-           ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Commit (and optionally re-mask) in place on the flat ``canvas`` for a batch of B requests (csrc/commit*;
-    semantics of :func:`kernels.reference.commit_reference`, results equal).
+def commit(batch: CommitBatch) -> tuple[torch.Tensor, torch.Tensor]:
+    """Commit (and optionally re-mask) in place on the flat ``batch.canvas`` for a batch of B requests
+    (csrc/commit*; semantics of :func:`kernels.reference.commit_reference`, results equal).
 
-    canvas: ``[N]`` int64 on CPU or CUDA, contiguous, modified in place. row_offsets: ``[B+1]`` int64; row_index,
-    token: ``[M]`` int64; score, entropy: ``[M]`` fp32; mode, count: ``[B]`` int32; threshold, factor, eb_gamma:
-    ``[B]`` fp32. Revision (all four or none): revise_offsets ``[B+1]`` int64, revise_index ``[R]`` int64,
-    revise_score ``[R]`` fp32, remask_bound ``[B]`` fp32. All on the canvas' device and contiguous.
+    The batch must keep :meth:`CommitBatch.validate`'s strict contract (the dtypes and lengths of its fields, all
+    contiguous on the canvas' device), on CPU or CUDA; the canvas is modified in place.
 
-    Contract, checked here for CPU tensors and the caller's for CUDA tensors (a check would synchronise the device;
-    the kernel skips out-of-range writes and clamps offsets instead of reading out of bounds): offsets
-    non-decreasing within ``[0, M]`` / ``[0, R]``, canvas indices in ``[0, N)``, modes in 0..3, count >= 0, at most
-    ``COMMIT_MAX_ROWS`` rows per request (a larger request commits nothing and gets counters ``(-1, remasked,
+    Values, checked here for CPU tensors and the caller's contract for CUDA tensors (a check would synchronise the
+    device; the kernel skips out-of-range writes and clamps offsets instead of reading out of bounds): offsets
+    non-decreasing within ``[0, M]`` / ``[0, R]``, canvas indices in ``[0, N)``, modes in 0..3, count >= 0, at
+    most ``COMMIT_MAX_ROWS`` rows per request (a larger request commits nothing and gets counters ``(-1, remasked,
     -1)``), scores not NaN, and canvas slots not shared between requests (requests run concurrently on the GPU).
 
     Returns ``(committed [M] bool, counters [B, 3] int32)`` on the canvas' device. CPU tensors run the C++ twin
     (blocking); CUDA tensors launch one kernel on the current stream of their device (asynchronous).
     """
-    if not isinstance(canvas, torch.Tensor):
-        raise ValueError(f"canvas must be a torch.Tensor, got {type(canvas).__name__}.")
-    device = canvas.device
-    if device.type not in ("cpu", "cuda"):
-        raise ValueError(f"commit runs on CPU or CUDA tensors, got device {device}.")
-    _check_commit_vec("canvas", canvas, torch.int64, None, device, "")
-    _check_commit_vec("row_offsets", row_offsets, torch.int64, None, device, "")
-    if row_offsets.shape[0] < 1:
-        raise ValueError("row_offsets must have B + 1 >= 1 entries, got 0.")
-    b = row_offsets.shape[0] - 1
-    _check_commit_vec("row_index", row_index, torch.int64, None, device, "")
-    m = row_index.shape[0]
-    _check_commit_vec("token", token, torch.int64, m, device, "M, as row_index")
-    for name, t in (("score", score), ("entropy", entropy)):
-        _check_commit_vec(name, t, torch.float32, m, device, "M, as row_index")
-    for name, t in (("mode", mode), ("count", count)):
-        _check_commit_vec(name, t, torch.int32, b, device, "B, one per request")
-    for name, t in (("threshold", threshold), ("factor", factor), ("eb_gamma", eb_gamma)):
-        _check_commit_vec(name, t, torch.float32, b, device, "B, one per request")
-    if isinstance(mask_id, bool) or not isinstance(mask_id, int) or not -(2**63) <= mask_id < 2**63:
-        raise ValueError(f"mask_id must be an int64 value, got {mask_id!r}.")
-    revision = (revise_offsets, revise_index, revise_score, remask_bound)
-    revise = any(t is not None for t in revision)
-    if revise and not all(t is not None for t in revision):
-        raise ValueError("revise_offsets, revise_index, revise_score and remask_bound must be given together.")
-    r = 0
-    if revise:
-        _check_commit_vec("revise_offsets", revise_offsets, torch.int64, b + 1, device, "B + 1, as row_offsets")
-        _check_commit_vec("revise_index", revise_index, torch.int64, None, device, "")
-        r = revise_index.shape[0]
-        _check_commit_vec("revise_score", revise_score, torch.float32, r, device, "R, as revise_index")
-        _check_commit_vec("remask_bound", remask_bound, torch.float32, b, device, "B, one per request")
+    batch.validate()
+    device = batch.canvas.device
+    _check_device_type("commit", device)
+    revise = batch.has_revision
+    canvas, row_offsets, row_index, mode, count, score = (batch.canvas, batch.row_offsets, batch.row_index,
+                                                          batch.mode, batch.count, batch.score)
+    revise_offsets, revise_index = batch.revise_offsets, batch.revise_index
+    b, m = batch.num_requests, batch.num_rows
+    r = revise_index.shape[0] if revise else 0
     if device.type == "cpu":
         sizes = _check_offsets_cpu("row_offsets", row_offsets, m, "row_index")
         if b and int(sizes.max()) > COMMIT_MAX_ROWS:
@@ -308,11 +228,11 @@ def commit(canvas: torch.Tensor, row_offsets: torch.Tensor, row_index: torch.Ten
     counters = torch.zeros(b, 3, dtype=torch.int32, device=device)
     if b == 0:
         return committed.view(torch.bool), counters
-    args = (canvas.data_ptr(), canvas.shape[0], row_offsets.data_ptr(), b, row_index.data_ptr(), token.data_ptr(),
-            score.data_ptr(), entropy.data_ptr(), m, mode.data_ptr(), count.data_ptr(), threshold.data_ptr(),
-            factor.data_ptr(), eb_gamma.data_ptr(), int(mask_id),
+    args = (canvas.data_ptr(), canvas.shape[0], row_offsets.data_ptr(), b, row_index.data_ptr(),
+            batch.token.data_ptr(), score.data_ptr(), batch.entropy.data_ptr(), m, mode.data_ptr(), count.data_ptr(),
+            batch.threshold.data_ptr(), batch.factor.data_ptr(), batch.eb_gamma.data_ptr(), int(batch.mask_id),
             revise_offsets.data_ptr() if revise else 0, revise_index.data_ptr() if revise else 0,
-            revise_score.data_ptr() if revise else 0, remask_bound.data_ptr() if revise else 0, r,
+            batch.revise_score.data_ptr() if revise else 0, batch.remask_bound.data_ptr() if revise else 0, r,
             committed.data_ptr(), counters.data_ptr())
     _launch(module, "commit", device, args)
     return committed.view(torch.bool), counters

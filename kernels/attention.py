@@ -9,6 +9,8 @@ import torch
 import triton
 import triton.language as tl
 
+from ..contract import KERNEL_FLOATS, Contract, same_dtype
+
 
 @triton.jit
 def _attention_inner(acc, l_i, m_i, q, k_base, v_base, valid_base, stride_kn, stride_vn, row_lim, lo, hi,
@@ -124,8 +126,6 @@ def _config(head_dim: int, g_p2: int, fp32: bool) -> tuple[int, int, int, int]:
     return max(rows // g_p2, 1), block_n, num_warps, 2 if fp32 else 3
 
 
-_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor, max_seqlen: int, *,
               block_size: int | None = None, key_valid: torch.Tensor | None = None, scale: float | None = None,
@@ -149,35 +149,27 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: tor
     kv = k.shape[1]
     if kv == 0 or h % kv:
         raise ValueError(f"the {h} query heads must be a multiple of the {kv} key/value heads.")
-    if q.dtype not in _DTYPES or k.dtype != q.dtype or v.dtype != q.dtype:
-        raise ValueError(f"q, k and v must share one dtype of fp16, bf16, fp32; got {q.dtype}, {k.dtype}, {v.dtype}.")
+    same_dtype({"q": q, "k": k, "v": v}, KERNEL_FLOATS)
     if d < 16 or d > 256 or d & (d - 1):
         raise ValueError(f"head_dim must be a power of two from 16 to 256; got {d}.")
-    if k.device != q.device or v.device != q.device or cu_seqlens.device != q.device:
-        raise ValueError(f"q, k, v and cu_seqlens must be on one device; got {q.device}, {k.device}, {v.device}, "
-                         f"{cu_seqlens.device}.")
-    if cu_seqlens.dtype != torch.int32 or cu_seqlens.ndim != 1 or cu_seqlens.numel() < 1:
-        raise ValueError(f"cu_seqlens must be a 1-D int32 tensor [B+1]; got {cu_seqlens.dtype} "
-                         f"{tuple(cu_seqlens.shape)}.")
+    check = Contract("q", q)
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        check(name, t, last_dim_contiguous=True)
+    check("cu_seqlens", cu_seqlens, torch.int32, ndim=1, dims="[B+1]")
+    if cu_seqlens.numel() < 1:
+        raise ValueError("cu_seqlens must have B + 1 >= 1 entries, got 0.")
     if block_size is not None and block_size < 1:
         raise ValueError(f"block_size must be at least 1 (or None for bidirectional); got {block_size}.")
     if max_seqlen < 0:
         raise ValueError(f"max_seqlen must be non-negative; got {max_seqlen}.")
     if key_valid is not None:
-        if key_valid.shape != (n,) or key_valid.dtype not in (torch.bool, torch.int8, torch.uint8):
-            raise ValueError(f"key_valid must be a bool or int8 tensor [{n}]; got {key_valid.dtype} "
-                             f"{tuple(key_valid.shape)}.")
-        if key_valid.device != q.device:
-            raise ValueError(f"key_valid must be on {q.device}; got {key_valid.device}.")
+        check("key_valid", key_valid, (torch.bool, torch.int8, torch.uint8), ndim=1, dims="[N]", length=(n, "N, as q"))
         # bool and int8 share one byte per entry: the kernel reads bytes and tests them against 0.
         key_valid = key_valid.contiguous().view(torch.uint8)
     if out is None:
         out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
-    elif out.shape != q.shape or out.dtype != q.dtype or out.device != q.device:
-        raise ValueError(f"out must be {q.dtype} {tuple(q.shape)} on {q.device}; got {out.dtype} {tuple(out.shape)} "
-                         f"on {out.device}.")
-    if any(t.stride(-1) != 1 for t in (q, k, v, out)):
-        raise ValueError("q, k, v and out must have a contiguous last dimension (stride 1).")
+    else:
+        check("out", out, q.dtype, shape=tuple(q.shape), dims="[N, H, D]", last_dim_contiguous=True)
     batch = cu_seqlens.numel() - 1
     if n == 0 or batch == 0 or max_seqlen == 0:
         return out

@@ -10,6 +10,8 @@ import torch
 import triton
 import triton.language as tl
 
+from ..contract import FLOATING, KERNEL_FLOATS, Contract, same_dtype
+
 _NOMINAL_SMS = 132  # H100 SXM; the device's own count is used when there is one
 _MAX_ROWS = 128  # query rows (block tokens x heads of a group) per program: the fp32 accumulator lives in registers
 _BLOCK_N = 64  # cached keys per tile
@@ -158,8 +160,8 @@ def _combine_splits_kernel(o_part_ptr, lse_ptr, out_ptr, L, H, num_splits, s_ob,
 
 
 def _check(q, k_new, v_new, k_cache, v_cache, block_table, cache_lens, block_start, cos, sin, out) -> None:
-    if q.ndim != 4:
-        raise ValueError(f"q must be [batch, block_len, heads, head_dim], got shape {tuple(q.shape)}.")
+    check = Contract("q", q)
+    check("q", q, KERNEL_FLOATS, ndim=4, dims="[batch, block_len, heads, head_dim]")
     B, L, H, D = q.shape
     if k_new.ndim != 4 or k_new.shape[:2] != (B, L) or k_new.shape[3] != D or v_new.shape != k_new.shape:
         raise ValueError(f"k_new and v_new must both be [{B}, {L}, kv_heads, {D}] like q, got shapes "
@@ -172,28 +174,19 @@ def _check(q, k_new, v_new, k_cache, v_cache, block_table, cache_lens, block_sta
     if k_cache.ndim != 4 or k_cache.shape[2:] != (KV, D) or v_cache.shape != k_cache.shape:
         raise ValueError(f"k_cache and v_cache must both be [num_pages, page_size, {KV}, {D}], got shapes "
                          f"{tuple(k_cache.shape)} and {tuple(v_cache.shape)}.")
-    if q.dtype not in (torch.float16, torch.bfloat16, torch.float32):
-        raise ValueError(f"q must be float16, bfloat16 or float32, got {q.dtype}.")
-    if any(t.dtype != q.dtype for t in (k_new, v_new, k_cache, v_cache)):
-        raise ValueError(f"q, k_new, v_new, k_cache and v_cache must share one dtype, got {q.dtype}, {k_new.dtype}, "
-                         f"{v_new.dtype}, {k_cache.dtype}, {v_cache.dtype}.")
-    if block_table.dtype != torch.int32 or block_table.ndim != 2 or block_table.shape[0] != B:
-        raise ValueError(f"block_table must be int32 [{B}, max_pages], got {block_table.dtype} "
-                         f"{tuple(block_table.shape)}.")
+    same_dtype({"q": q, "k_new": k_new, "v_new": v_new, "k_cache": k_cache, "v_cache": v_cache}, KERNEL_FLOATS)
+    for name, t in (("k_new", k_new), ("v_new", v_new), ("k_cache", k_cache), ("v_cache", v_cache)):
+        check(name, t)
+    check("block_table", block_table, torch.int32, ndim=2, dims="[B, max_pages]", length=(B, "B, as q"))
     for name, t in (("cache_lens", cache_lens), ("block_start", block_start)):
-        if t.dtype != torch.int32 or t.shape != (B,):
-            raise ValueError(f"{name} must be int32 [{B}], got {t.dtype} {tuple(t.shape)}.")
+        check(name, t, torch.int32, ndim=1, dims="[B]", length=(B, "B, as q"))
     if (cos is None) != (sin is None):
         raise ValueError("cos and sin come together (RoPE in the kernel) or are both None (q and k rotated already).")
     for name, t in (("cos", cos), ("sin", sin)):
-        if t is not None and (t.shape != (B, L, D) or not t.is_floating_point()):
-            raise ValueError(f"{name} must be a float table [{B}, {L}, {D}], got {t.dtype} {tuple(t.shape)}.")
-    if out is not None and (out.shape != q.shape or out.dtype != q.dtype):
-        raise ValueError(f"out must be {q.dtype} {tuple(q.shape)} like q, got {out.dtype} {tuple(out.shape)}.")
-    tensors = tuple(t for t in (k_new, v_new, k_cache, v_cache, block_table, cache_lens, block_start, cos, sin)
-                    if t is not None)
-    if any(t.device != q.device for t in tensors + ((out,) if out is not None else ())):
-        raise ValueError("all tensors must be on the device of q.")
+        if t is not None:
+            check(name, t, FLOATING, shape=(B, L, D), dims="[B, L, D]")
+    if out is not None:
+        check("out", out, q.dtype, shape=tuple(q.shape), dims="[B, L, H, D]")
 
 
 def block_attention_cached(q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor, k_cache: torch.Tensor,

@@ -7,6 +7,8 @@ import torch
 import triton
 import triton.language as tl
 
+from ..commit_batch import CommitBatch
+
 # reference.COMMIT_*: the per-request rule that sets k
 COMMIT_TOPK = tl.constexpr(0)
 COMMIT_THRESHOLD = tl.constexpr(1)
@@ -98,32 +100,17 @@ def _commit_kernel(
     tl.store(counters_ptr + b * 3 + 2, n - k + remasked)
 
 
-def _check_1d(name: str, t: torch.Tensor, dtype: torch.dtype, size: int | None, device: torch.device) -> None:
-    if not isinstance(t, torch.Tensor) or t.ndim != 1 or t.dtype != dtype or (size is not None and t.shape[0] != size):
-        want = f"[{size}]" if size is not None else "[N]"
-        got = f"{t.dtype} {tuple(t.shape)}" if isinstance(t, torch.Tensor) else type(t).__name__
-        raise ValueError(f"{name} must be a 1-D {str(dtype).removeprefix('torch.')} tensor {want}; got {got}.")
-    if t.device != device:
-        raise ValueError(f"{name} must be on the canvas' device {device}; got {t.device}.")
-    if t.shape[0] > 1 and t.stride(0) != 1:
-        raise ValueError(f"{name} must be contiguous.")
-
-
-def commit(canvas: torch.Tensor, row_offsets: torch.Tensor, row_index: torch.Tensor, token: torch.Tensor,
-           score: torch.Tensor, entropy: torch.Tensor, mode: torch.Tensor, count: torch.Tensor,
-           threshold: torch.Tensor, factor: torch.Tensor, eb_gamma: torch.Tensor, mask_id: int, *,
-           revise_offsets: torch.Tensor | None = None, revise_index: torch.Tensor | None = None,
-           revise_score: torch.Tensor | None = None, remask_bound: torch.Tensor | None = None,
-           max_rows: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Commit in place on the flat int64 ``canvas``, request by request, as ``commit_reference`` (same arguments,
+def commit(batch: CommitBatch, *, max_rows: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Commit in place on the flat int64 ``batch.canvas``, request by request, as ``commit_reference`` (same batch,
     same ``(committed [M] bool, counters [B, 3] int32)``), with one program per request and no host sync.
 
-    ``row_offsets`` int64 ``[B+1]``; ``row_index``, ``token`` int64 and ``score``, ``entropy`` fp32, each ``[M]``;
-    ``mode``, ``count`` int32 and ``threshold``, ``factor``, ``eb_gamma`` fp32, each ``[B]``. Revision (all four or
-    none): ``revise_offsets`` int64 ``[B+1]``, ``revise_index`` int64 and ``revise_score`` fp32 ``[R]``,
-    ``remask_bound`` fp32 ``[B]``. ``max_rows``: a bound on any request's row count (the block size); it sizes the
-    tile. When None it is read from ``row_offsets``, one device-to-host sync; the engine passes it. A request with
-    more rows than ``max_rows`` is a contract error (only its first rows are ranked).
+    The batch must keep :meth:`CommitBatch.validate`'s strict contract: ``row_offsets`` int64 ``[B+1]``;
+    ``row_index``, ``token`` int64 and ``score``, ``entropy`` fp32, each ``[M]``; ``mode``, ``count`` int32 and
+    ``threshold``, ``factor``, ``eb_gamma`` fp32, each ``[B]``; revision (all four or none): ``revise_offsets`` int64
+    ``[B+1]``, ``revise_index`` int64 and ``revise_score`` fp32 ``[R]``, ``remask_bound`` fp32 ``[B]``; all contiguous
+    on the canvas' device; ``mask_id`` >= 0. ``max_rows``: a bound on any request's row count (the block size); it
+    sizes the tile. When None it is read from ``row_offsets``, one device-to-host sync; the engine passes it. A
+    request with more rows than ``max_rows`` is a contract error (only its first rows are ranked).
 
     Not checked (each would synchronise): offsets nondecreasing within ``[0, M]`` / ``[0, R]``, slot indices in
     range, candidate and revise slots distinct across the batch, scores not NaN, entropies >= 0, modes in 0..3
@@ -131,37 +118,12 @@ def commit(canvas: torch.Tensor, row_offsets: torch.Tensor, row_index: torch.Ten
 
     Traffic: ~40 B per candidate row (index, token, score, entropy, one canvas write, the committed flag), ~20 B per
     revise slot and ~40 B per request; the ranking is O(n^2) compares in registers per request."""
-    if not isinstance(canvas, torch.Tensor) or canvas.ndim != 1 or canvas.dtype != torch.int64:
-        raise ValueError("canvas must be a 1-D int64 tensor of token ids.")
-    if canvas.shape[0] > 1 and canvas.stride(0) != 1:
-        raise ValueError("canvas must be contiguous.")
-    device = canvas.device
-    if not isinstance(mask_id, int) or isinstance(mask_id, bool) or mask_id < 0:
-        raise ValueError(f"mask_id must be a non-negative int; got {mask_id!r}.")
-    if not isinstance(row_offsets, torch.Tensor) or row_offsets.ndim != 1 or row_offsets.shape[0] < 1:
-        raise ValueError("row_offsets must be a 1-D int64 tensor [B+1] with B >= 0.")
-    nb = row_offsets.shape[0] - 1
-    _check_1d("row_offsets", row_offsets, torch.int64, nb + 1, device)
-    _check_1d("row_index", row_index, torch.int64, None, device)
-    m = row_index.shape[0]
-    _check_1d("token", token, torch.int64, m, device)
-    for name, t in (("score", score), ("entropy", entropy)):
-        _check_1d(name, t, torch.float32, m, device)
-    for name, t in (("mode", mode), ("count", count)):
-        _check_1d(name, t, torch.int32, nb, device)
-    for name, t in (("threshold", threshold), ("factor", factor), ("eb_gamma", eb_gamma)):
-        _check_1d(name, t, torch.float32, nb, device)
-    revise = (revise_offsets, revise_index, revise_score, remask_bound)
-    has_revise = revise_offsets is not None
-    if any((t is None) == has_revise for t in revise):
-        raise ValueError("revise_offsets, revise_index, revise_score and remask_bound come all together or not at all.")
-    if has_revise:
-        _check_1d("revise_offsets", revise_offsets, torch.int64, nb + 1, device)
-        _check_1d("revise_index", revise_index, torch.int64, None, device)
-        _check_1d("revise_score", revise_score, torch.float32, revise_index.shape[0], device)
-        _check_1d("remask_bound", remask_bound, torch.float32, nb, device)
+    b = batch.validate()
+    if b.mask_id < 0:
+        raise ValueError(f"mask_id must be a non-negative int; got {b.mask_id!r}.")
+    device, nb, m = b.canvas.device, b.num_requests, b.num_rows
     if max_rows is None:
-        max_rows = int((row_offsets[1:] - row_offsets[:-1]).max()) if nb > 0 else 0  # the one sync
+        max_rows = int((b.row_offsets[1:] - b.row_offsets[:-1]).max()) if nb > 0 else 0  # the one sync
     if not isinstance(max_rows, int) or isinstance(max_rows, bool) or not 0 <= max_rows <= _MAX_TILE:
         raise ValueError(f"max_rows must be an int in [0, {_MAX_TILE}] (rows per request); got {max_rows!r}.")
 
@@ -170,14 +132,15 @@ def commit(canvas: torch.Tensor, row_offsets: torch.Tensor, row_index: torch.Ten
     if nb == 0:
         return committed, counters
     tile = max(16, triton.next_power_of_2(max_rows))
-    rev = revise if has_revise else (row_offsets, row_index, score, threshold)  # unused pointers without revision
+    rev = (b.revise_offsets, b.revise_index, b.revise_score, b.remask_bound) if b.has_revision else \
+        (b.row_offsets, b.row_index, b.score, b.threshold)  # unused pointers without revision
     _commit_kernel[(nb,)](
-        canvas, row_offsets, row_index, token, score, entropy,
-        mode, count, threshold, factor, eb_gamma,
+        b.canvas, b.row_offsets, b.row_index, b.token, b.score, b.entropy,
+        b.mode, b.count, b.threshold, b.factor, b.eb_gamma,
         *rev,
         committed.view(torch.uint8), counters,
-        mask_id,
-        HAS_REVISE=has_revise, MAX_ROWS=tile, BLOCK_R=_BLOCK_REVISE,
+        b.mask_id,
+        HAS_REVISE=b.has_revision, MAX_ROWS=tile, BLOCK_R=_BLOCK_REVISE,
         num_warps=4 if tile <= 64 else 8,
     )
     return committed, counters

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import torch
 
+from ..commit_batch import CommitBatch
 from .reference import COMMIT_ENTROPY, COMMIT_FACTOR, COMMIT_THRESHOLD, COMMIT_TOPK
 
 _MODES = (COMMIT_TOPK, COMMIT_THRESHOLD, COMMIT_FACTOR, COMMIT_ENTROPY)
@@ -54,15 +55,11 @@ def _check_modes(mode: torch.Tensor, sizes: torch.Tensor) -> None:
         raise ValueError(f"unknown commit mode {int(mode[b])} for request {b}.")
 
 
-def commit_torch(canvas: torch.Tensor, row_offsets: torch.Tensor, row_index: torch.Tensor, token: torch.Tensor,
-                 score: torch.Tensor, entropy: torch.Tensor, mode: torch.Tensor, count: torch.Tensor,
-                 threshold: torch.Tensor, factor: torch.Tensor, eb_gamma: torch.Tensor, mask_id: int, *,
-                 revise_offsets: torch.Tensor | None = None, revise_index: torch.Tensor | None = None,
-                 revise_score: torch.Tensor | None = None, remask_bound: torch.Tensor | None = None,
-                 max_rows: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Commit (and optionally re-mask) in place on the flat ``canvas``, as
-    :func:`kernels.reference.commit_reference`: same arguments, same rules, same
-    ``(committed [M] bool, counters [B, 3] int32)``, on the canvas' device.
+def commit_torch(batch: CommitBatch, *, max_rows: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Commit (and optionally re-mask) in place on the flat ``batch.canvas``, as
+    :func:`kernels.reference.commit_reference`: same batch, same rules, same
+    ``(committed [M] bool, counters [B, 3] int32)``, on the canvas' device. The batch is checked by
+    :meth:`CommitBatch.validate` without ``strict``: lengths and devices, any dtypes and strides.
 
     ``max_rows``: a bound on any request's candidate row count (the block size); it sets the width of the ranking
     matrix. When None it is read from ``row_offsets`` (one device-to-host sync). A request with more rows than
@@ -82,18 +79,20 @@ def commit_torch(canvas: torch.Tensor, row_offsets: torch.Tensor, row_index: tor
     A negative ``count`` is taken as the reference takes it: ``k = count`` in the counters and the best
     ``rows + count`` rows committed (Python's ``order[:k]``).
     """
-    revision = (revise_offsets, revise_index, revise_score, remask_bound)
-    has_revise = revise_offsets is not None
-    if any((t is None) == has_revise for t in revision):
-        raise ValueError("revise_offsets, revise_index, revise_score and remask_bound come all together or not at all.")
+    batch.validate(strict=False)
+    canvas, row_index, token, score, entropy = batch.canvas, batch.row_index, batch.token, batch.score, batch.entropy
+    mode, count, threshold, factor, eb_gamma = batch.mode, batch.count, batch.threshold, batch.factor, batch.eb_gamma
+    revise_offsets, revise_index = batch.revise_offsets, batch.revise_index
+    revise_score, remask_bound, mask_id = batch.revise_score, batch.remask_bound, batch.mask_id
+    has_revise = batch.has_revision
     if max_rows is not None and (isinstance(max_rows, bool) or not isinstance(max_rows, int) or max_rows < 0):
         raise ValueError(f"max_rows must be a non-negative int (rows per request) or None; got {max_rows!r}.")
     device = canvas.device
-    nb, m = row_offsets.shape[0] - 1, row_index.shape[0]
+    nb, m = batch.num_requests, batch.num_rows
     committed = torch.zeros(m, dtype=torch.bool, device=device)
     if nb <= 0:
         return committed, torch.zeros(0, 3, dtype=torch.int32, device=device)
-    offsets = row_offsets.to(torch.int64)
+    offsets = batch.row_offsets.to(torch.int64)
     sizes = offsets[1:] - offsets[:-1]
     md = mode.to(torch.int64)
     if device.type == "cpu":

@@ -7,11 +7,11 @@ import torch
 import triton
 import triton.language as tl
 
+from ..contract import FLOATING, INTEGER, KERNEL_FLOATS, Contract, same_dtype
 from .noise_tl import gumbel, row_key
 
 STREAM_SAMPLE = tl.constexpr(1)  # kernels/reference.py: the Gumbel stream of token sampling
 NOMINAL_SMS = 132  # H100 SXM; the default split count aims at two programs per SM
-_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
 @triton.jit
@@ -176,36 +176,29 @@ def lm_head_stats(hidden: torch.Tensor, weight: torch.Tensor, rows: torch.Tensor
     accumulate in fp32. ``num_splits`` vocabulary ranges per row tile (None: about two programs per SM);
     ``block_m`` / ``block_v`` override the tiles (powers of two >= 16). Returns token (int64), prob, top1,
     margin, neg_entropy (fp32) and invalid (int32), each ``[M]``."""
-    if hidden.ndim != 2 or weight.ndim != 2 or hidden.shape[1] != weight.shape[1]:
+    check = Contract("hidden", hidden)
+    check("hidden", hidden, ndim=2, dims="[rows, D]")
+    check("weight", weight, ndim=2, dims="[vocab, D]")
+    if hidden.shape[1] != weight.shape[1]:
         raise ValueError(f"hidden must be [rows, D] and weight [vocab, D]; got {tuple(hidden.shape)} and "
                          f"{tuple(weight.shape)}.")
-    if hidden.dtype not in _DTYPES or weight.dtype != hidden.dtype:
-        raise ValueError(f"hidden and weight must share one dtype of fp16, bf16, fp32; got {hidden.dtype} and "
-                         f"{weight.dtype}.")
+    same_dtype({"hidden": hidden, "weight": weight}, KERNEL_FLOATS)
     v, d = weight.shape
     if d < 16 or not 1 <= v < 2**31:
         raise ValueError(f"the hidden size must be at least 16 (the tl.dot minimum) and the vocabulary 1 to 2**31 - 1 "
                          f"columns; got D = {d}, V = {v}.")
-    if rows.ndim != 1 or rows.dtype not in (torch.int32, torch.int64):
-        raise ValueError(f"rows must be a 1-D int32 or int64 tensor; got {rows.dtype} {tuple(rows.shape)}.")
-    mm = rows.shape[0]
-    per_row = {"temperature": temperature, "seed": seed, "step": step, "position": position,
-               **({} if raw_confidence is None else {"raw_confidence": raw_confidence})}
-    for name, t in per_row.items():
-        if t.shape != (mm,):
-            raise ValueError(f"{name} must be [{mm}] like rows; got {tuple(t.shape)}.")
-        if t.is_floating_point() != (name == "temperature") or (name == "raw_confidence") != (t.dtype == torch.bool):
-            raise ValueError(f"{name} has the wrong dtype {t.dtype}: temperature is float, raw_confidence bool, "
-                             f"seed, step and position integers.")
+    mm = check("rows", rows, (torch.int32, torch.int64), ndim=1, dims="[M]").shape[0]
+    per_row = {"temperature": (temperature, FLOATING), "seed": (seed, INTEGER), "step": (step, INTEGER),
+               "position": (position, INTEGER)}
+    if raw_confidence is not None:
+        per_row["raw_confidence"] = (raw_confidence, torch.bool)
+    for name, (t, dtype) in per_row.items():
+        check(name, t, dtype, ndim=1, dims="[M]", length=(mm, "M, as rows"))
     if conf_exclude is not None:
         conf_exclude = conf_exclude.reshape(mm, -1) if conf_exclude.ndim == 1 else conf_exclude
-        if conf_exclude.ndim != 2 or conf_exclude.shape[0] != mm or conf_exclude.shape[1] > 4 or \
-                conf_exclude.is_floating_point() or conf_exclude.dtype == torch.bool:
-            raise ValueError(f"conf_exclude must be an integer tensor [{mm}, K] with K <= 4; got {conf_exclude.dtype} "
-                             f"{tuple(conf_exclude.shape)}.")
-    tensors = [hidden, weight, rows, *per_row.values(), *([] if conf_exclude is None else [conf_exclude])]
-    if any(t.device != hidden.device for t in tensors):
-        raise ValueError(f"all inputs must be on {hidden.device}; got {[str(t.device) for t in tensors]}.")
+        check("conf_exclude", conf_exclude, INTEGER, ndim=2, dims="[M, K]", length=(mm, "M, as rows"))
+        if conf_exclude.shape[1] > 4:
+            raise ValueError(f"conf_exclude must be [{mm}, K] with K <= 4; got {tuple(conf_exclude.shape)}.")
     if (num_splits is not None and num_splits < 1) or any(b is not None and (b < 16 or b & (b - 1))
                                                           for b in (block_m, block_v)):
         raise ValueError(f"num_splits must be positive and block_m, block_v powers of two >= 16; got {num_splits}, "

@@ -1,7 +1,7 @@
 """Pure-torch references of every op in ``diffuse_engine.kernels`` and ``csrc/``.
 
 These are the semantics that the Triton and CUDA kernels must reproduce; the engine runs them directly on
-CPU tensors (see ``diffuse_engine/ops.py``).
+CPU tensors (see ``diffuse_engine/ops/``).
 
 Counter-based noise
 -------------------
@@ -19,7 +19,12 @@ with all arithmetic modulo 2**32. A per-position uniform (no vocabulary axis) is
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
+
+if TYPE_CHECKING:
+    from ..commit_batch import CommitBatch
 
 MASK32 = 0xFFFFFFFF
 COLUMN_SALT = 0xA511E9B3
@@ -332,13 +337,9 @@ def row_stats_reference(logits: torch.Tensor, rows: torch.Tensor, temperature: t
 COMMIT_TOPK, COMMIT_THRESHOLD, COMMIT_FACTOR, COMMIT_ENTROPY = 0, 1, 2, 3
 
 
-def commit_reference(canvas: torch.Tensor, row_offsets: torch.Tensor, row_index: torch.Tensor, token: torch.Tensor,
-                     score: torch.Tensor, entropy: torch.Tensor, mode: torch.Tensor, count: torch.Tensor,
-                     threshold: torch.Tensor, factor: torch.Tensor, eb_gamma: torch.Tensor, mask_id: int, *,
-                     revise_offsets: torch.Tensor | None = None, revise_index: torch.Tensor | None = None,
-                     revise_score: torch.Tensor | None = None, remask_bound: torch.Tensor | None = None,
-                     ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Commit (and optionally re-mask) in place on a flat ``canvas`` of token ids, for a batch of requests.
+def commit_reference(batch: CommitBatch) -> tuple[torch.Tensor, torch.Tensor]:
+    """Commit (and optionally re-mask) in place on a flat ``canvas`` of token ids, for a batch of requests (the
+    fields of ``batch``, a :class:`~diffuse_engine.commit_batch.CommitBatch`; any dtypes, nothing checked).
 
     Request b owns the candidate rows ``row_offsets[b]:row_offsets[b+1]`` (int64 ``[B+1]``): still-masked canvas
     slots ``row_index`` (flat indices into ``canvas``) with their sampled ``token``, ordering ``score`` (higher =
@@ -357,7 +358,11 @@ def commit_reference(canvas: torch.Tensor, row_offsets: torch.Tensor, row_index:
     Returns ``(committed [M] bool, counters [B, 3] int32)``: counters = (committed this step, re-masked this step,
     still masked among the candidate rows after the step; 0 means the request's block is done).
     """
-    offsets = row_offsets.tolist()
+    canvas, row_index, token, score, entropy = batch.canvas, batch.row_index, batch.token, batch.score, batch.entropy
+    mode, count, threshold, factor, eb_gamma = batch.mode, batch.count, batch.threshold, batch.factor, batch.eb_gamma
+    revise_offsets, revise_index, revise_score = batch.revise_offsets, batch.revise_index, batch.revise_score
+    mask_id, remask_bound = batch.mask_id, batch.remask_bound
+    offsets = batch.row_offsets.tolist()
     committed = torch.zeros(row_index.shape[0], dtype=torch.bool, device=canvas.device)
     counters = torch.zeros(len(offsets) - 1, 3, dtype=torch.int32, device=canvas.device)
     for b in range(len(offsets) - 1):

@@ -7,6 +7,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ..contract import KERNEL_FLOATS, Contract
 from .noise_tl import gumbel, row_key
 
 STREAM_SAMPLE = tl.constexpr(1)  # reference.STREAM_SAMPLE: Gumbel noise of token sampling
@@ -109,14 +110,6 @@ def _row_stats_kernel(
     tl.store(invalid_ptr + offs_m, invalid.to(tl.int32), mask=row_ok)
 
 
-def _check_rowwise(name: str, t: torch.Tensor, dtypes: tuple[torch.dtype, ...], m: int, device: torch.device) -> None:
-    if t.ndim != 1 or t.shape[0] != m or t.dtype not in dtypes:
-        names = " or ".join(str(d).removeprefix("torch.") for d in dtypes)
-        raise ValueError(f"{name} must be a 1-D {names} tensor [{m}]; got {t.dtype} {tuple(t.shape)}.")
-    if t.device != device:
-        raise ValueError(f"{name} must be on the logits' device {device}; got {t.device}.")
-
-
 def row_stats(logits: torch.Tensor, rows: torch.Tensor, temperature: torch.Tensor, seed: torch.Tensor,
               step: torch.Tensor, position: torch.Tensor, *, raw_confidence: torch.Tensor | None = None,
               conf_exclude: torch.Tensor | None = None, block_v: int | None = None,
@@ -133,29 +126,22 @@ def row_stats(logits: torch.Tensor, rows: torch.Tensor, temperature: torch.Tenso
 
     Traffic: M * V logits read once (2 B each for bf16: 311 MB for M = 1024, V = 152064) plus ~50 B per row of
     arguments and outputs; the Gumbel noise is hashed in registers, never stored."""
-    if logits.ndim != 2 or logits.dtype not in (torch.float32, torch.float16, torch.bfloat16):
-        raise ValueError(f"logits must be a 2-D fp32, fp16 or bf16 tensor; got {logits.dtype} {tuple(logits.shape)}.")
-    if logits.shape[1] > 1 and logits.stride(1) != 1:
-        raise ValueError("logits must have a contiguous last dimension (stride 1).")
-    if rows.ndim != 1:
-        raise ValueError(f"rows must be a 1-D int64 or int32 tensor [M]; got shape {tuple(rows.shape)}.")
-    device, v, m = logits.device, logits.shape[1], rows.shape[0]
-    _check_rowwise("rows", rows, (torch.int64, torch.int32), m, device)
-    _check_rowwise("temperature", temperature, (torch.float32,), m, device)
-    for name, t in (("seed", seed), ("step", step), ("position", position)):
-        _check_rowwise(name, t, (torch.int64,), m, device)
+    check = Contract("logits", logits)
+    check("logits", logits, KERNEL_FLOATS, ndim=2, dims="[R, V]", last_dim_contiguous=True)
+    device, v = logits.device, logits.shape[1]
+    m = check("rows", rows, (torch.int64, torch.int32), ndim=1, dims="[M]").shape[0]
+    per_row = {"temperature": (temperature, torch.float32), "seed": (seed, torch.int64), "step": (step, torch.int64),
+               "position": (position, torch.int64)}
     if raw_confidence is not None:
-        _check_rowwise("raw_confidence", raw_confidence, (torch.bool,), m, device)
+        per_row["raw_confidence"] = (raw_confidence, torch.bool)
+    for name, (t, dtype) in per_row.items():
+        check(name, t, dtype, ndim=1, dims="[M]", length=(m, "M, as rows"))
     if conf_exclude is not None:
         if conf_exclude.ndim == 1:
             conf_exclude = conf_exclude[:, None]
-        if conf_exclude.ndim != 2 or conf_exclude.shape[0] != m or conf_exclude.dtype != torch.int64:
-            raise ValueError(f"conf_exclude must be an int64 tensor [{m}, K]; got {conf_exclude.dtype} "
-                             f"{tuple(conf_exclude.shape)}.")
+        check("conf_exclude", conf_exclude, torch.int64, ndim=2, dims="[M, K]", length=(m, "M, as rows"))
         if conf_exclude.shape[1] > 4:
             raise ValueError(f"conf_exclude holds at most 4 columns per row; got {conf_exclude.shape[1]}.")
-        if conf_exclude.device != device:
-            raise ValueError(f"conf_exclude must be on the logits' device {device}; got {conf_exclude.device}.")
     # Exclusions apply to raw-confidence rows only (as in the reference): without those there is nothing to do.
     k = conf_exclude.shape[1] if conf_exclude is not None and raw_confidence is not None else 0
     block_v = _TILE if block_v is None else block_v
@@ -170,9 +156,7 @@ def row_stats(logits: torch.Tensor, rows: torch.Tensor, temperature: torch.Tenso
             raise ValueError(f"out must be a dict with the keys {', '.join(_KEYS)}; got {', '.join(out)}.")
         for key, t in out.items():
             want = {"token": torch.int64, "invalid": torch.int32}.get(key, torch.float32)
-            _check_rowwise(f"out[{key!r}]", t, (want,), m, device)
-            if m > 1 and t.stride(0) != 1:
-                raise ValueError(f"out[{key!r}] must be contiguous.")
+            check(f"out[{key!r}]", t, want, ndim=1, dims="[M]", length=(m, "M, as rows"), contiguous=True)
     if m == 0:
         return out
     if v == 0:

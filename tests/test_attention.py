@@ -167,7 +167,7 @@ def _bad(**changes):
     (lambda: _bad(k=torch.zeros(8, 2, 16, dtype=F16)), "share one dtype"),
     (lambda: _bad(cu_seqlens=torch.tensor([0, 3, 8])), "int32"),
     (lambda: _bad(block_size=0), "block_size must be at least 1"),
-    (lambda: _bad(key_valid=torch.ones(7, dtype=torch.bool)), "key_valid must be a bool or int8 tensor \\[8\\]"),
+    (lambda: _bad(key_valid=torch.ones(7, dtype=torch.bool)), "key_valid must have 8 entries \\(N, as q\\), got 7"),
     (lambda: _bad(out=torch.zeros(8, 4, 16, dtype=F16)), "out must be"),
     (lambda: _bad(q=torch.zeros(8, 4, 24), k=torch.zeros(8, 2, 24), v=torch.zeros(8, 2, 24)), "power of two"),
 ])

@@ -143,10 +143,10 @@ def test_splits_agree():
     (lambda c: c.update(k_new=c["k_new"][:, :4]), "k_new and v_new must both be"),
     (lambda c: c.update(k_cache=c["k_cache"].half()), "share one dtype"),
     (lambda c: c.update(block_table=c["block_table"].long()), "block_table must be int32"),
-    (lambda c: c.update(cache_lens=c["cache_lens"][:1]), "cache_lens must be int32"),
+    (lambda c: c.update(cache_lens=c["cache_lens"][:1]), "cache_lens must have 2 entries \\(B, as q\\), got 1"),
     (lambda c: c.update(block_start=c["block_start"].long()), "block_start must be int32"),
-    (lambda c: c.update(cos=c["cos"][:, :, :32]), "cos must be a float table"),
-    (lambda c: c.update(out=torch.empty(1)), "out must be"),
+    (lambda c: c.update(cos=c["cos"][:, :, :32]), "cos must have shape \\(2, 5, 64\\) \\[B, L, D\\]"),
+    (lambda c: c.update(out=torch.empty(1)), "out must have shape"),
 ])
 def test_validation(mutate, message):
     case = make_case(f32, 5, 2, 2, 64, 16, [(16, 40), (0, 0)])

@@ -68,10 +68,10 @@ def test_sdpa_paths_match_the_definition(block_size, h, kv):
     torch.testing.assert_close(got.double()[rows], want[rows], atol=2e-5, rtol=2e-5)
 
 
-def test_explicit_choices_that_cannot_run_raise(monkeypatch):
+def test_explicit_choices_that_cannot_run_raise(backend_env):
     q, k, v = _inputs(5, 2, 2, 8)
     layout = TokenLayout.packed([5])
-    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    backend_env("TRITON_INTERPRET", None)
     with pytest.raises(ops.BackendUnavailableError, match="'triton' cannot run here: .*TRITON_INTERPRET=1"):
         ops.attention(q, k, v, layout, backend="triton")
     if importlib.util.find_spec("flash_attn") is None:
@@ -79,16 +79,16 @@ def test_explicit_choices_that_cannot_run_raise(monkeypatch):
             ops.attention(q, k, v, layout, backend="flash-attn")
     with pytest.raises(ValueError, match="not one of triton, sdpa, flash-attn, reference"):
         ops.attention(q, k, v, layout, backend="cudnn")
-    monkeypatch.setenv("DIFFUSE_ATTENTION_BACKEND", "flash")
+    backend_env("DIFFUSE_ATTENTION_BACKEND", "flash")
     with pytest.raises(ValueError, match="'flash' is not one of"):
         ops.attention(q, k, v, layout)
-    monkeypatch.delenv("DIFFUSE_ATTENTION_BACKEND")
-    monkeypatch.setenv("DIFFUSE_BACKEND", "cuda")
+    backend_env("DIFFUSE_ATTENTION_BACKEND", None)
+    backend_env("DIFFUSE_BACKEND", "cuda")
     with pytest.raises(ops.BackendUnavailableError, match="op 'attention' has no cuda implementation"):
         ops.attention(q, k, v, layout)
-    monkeypatch.setenv("DIFFUSE_BACKEND", "torch")
+    backend_env("DIFFUSE_BACKEND", "torch")
     assert ops.attention_backend(q, layout) == "sdpa"
-    monkeypatch.delenv("DIFFUSE_BACKEND")
+    backend_env("DIFFUSE_BACKEND", None)
     assert ops.attention_backend(q, layout) == "sdpa"  # CPU tensors: SDPA unless asked otherwise
 
 
@@ -100,18 +100,18 @@ def test_reference_backend_matches_the_definition():
 
 
 @pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed")
-def test_triton_backend_end_to_end_matches_sdpa(monkeypatch):
+def test_triton_backend_end_to_end_matches_sdpa(backend_env):
     """A shipped model decodes 4 held-out sums with the Triton attention kernel under the CPU interpreter and
     with SDPA: same tokens, logits within fp32 rounding."""
-    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    backend_env("TRITON_INTERPRET", "1")
     llm = LLM("addition", device="cpu")
     task = get_task("addition")
     prompts = [e.prompt for e in task.test_set(4)]
-    monkeypatch.setenv("DIFFUSE_ATTENTION_BACKEND", "sdpa")
+    backend_env("DIFFUSE_ATTENTION_BACKEND", "sdpa")
     want = llm.generate(prompts)
     ids = torch.tensor([llm.encode(p) for p in prompts])
     logits_sdpa = llm.model(ids)
-    monkeypatch.setenv("DIFFUSE_ATTENTION_BACKEND", "triton")
+    backend_env("DIFFUSE_ATTENTION_BACKEND", "triton")
     got = llm.generate(prompts)
     logits_triton = llm.model(ids)
     assert [o.token_ids for o in got] == [o.token_ids for o in want]
@@ -146,7 +146,9 @@ def test_automatic_choice_falls_back_to_sdpa_when_the_kernel_fails(monkeypatch):
     older Triton), the call is answered by SDPA with a warning and later calls skip Triton. An explicit
     choice raises instead."""
     import diffuse_engine.kernels.attention as kernel
+    from diffuse_engine.ops import backend
 
+    dispatch = importlib.import_module("diffuse_engine.ops.attention")  # ops.attention is the function
     calls = []
 
     def broken(*args, **kwargs):
@@ -154,27 +156,27 @@ def test_automatic_choice_falls_back_to_sdpa_when_the_kernel_fails(monkeypatch):
         raise RuntimeError("no such intrinsic")
 
     monkeypatch.setattr(kernel, "attention", broken)
-    monkeypatch.setattr(ops, "_TRITON_ATTENTION_FAILURE", None)
-    monkeypatch.setattr(ops, "attention_backend", lambda q, layout, block_size=None, requested=None:
-                        requested or ("sdpa" if ops._TRITON_ATTENTION_FAILURE else "triton"))
+    monkeypatch.setattr(backend, "_FAILURES", {})
+    monkeypatch.setattr(dispatch, "attention_backend", lambda q, layout, block_size=None, requested=None:
+                        requested or ("sdpa" if backend.failure("attention") else "triton"))
     seqlens = [3, 5]
     q, k, v = _inputs(8, 4, 2, 8)
     with pytest.warns(RuntimeWarning, match="no such intrinsic"):
         got = ops.attention(q, k, v, TokenLayout.packed(seqlens))
     torch.testing.assert_close(got.double(), plain_attention(q, k, v, seqlens), atol=2e-5, rtol=2e-5)
     ops.attention(q, k, v, TokenLayout.packed(seqlens))
-    assert len(calls) == 1 and "no such intrinsic" in ops._TRITON_ATTENTION_FAILURE
+    assert len(calls) == 1 and "no such intrinsic" in backend.failure("attention")
     with pytest.raises(RuntimeError, match="no such intrinsic"):
         ops.attention(q, k, v, TokenLayout.packed(seqlens), backend="triton")
 
 
 @pytest.mark.parametrize("write_cache", [False, True])
-def test_block_attention_cached_backends_agree(monkeypatch, write_cache):
+def test_block_attention_cached_backends_agree(backend_env, write_cache):
     """ops.block_attention_cached: SDPA and Triton (CPU interpreter) paths against the fp64 reference, with the
     cache written in place by each."""
     from diffuse_engine.kernels.reference import block_attention_cached_reference
 
-    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    backend_env("TRITON_INTERPRET", "1")
     gen = torch.Generator().manual_seed(3)
     b, L, h, kv, d, page = 2, 5, 4, 2, 16, 8
     q, k_new, v_new = (torch.randn(b, L, n, d, generator=gen) for n in (h, kv, kv))

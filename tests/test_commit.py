@@ -16,6 +16,7 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")  # read when the kernels are decorated: before their import
 
+from diffuse_engine.commit_batch import CommitBatch  # noqa: E402
 from diffuse_engine.kernels.commit import commit  # noqa: E402
 from diffuse_engine.kernels.reference import (  # noqa: E402
     COMMIT_ENTROPY,
@@ -80,8 +81,8 @@ def make_batch(seed: int, num_requests: int, revise: bool, max_rows: int = 40, f
 def run_both(args: dict, **kw) -> tuple:
     """The kernel and the reference on clones of the canvas: (canvas, committed, counters) for each."""
     ref_args, ker_args = dict(args, canvas=args["canvas"].clone()), dict(args, canvas=args["canvas"].clone())
-    ref = commit_reference(mask_id=MASK, **ref_args)
-    out = commit(mask_id=MASK, **ker_args, **kw)
+    ref = commit_reference(CommitBatch(mask_id=MASK, **ref_args))
+    out = commit(CommitBatch(mask_id=MASK, **ker_args), **kw)
     return (ker_args["canvas"], *out), (ref_args["canvas"], *ref)
 
 
@@ -105,8 +106,7 @@ def test_batches_cover_each_rule():
     partial = set()
     for seed in range(10):
         args = make_batch(seed, num_requests=1 + seed % 6, revise=False)
-        _, counters = commit_reference(dict(args, canvas=args["canvas"].clone()).pop("canvas"), mask_id=MASK,
-                                       **{k: v for k, v in args.items() if k != "canvas"})
+        _, counters = commit_reference(CommitBatch(mask_id=MASK, **dict(args, canvas=args["canvas"].clone())))
         for b, (k, _, left) in enumerate(counters.tolist()):
             if k > 0 and left > 0:
                 partial.add(int(args["mode"][b]))
@@ -139,7 +139,7 @@ def to_flat(x: torch.Tensor, x0: torch.Tensor, conf: torch.Tensor) -> dict:
     return dict(canvas=x.reshape(-1).clone(), row_offsets=torch.cat([rows.new_zeros(1), rows.cumsum(0)]),
                 row_index=pos, token=x0.reshape(-1)[pos], score=conf.reshape(-1)[pos],
                 entropy=torch.zeros(pos.shape[0], device=x.device), count=torch.zeros(b, dtype=torch.int32),
-                threshold=zeros, factor=zeros, eb_gamma=zeros, mask_id=MASK, max_rows=length)
+                threshold=zeros, factor=zeros, eb_gamma=zeros, mask_id=MASK)
 
 
 def make_grid(seed: int, b: int = 4, length: int = 24) -> tuple:
@@ -169,7 +169,7 @@ def test_llada_topk(seed):
     flat = to_flat(x, x0, conf)
     flat.update(mode=torch.full((x.shape[0],), COMMIT_TOPK, dtype=torch.int32), count=num_transfer.to(torch.int32))
     canvas = flat["canvas"]
-    committed, counters = commit(**flat)
+    committed, counters = commit(CommitBatch(**flat), max_rows=x.shape[1])
     assert torch.equal(canvas.reshape(x.shape), want)
     assert torch.equal(counters[:, 0], num_transfer.to(torch.int32))
     assert int(committed.sum()) == int(transfer.sum())
@@ -189,39 +189,43 @@ def test_fast_dllm_threshold(threshold):
     flat.update(mode=torch.full((x.shape[0],), COMMIT_THRESHOLD, dtype=torch.int32),
                 threshold=torch.full((x.shape[0],), threshold))
     canvas = flat["canvas"]
-    commit(**flat)
+    commit(CommitBatch(**flat), max_rows=x.shape[1])
     assert torch.equal(canvas.reshape(x.shape), want)
 
 
 def test_validation():
     args = make_batch(3, num_requests=3, revise=True)
-    with pytest.raises(ValueError, match="canvas must be a 1-D int64"):
-        commit(**dict(args, canvas=args["canvas"].int()), mask_id=MASK)
+
+    def call(mask_id=MASK, max_rows=None, **changes):
+        return commit(CommitBatch(**dict(args, **changes), mask_id=mask_id), max_rows=max_rows)
+
+    with pytest.raises(ValueError, match="canvas must be int64"):
+        call(canvas=args["canvas"].int())
     with pytest.raises(ValueError, match="canvas must be contiguous"):
-        commit(**dict(args, canvas=torch.zeros(2 * args["canvas"].shape[0], dtype=torch.long)[::2]), mask_id=MASK)
-    with pytest.raises(ValueError, match="score must be a 1-D float32"):
-        commit(**dict(args, score=args["score"].double()), mask_id=MASK)
-    with pytest.raises(ValueError, match="token must be a 1-D int64 tensor"):
-        commit(**dict(args, token=args["token"][:-1]), mask_id=MASK)
-    with pytest.raises(ValueError, match="mode must be a 1-D int32"):
-        commit(**dict(args, mode=args["mode"].long()), mask_id=MASK)
-    with pytest.raises(ValueError, match="eb_gamma must be a 1-D float32 tensor"):
-        commit(**dict(args, eb_gamma=args["eb_gamma"][:2]), mask_id=MASK)
+        call(canvas=torch.zeros(2 * args["canvas"].shape[0], dtype=torch.long)[::2])
+    with pytest.raises(ValueError, match="score must be float32"):
+        call(score=args["score"].double())
+    with pytest.raises(ValueError, match=r"token must have \d+ entries \(M, as row_index\)"):
+        call(token=args["token"][:-1])
+    with pytest.raises(ValueError, match="mode must be int32"):
+        call(mode=args["mode"].long())
+    with pytest.raises(ValueError, match=r"eb_gamma must have 3 entries \(B, one per request\), got 2"):
+        call(eb_gamma=args["eb_gamma"][:2])
     with pytest.raises(ValueError, match="all together"):
-        commit(**dict(args, remask_bound=None), mask_id=MASK)
-    with pytest.raises(ValueError, match="revise_score must be"):
-        commit(**dict(args, revise_score=args["revise_score"][:-1]), mask_id=MASK)
+        call(remask_bound=None)
+    with pytest.raises(ValueError, match=r"revise_score must have \d+ entries \(R, as revise_index\)"):
+        call(revise_score=args["revise_score"][:-1])
     with pytest.raises(ValueError, match="mask_id must be"):
-        commit(**args, mask_id=-1)
+        call(mask_id=-1)
     with pytest.raises(ValueError, match="mask_id must be"):
-        commit(**args, mask_id=1.5)
+        call(mask_id=1.5)
     with pytest.raises(ValueError, match="max_rows must be"):
-        commit(**args, mask_id=MASK, max_rows=4096)
+        call(max_rows=4096)
     with pytest.raises(ValueError, match="row_offsets must be"):
-        commit(**dict(args, row_offsets=args["row_offsets"][:0]), mask_id=MASK)
+        call(row_offsets=args["row_offsets"][:0])
     if torch.cuda.is_available():
         with pytest.raises(ValueError, match="device"):
-            commit(**dict(args, score=args["score"].cpu()), mask_id=MASK)
+            call(score=args["score"].cpu())
 
 
 @gpu

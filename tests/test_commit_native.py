@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from diffuse_engine import native, ops
+from diffuse_engine.commit_batch import CommitBatch
 from diffuse_engine.kernels import reference as ref
 
 MASK_ID = 126336
@@ -68,11 +69,9 @@ def make_batch(seed: int, *, num_requests: int | None = None, rows: int | tuple[
 
 
 def call(fn, kw: dict):
-    canvas = kw["canvas"].clone()
-    extra = {k: kw[k] for k in ("revise_offsets", "revise_index", "revise_score", "remask_bound") if k in kw}
-    committed, counters = fn(canvas, kw["row_offsets"], kw["row_index"], kw["token"], kw["score"], kw["entropy"],
-                             kw["mode"], kw["count"], kw["threshold"], kw["factor"], kw["eb_gamma"], MASK_ID, **extra)
-    return canvas, committed, counters
+    batch = CommitBatch(**dict(kw, canvas=kw["canvas"].clone()), mask_id=MASK_ID)
+    committed, counters = fn(batch)
+    return batch.canvas, committed, counters
 
 
 def assert_matches_reference(kw: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -211,7 +210,7 @@ def test_cuda_call_without_device_raises(module):
     ("mode_unknown", "unknown commit mode 7 for request 1"),
     ("count_negative", "count must be >= 0"),
     ("score_nan", "score must not hold NaN"),
-    ("revise_partial", "must be given together"),
+    ("revise_partial", "come all together or not at all"),
     ("revise_strided", "revise_index must be contiguous"),
     ("mask_id_float", "mask_id must be an int64 value"),
 ])
@@ -253,10 +252,8 @@ def test_launcher_validation(case, match):
         kw["revise_score"] = torch.zeros(kw["revise_index"].shape[0])
     elif case == "mask_id_float":
         mask_id = 1.5
-    extra = {k: kw[k] for k in ("revise_offsets", "revise_index", "revise_score", "remask_bound") if k in kw}
     with pytest.raises(ValueError, match=match):
-        native.commit(kw["canvas"], kw["row_offsets"], kw["row_index"], kw["token"], kw["score"], kw["entropy"],
-                      kw["mode"], kw["count"], kw["threshold"], kw["factor"], kw["eb_gamma"], mask_id, **extra)
+        native.commit(CommitBatch(**kw, mask_id=mask_id))
 
 
 def test_launcher_without_module(monkeypatch):

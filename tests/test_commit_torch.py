@@ -9,10 +9,13 @@ stopping at its first failure).
 
 from __future__ import annotations
 
+import importlib
+
 import pytest
 import torch
 
 from diffuse_engine import ops
+from diffuse_engine.commit_batch import CommitBatch
 from diffuse_engine.kernels.commit_torch import commit_torch
 from diffuse_engine.kernels.reference import (
     COMMIT_ENTROPY,
@@ -84,8 +87,8 @@ def random_batch(seed: int, num_requests: int, *, max_rows: int = 12, mode: int 
 def run_both(args: dict, fn=commit_torch, **kw) -> tuple[tuple, tuple]:
     """``fn`` and the reference on clones of the canvas: (canvas, committed, counters) for each."""
     got_args, want_args = dict(args, canvas=args["canvas"].clone()), dict(args, canvas=args["canvas"].clone())
-    got = fn(mask_id=MASK, **got_args, **kw)
-    want = commit_reference(mask_id=MASK, **want_args)
+    got = fn(CommitBatch(mask_id=MASK, **got_args), **kw)
+    want = commit_reference(CommitBatch(mask_id=MASK, **want_args))
     return (got_args["canvas"], *got), (want_args["canvas"], *want)
 
 
@@ -111,7 +114,7 @@ def test_random_batches_reach_every_outcome():
     seen = set()
     for seed in range(40):
         args = random_batch(seed, 8)
-        _, counters = commit_reference(args.pop("canvas").clone(), mask_id=MASK, **args)
+        _, counters = commit_reference(CommitBatch(args.pop("canvas").clone(), mask_id=MASK, **args))
         sizes = (args["row_offsets"][1:] - args["row_offsets"][:-1]).tolist()
         for b, ((k, _, _), n) in enumerate(zip(counters.tolist(), sizes, strict=True)):
             if n > 1:
@@ -120,7 +123,7 @@ def test_random_batches_reach_every_outcome():
         assert {(m, "full"), (m, "partial"), (m, "one")} <= seen, m
 
 
-def test_large_batch_and_ops_dispatch(monkeypatch):
+def test_large_batch_and_ops_dispatch(monkeypatch, backend_env):
     """64 requests x 32 rows, every rule, through ops.commit: the torch path on CPU is commit_torch."""
     calls = []
 
@@ -128,11 +131,11 @@ def test_large_batch_and_ops_dispatch(monkeypatch):
         calls.append(kw.get("max_rows"))
         return commit_torch(*a, **kw)
 
-    monkeypatch.delenv("DIFFUSE_BACKEND", raising=False)
-    monkeypatch.setattr(ops, "commit_torch", spy)
+    backend_env("DIFFUSE_BACKEND", None)
+    monkeypatch.setattr(importlib.import_module("diffuse_engine.ops.commit"), "commit_torch", spy)
     args = random_batch(5, 64, max_rows=32)
     assert_same(*run_both(args, fn=ops.commit, max_rows=32))
-    monkeypatch.setenv("DIFFUSE_BACKEND", "torch")
+    backend_env("DIFFUSE_BACKEND", "torch")
     assert_same(*run_both(args, fn=ops.commit))
     assert calls == [32, None]
 
@@ -263,17 +266,17 @@ def test_unknown_mode_raises_as_the_reference():
                 eb_gamma=torch.zeros(3))
     for fn in (commit_reference, commit_torch):
         with pytest.raises(ValueError, match="unknown commit mode 9 for request 1"):
-            fn(mask_id=MASK, **dict(args, canvas=args["canvas"].clone(), mode=torch.tensor([0, 9, 1])))
+            fn(CommitBatch(mask_id=MASK, **dict(args, canvas=args["canvas"].clone(), mode=torch.tensor([0, 9, 1]))))
     assert_same(*run_both(dict(args, mode=torch.tensor([7, 0, 1]))))  # a request without rows never reads its mode
 
 
 def test_argument_checks():
     args = random_batch(2, 3)
     with pytest.raises(ValueError, match="all together"):
-        commit_torch(mask_id=MASK, **dict(args, remask_bound=None))
+        commit_torch(CommitBatch(mask_id=MASK, **dict(args, remask_bound=None)))
     for bad in (-1, 2.0, True):
         with pytest.raises(ValueError, match="max_rows must be"):
-            commit_torch(mask_id=MASK, **args, max_rows=bad)
+            commit_torch(CommitBatch(mask_id=MASK, **args), max_rows=bad)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
@@ -282,6 +285,6 @@ def test_cuda_matches_the_reference():
         args = random_batch(seed, 16, max_rows=32)
         args["entropy"] = pick(ENTROPY_SET, args["entropy"].shape[0], torch.Generator().manual_seed(seed))
         got_args = {k: v.cuda() for k, v in args.items()}
-        got = commit_torch(mask_id=MASK, **got_args, max_rows=32)
-        want = commit_reference(mask_id=MASK, **args)  # args["canvas"] is a CPU copy: the reference writes it
+        got = commit_torch(CommitBatch(mask_id=MASK, **got_args), max_rows=32)
+        want = commit_reference(CommitBatch(mask_id=MASK, **args))  # args["canvas"]: a CPU copy, written here
         assert_same((got_args["canvas"].cpu(), *(t.cpu() for t in got)), (args["canvas"], *want))

@@ -155,11 +155,11 @@ def test_cuda_graphs_refused_on_cpu():
     ("dream-tiny", dict(cache="dual", remasking="entropy")),
     ("sdar-tiny", dict(temperature=0.6)),
 ])
-def test_a_batch_padded_to_its_graph_bucket_decodes_as_itself(monkeypatch, preset, kw):
+def test_a_batch_padded_to_its_graph_bucket_decodes_as_itself(monkeypatch, backend_env, preset, kw):
     """The tensors a CUDA graph replays: the plan padded to its bucket (padding requests read no cache, own no
     cell, commit nothing). Stepping the padded plan eagerly (here through the Triton cached-block kernel under the
     interpreter, as on a GPU) gives the tokens of the unpadded batch."""
-    monkeypatch.setenv("DIFFUSE_ATTENTION_BACKEND", "triton")
+    backend_env("DIFFUSE_ATTENTION_BACKEND", "triton")
     model = _model(preset)
     block = model.config.block_size or 8
     gen = 2 * block if model.config.block_size else block  # a block-diffusion model's first block is partial
@@ -173,10 +173,10 @@ def test_a_batch_padded_to_its_graph_bucket_decodes_as_itself(monkeypatch, prese
     runner = llm.engine.runner
     padded = []
 
-    def run(plan, store):
+    def run(plan, store, rows=None):
         key = _graph_key(plan, store)
         if key is None:
-            return runner.eager(plan, store)
+            return runner.eager(plan, store, rows() if rows is not None else None)
         size, _, fresh, pages = key[:4]
         static = graphs_mod._static_plan(plan, size, fresh, pages)
         graphs_mod._load(static, plan, pages)

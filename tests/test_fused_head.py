@@ -75,28 +75,28 @@ def test_lm_head_stats_torch_path_matches_logits_then_reference():
 
 
 @pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed")
-def test_triton_fused_head_end_to_end(monkeypatch):
+def test_triton_fused_head_end_to_end(backend_env):
     """The Triton fused LM head (CPU interpreter) decodes held-out puzzles to the same tokens as the unfused
     torch head."""
-    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    backend_env("TRITON_INTERPRET", "1")
     task = get_task("addition")
     prompts = [e.prompt for e in task.test_set(3)]
     params = SamplingParams(gen_length=6, steps=6, temperature=0.0)
     want = _llm("addition", False).generate(prompts, params)
-    monkeypatch.setenv("DIFFUSE_BACKEND", "triton")
-    monkeypatch.setenv("DIFFUSE_ATTENTION_BACKEND", "sdpa")
+    backend_env("DIFFUSE_BACKEND", "triton")
+    backend_env("DIFFUSE_ATTENTION_BACKEND", "sdpa")
     got = _llm("addition", True).generate(prompts, params)
     assert [o.token_ids for o in got] == [o.token_ids for o in want]
 
 
 @pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed")
-def test_sample_and_score_uses_the_one_pass_kernel_when_forced(monkeypatch):
+def test_sample_and_score_uses_the_one_pass_kernel_when_forced(backend_env):
     """DIFFUSE_BACKEND=triton routes ops.sample_and_score through the Triton row_stats kernel (CPU interpreter):
     same tokens as the reference, exact entropy; filters it has no kernel for raise with the reason."""
     from diffuse_engine.kernels.reference import sample_and_score
 
-    monkeypatch.setenv("TRITON_INTERPRET", "1")
-    monkeypatch.setenv("DIFFUSE_BACKEND", "triton")
+    backend_env("TRITON_INTERPRET", "1")
+    backend_env("DIFFUSE_BACKEND", "triton")
     gen = torch.Generator().manual_seed(1)
     logits = torch.randn(6, 300, generator=gen) * 3
     args = (torch.tensor([0.0, 1.0, 0.5, 0.0, 2.0, 1.0]), torch.arange(6) * 977, torch.full((6,), 3), torch.arange(6))
@@ -111,13 +111,13 @@ def test_sample_and_score_uses_the_one_pass_kernel_when_forced(monkeypatch):
 
 @pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed")
 @pytest.mark.parametrize("backend", ["torch", "triton"])
-def test_ops_commit_dispatch_matches_the_reference(monkeypatch, backend):
+def test_ops_commit_dispatch_matches_the_reference(backend_env, backend):
     """ops.commit on each backend (Triton under the CPU interpreter) equals commit_reference: canvas, flags and
     counters, with every rule in one batch."""
     from diffuse_engine.kernels.reference import commit_reference
 
-    monkeypatch.setenv("TRITON_INTERPRET", "1")
-    monkeypatch.setenv("DIFFUSE_BACKEND", backend)
+    backend_env("TRITON_INTERPRET", "1")
+    backend_env("DIFFUSE_BACKEND", backend)
     gen = torch.Generator().manual_seed(4)
     sizes = [5, 0, 9, 7]
     offsets = torch.tensor([0, 5, 5, 14, 21])
@@ -131,8 +131,8 @@ def test_ops_commit_dispatch_matches_the_reference(monkeypatch, backend):
         torch.tensor([0.0, 0.0, 0.0, 0.8])
     args = (row_index, token, score, entropy, mode, count, threshold, factor, gamma, 0)
     want_canvas = canvas.clone()
-    want = commit_reference(want_canvas, offsets, *args)
-    got = ops.commit(canvas, offsets, *args, max_rows=max(sizes))
+    want = commit_reference(ops.CommitBatch(want_canvas, offsets, *args))
+    got = ops.commit(ops.CommitBatch(canvas, offsets, *args), max_rows=max(sizes))
     assert torch.equal(canvas, want_canvas) and torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
 
 

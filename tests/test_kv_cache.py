@@ -259,7 +259,7 @@ def test_cached_requests_batch_invariant_in_fp32(mode):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
-def test_plan_through_the_triton_cached_kernel_equals_sdpa(monkeypatch, dtype):
+def test_plan_through_the_triton_cached_kernel_equals_sdpa(monkeypatch, backend_env, dtype):
     """Groups of dual- and prefix-pattern sequences through ops.block_attention_cached (Triton, here under the
     interpreter) give what the SDPA path gives."""
     import diffuse_engine.engine.attention_plan as kv
@@ -278,9 +278,9 @@ def test_plan_through_the_triton_cached_kernel_equals_sdpa(monkeypatch, dtype):
     q = torch.randn(total, heads, d, generator=gen).to(dtype)
     k = torch.randn(total, kv_heads, d, generator=gen).to(dtype)
     v = torch.randn(total, kv_heads, d, generator=gen).to(dtype)
-    monkeypatch.setenv("DIFFUSE_ATTENTION_BACKEND", "sdpa")
+    backend_env("DIFFUSE_ATTENTION_BACKEND", "sdpa")
     want = AttentionPlan(cache, seqs, torch.device("cpu")).attend(1, q, k, v)
-    monkeypatch.setenv("DIFFUSE_ATTENTION_BACKEND", "triton")
+    backend_env("DIFFUSE_ATTENTION_BACKEND", "triton")
     plan = AttentionPlan(cache, seqs, torch.device("cpu"))
     assert plan.groups and all(g.kernel is not None for g in plan.groups) and not plan.single
     calls = []
@@ -292,14 +292,14 @@ def test_plan_through_the_triton_cached_kernel_equals_sdpa(monkeypatch, dtype):
     torch.testing.assert_close(got.float(), want.float(), rtol=tol, atol=tol)
 
 
-def test_cached_decode_with_triton_kernels_matches_sdpa(monkeypatch):
+def test_cached_decode_with_triton_kernels_matches_sdpa(backend_env):
     """End to end under the Triton interpreter: dual-cache decoding through the Triton kernels (packed attention
     at refresh steps, the cached-block kernel in between) gives the tokens of the SDPA path."""
     model = build_model(from_name("llada-tiny").config, dtype=torch.float32).init_random_(2).eval()
     llm = LLM.from_model(model)
     prompts = [_prompt(6, 80 + i) for i in range(3)]
     params = SamplingParams(gen_length=16, block_length=8, steps=8, cache="dual", seed=1)
-    monkeypatch.setenv("DIFFUSE_ATTENTION_BACKEND", "sdpa")
+    backend_env("DIFFUSE_ATTENTION_BACKEND", "sdpa")
     want = _run(llm, prompts, params)
-    monkeypatch.setenv("DIFFUSE_ATTENTION_BACKEND", "triton")
+    backend_env("DIFFUSE_ATTENTION_BACKEND", "triton")
     assert _run(llm, prompts, params) == want

@@ -195,9 +195,9 @@ def test_sampler_chi_square():
     (dict(weight=torch.zeros(7, 16, dtype=F16)), "share one dtype"),
     (dict(hidden=torch.zeros(3, 8), weight=torch.zeros(7, 8)), "at least 16"),
     (dict(conf_exclude=torch.zeros(2, 5, dtype=torch.long)), "K <= 4"),
-    (dict(rows=torch.zeros(2)), "rows must be a 1-D int32 or int64"),
-    (dict(temperature=torch.zeros(3)), "temperature must be [2]"),
-    (dict(seed=torch.zeros(2)), "wrong dtype"),
+    (dict(rows=torch.zeros(2)), "rows must be int32 or int64"),
+    (dict(temperature=torch.zeros(3)), "temperature must have 2 entries"),
+    (dict(seed=torch.zeros(2)), "seed must be integer, got float32"),
     (dict(block_v=24), "powers of two >= 16"),
 ])
 def test_validation(change, message):

@@ -126,7 +126,7 @@ def _ok_keys(rows: int = 3) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
 @pytest.mark.parametrize("case,match", [
     ("seed_int32", "seed must be int64"),
     ("seed_2d", "seed must be 1-D"),
-    ("step_length", "step has 2 rows but seed has 3"),
+    ("step_length", r"step must have 3 entries \(rows, as seed\), got 2"),
     ("position_strided", "position must be contiguous"),
     ("step_device", "step is on meta but seed is on cpu"),
     ("all_meta", "runs on CPU or CUDA"),
@@ -174,25 +174,25 @@ def test_launcher_validation(case, match):
         native.counter_noise(seed, step, pos, **kw)
 
 
-def test_launcher_without_module(monkeypatch):
+def test_launcher_without_module(monkeypatch, backend_env):
     monkeypatch.setattr(native, "native_status", lambda: (None, "not built: test"))
     with pytest.raises(ops.BackendUnavailableError, match="not built: test"):
         native.counter_noise(*_ok_keys(), 1, 5)
-    monkeypatch.setenv(ops.BACKEND_ENV, "cuda")
+    backend_env(ops.BACKEND_ENV, "cuda")
     with pytest.raises(ops.BackendUnavailableError):
         ops.counter_uniform(*_ok_keys(), 1, 5)
 
 
 # ---------------------------------------------------------------------------------------------- ops dispatch
-def test_ops_cpu_uses_reference_by_default(monkeypatch):
-    monkeypatch.delenv(ops.BACKEND_ENV, raising=False)
+def test_ops_cpu_uses_reference_by_default(monkeypatch, backend_env):
+    backend_env(ops.BACKEND_ENV, None)
     monkeypatch.setattr(native, "counter_noise", lambda *a, **k: pytest.fail("CPU tensors must use the reference"))
     seed, step, pos = make_keys(5)
     assert_bitexact(ops.counter_uniform(seed, step, pos, 2), ref.counter_uniform(seed, step, pos, 2))
 
 
-def test_ops_forced_cuda_backend_on_cpu_uses_twin(module, monkeypatch):
-    monkeypatch.setenv(ops.BACKEND_ENV, "cuda")
+def test_ops_forced_cuda_backend_on_cpu_uses_twin(module, backend_env):
+    backend_env(ops.BACKEND_ENV, "cuda")
     seed, step, pos = make_keys(6, seed=5)
     assert_bitexact(ops.counter_uniform(seed, step, pos, 3), ref.counter_uniform(seed, step, pos, 3))
     assert_bitexact(ops.counter_uniform(seed, step, pos, 1, 99), ref.counter_uniform(seed, step, pos, 1, 99))
@@ -201,7 +201,7 @@ def test_ops_forced_cuda_backend_on_cpu_uses_twin(module, monkeypatch):
     grid_pos = torch.arange(12, dtype=torch.int32).view(2, 6)
     want = ref.counter_uniform(seed[:2, None], step[:2, None], grid_pos, 4)
     assert_bitexact(ops.counter_uniform(seed[:2, None], step[:2, None], grid_pos, 4), want)
-    monkeypatch.setenv(ops.BACKEND_ENV, "triton")
+    backend_env(ops.BACKEND_ENV, "triton")
     with pytest.raises(ops.BackendUnavailableError):
         ops.counter_uniform(seed, step, pos, 3)
 
@@ -272,8 +272,8 @@ def test_cuda_odd_shapes_match_cpu_reference(module, rows, cols, aligned):
 
 @gpu
 @needs_cuda
-def test_cuda_side_stream_and_ops_dispatch(module, monkeypatch):
-    monkeypatch.delenv(ops.BACKEND_ENV, raising=False)
+def test_cuda_side_stream_and_ops_dispatch(module, backend_env):
+    backend_env(ops.BACKEND_ENV, None)
     assert module.cuda_device_count() == torch.cuda.device_count()
     seed, step, pos = make_keys(64, seed=31, device="cuda")
     side = torch.cuda.Stream()

@@ -239,12 +239,12 @@ def _bad(**changes):
 
 
 @pytest.mark.parametrize("args,message", [
-    (lambda: _bad(logits=torch.zeros(3, 10, dtype=torch.float64)), "logits must be a 2-D fp32, fp16 or bf16"),
+    (lambda: _bad(logits=torch.zeros(3, 10, dtype=torch.float64)), "logits must be float32, float16 or bfloat16"),
     (lambda: _bad(logits=torch.zeros(10, 3).t()), "contiguous last dimension"),
-    (lambda: _bad(rows=torch.zeros(4)), "rows must be a 1-D int64 or int32"),
-    (lambda: _bad(temperature=torch.zeros(4, dtype=torch.float64)), "temperature must be a 1-D float32"),
-    (lambda: _bad(seed=torch.zeros(5, dtype=torch.int64)), "seed must be a 1-D int64 tensor \\[4\\]"),
-    (lambda: _bad(raw_confidence=torch.zeros(4, dtype=torch.int64)), "raw_confidence must be a 1-D bool"),
+    (lambda: _bad(rows=torch.zeros(4)), "rows must be int64 or int32"),
+    (lambda: _bad(temperature=torch.zeros(4, dtype=torch.float64)), "temperature must be float32"),
+    (lambda: _bad(seed=torch.zeros(5, dtype=torch.int64)), "seed must have 4 entries \\(M, as rows\\), got 5"),
+    (lambda: _bad(raw_confidence=torch.zeros(4, dtype=torch.int64)), "raw_confidence must be bool"),
     (lambda: _bad(conf_exclude=torch.zeros(4, 5, dtype=torch.int64)), "at most 4 columns"),
     (lambda: _bad(block_v=48), "block_v must be a power of two"),
     (lambda: _bad(out={"token": torch.zeros(4, dtype=torch.int64)}), "out must be a dict with the keys"),

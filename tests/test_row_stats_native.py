@@ -267,7 +267,7 @@ def _ok(m: int = 3, vocab: int = 5) -> dict:
 @pytest.mark.parametrize("case,match", [
     ("logits_fp64", "logits must be float32, float16 or bfloat16"),
     ("logits_1d", "logits must be 2-D"),
-    ("logits_strided", "logits rows must be contiguous"),
+    ("logits_strided", "logits must have a contiguous last dimension"),
     ("logits_meta", "runs on CPU or CUDA"),
     ("logits_not_tensor", "logits must be a torch.Tensor"),
     ("rows_int32", "rows must be int64"),
@@ -275,7 +275,7 @@ def _ok(m: int = 3, vocab: int = 5) -> dict:
     ("rows_out_of_range", r"rows\[1\] = 3 is outside \[0, 3\)"),
     ("rows_negative", r"rows\[0\] = -1 is outside"),
     ("temperature_fp64", "temperature must be float32"),
-    ("temperature_length", "temperature has 2 entries but rows has 3"),
+    ("temperature_length", r"temperature must have 3 entries \(M, as rows\), got 2"),
     ("seed_int32", "seed must be int64"),
     ("step_device", "step is on meta but logits is on cpu"),
     ("position_strided", "position must be contiguous"),

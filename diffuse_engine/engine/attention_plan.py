@@ -15,8 +15,6 @@ Sequences with equal fresh and cached lengths and no mask attend as one group: o
 
 from __future__ import annotations
 
-import importlib.util
-import os
 import warnings
 from dataclasses import dataclass
 
@@ -24,7 +22,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from .. import ops
 from ..models.layers import Rotary, apply_rope
+from ..ops import backend
 from .canvas import upload
 from .kv_cache import PagedKVCache
 
@@ -188,7 +188,7 @@ class AttentionPlan:
         for g in self.groups:
             if g.kernel is not None:
                 done = _kernel_attend(cache, layer, q, k, v, g.rows, g.kernel, rope) \
-                    if _CACHED_KERNEL_FAILURE is None else None
+                    if backend.failure(_KERNEL_OP) is None else None
                 if done is not None:
                     out[g.rows.reshape(-1)] = done.reshape(-1, *q.shape[1:])
                 else:  # the kernel failed once: its members attend one by one through SDPA
@@ -222,22 +222,20 @@ def _sdpa_one(cache: PagedKVCache | None, layer: int, q: torch.Tensor, k: torch.
     return F.scaled_dot_product_attention(qh, kh, vh, attn_mask=mask, enable_gqa=gqa)[0].transpose(0, 1)
 
 
-# The Triton kernel of ops.block_attention_cached (one launch per group of equal-shape sequences, the cached
-# keys read in place from their pages, RoPE applied in the kernel) serves the plan on CUDA; set when it failed to
-# compile or launch, after which the plan stays on SDPA for the process (an explicit
-# DIFFUSE_ATTENTION_BACKEND=triton still raises).
-_CACHED_KERNEL_FAILURE: str | None = None
+# The Triton kernel of ops.block_attention_cached (one launch per group of equal-fresh-length sequences, the
+# cached keys read in place from their pages, RoPE applied in the kernel) serves the plan on CUDA. When it fails to
+# compile or launch, the failure is recorded under this op (ops.backend.record_failure) and the plan stays on SDPA
+# for the process; an explicit DIFFUSE_ATTENTION_BACKEND=triton still raises.
+_KERNEL_OP = "attention_plan_kernel"
 
 
 def _cached_kernel_wanted(device: torch.device) -> bool:
-    from .. import ops
-
-    choice = os.environ.get(ops.ATTENTION_ENV, "").strip().lower()
+    choice = backend.requested_attention()
     if choice == "triton":
         return True
-    if choice not in ("", "auto") or ops.requested_backend() is not None:
+    if choice is not None or backend.requested_backend() is not None:
         return False
-    return device.type == "cuda" and _CACHED_KERNEL_FAILURE is None and importlib.util.find_spec("triton") is not None
+    return device.type == "cuda" and backend.failure(_KERNEL_OP) is None and backend.triton_runs(device)[0]
 
 
 def _pattern(s: SeqPlan) -> int | None:
@@ -275,9 +273,6 @@ def _kernel_attend(cache: PagedKVCache, layer: int, q: torch.Tensor, k: torch.Te
                    rows: torch.Tensor, args: tuple[torch.Tensor, ...], rope: Rotary | None) -> torch.Tensor | None:
     """One group through the Triton cached-block kernel: q and k as given (pre-RoPE with ``rope``, rotated in the
     kernel; already rotated without)."""
-    global _CACHED_KERNEL_FAILURE
-    from .. import ops
-
     if not kernel_fits(q):
         return None
     table, lens, starts = args
@@ -290,10 +285,11 @@ def _kernel_attend(cache: PagedKVCache, layer: int, q: torch.Tensor, k: torch.Te
         return ops.block_attention_cached(q[rows].to(kc.dtype), k[rows].to(kc.dtype), v[rows].to(vc.dtype), kc, vc,
                                           table, lens, starts, cos, sin, backend="triton").to(q.dtype)
     except Exception as exc:  # noqa: BLE001 - automatic choice must not fail where SDPA runs
-        if os.environ.get(ops.ATTENTION_ENV, "").strip().lower() == "triton":
+        if backend.requested_attention() == "triton":
             raise
-        _CACHED_KERNEL_FAILURE = f"{type(exc).__name__}: {exc}"
-        warnings.warn(f"the Triton cached-attention kernel failed ({_CACHED_KERNEL_FAILURE}); the attention plan "
+        why = f"{type(exc).__name__}: {exc}"
+        backend.record_failure(_KERNEL_OP, why)
+        warnings.warn(f"the Triton cached-attention kernel failed ({why}); the attention plan "
                       f"uses SDPA from now on.", RuntimeWarning, stacklevel=2)
         return None
 

@@ -120,6 +120,8 @@ class StepGraphs:
             _load(graph.plan, plan, key[3])
             graph.loaded = plan
         graph.graph.replay()
+        plan.t["nfe"].add_(1)  # the plan's own counters follow the graph's (an eager step of it stays right)
+        plan.t["block_step"].add_(1)
         self.replays += 1
         return graph.out
 

@@ -200,10 +200,10 @@ def _commit(plan: StepPlan, store: CanvasStore, cand: torch.Tensor, token: torch
     score_c = score.reshape(-1)[perm]
     if score_c.dtype != torch.float64:
         score_c = score_c.float()
-    done, _ = ops.commit(store.tokens, offsets, index.contiguous(), token.reshape(-1)[perm].contiguous(),
-                         score_c.contiguous(), entropy.reshape(-1)[perm].to(score_c.dtype).contiguous(),
-                         t["mode"], count.to(torch.int32), t["threshold"], t["factor"], t["gamma"], mask_id,
-                         max_rows=w)
+    batch = ops.CommitBatch(store.tokens, offsets, index.contiguous(), token.reshape(-1)[perm].contiguous(),
+                            score_c.contiguous(), entropy.reshape(-1)[perm].to(score_c.dtype).contiguous(),
+                            t["mode"], count.to(torch.int32), t["threshold"], t["factor"], t["gamma"], mask_id)
+    done, _ = ops.commit(batch, max_rows=w)
     return torch.empty(n, dtype=torch.bool, device=cand.device).scatter_(0, perm, done).view(b, w)
 
 

@@ -1,5 +1,5 @@
-"""Building blocks shared by the model families: RMSNorm, rotary embeddings, SwiGLU, and the token layout
-(:class:`TokenLayout`) that tells attention which tokens see which.
+"""Building blocks shared by the model families: RMSNorm, rotary embeddings, SwiGLU, and attention over the token
+layout (:class:`TokenLayout`, defined in :mod:`diffuse_engine.layout` and re-exported here).
 
 Hidden states are always flat ``[num_tokens, hidden]``: a padded ``[batch, seq]`` input is flattened, a
 packed batch of variable-length sequences is concatenated. Every matmul goes through :func:`ops.linear`.
@@ -11,6 +11,9 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
+
+from .. import ops
+from ..layout import TokenLayout
 
 
 class RMSNorm(nn.Module):
@@ -26,46 +29,6 @@ class RMSNorm(nn.Module):
         xf = x.float() if dtype != torch.float64 else x
         xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
         return self.weight * xf.to(dtype)
-
-
-@dataclass(slots=True)
-class TokenLayout:
-    """How the flat token axis is cut into independent sequences.
-
-    Exactly one form is set:
-    - padded: ``batch`` rows of ``seq_len`` tokens each, ``key_mask`` ``[batch, seq_len]`` (True = real token)
-      or None when nothing is padded;
-    - packed: ``cu_seqlens`` (cumulative lengths, ``len = num_sequences + 1``) of concatenated sequences.
-    Attention is bidirectional within a sequence, or block-causal with ``block_size`` (a token in block j of its
-    sequence, counted from the sequence's first token, sees the tokens of blocks <= j).
-    ``kv``: an attention plan (``engine.attention_plan.AttentionPlan``, any object with its ``attend(layer, q, k,
-    v, rope)``) that takes over attention: it reads cached keys and values, writes fresh ones, and knows which
-    tokens see which (see :func:`attend`). ``cu_seqlens_device``: ``cu_seqlens`` as an int32 tensor on the
-    model's device, made once per forward by whoever builds the layout (else each attention call uploads it).
-    """
-
-    batch: int = 0
-    seq_len: int = 0
-    key_mask: torch.Tensor | None = None
-    cu_seqlens: list[int] | None = None
-    block_size: int | None = None
-    kv: object | None = None
-    cu_seqlens_device: torch.Tensor | None = None
-
-    @classmethod
-    def padded(cls, batch: int, seq_len: int, key_mask: torch.Tensor | None = None) -> TokenLayout:
-        return cls(batch=batch, seq_len=seq_len, key_mask=key_mask)
-
-    @classmethod
-    def packed(cls, seqlens: list[int], block_size: int | None = None, kv: object | None = None) -> TokenLayout:
-        cu = [0]
-        for n in seqlens:
-            cu.append(cu[-1] + int(n))
-        return cls(cu_seqlens=cu, block_size=block_size, kv=kv)
-
-    @property
-    def num_tokens(self) -> int:
-        return self.cu_seqlens[-1] if self.cu_seqlens is not None else self.batch * self.seq_len
 
 
 @dataclass(slots=True)
@@ -85,8 +48,6 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: TokenLayou
     torch for SDPA and the cache), else RoPE here and :func:`ops.attention` within each sequence."""
     if layout.kv is not None:
         return layout.kv.attend(layer, q, k, v, rope)
-    from .. import ops
-
     q = apply_rope(q, rope.cos, rope.sin, rope.full_precision)
     k = apply_rope(k, rope.cos, rope.sin, rope.full_precision)
     return ops.attention(q, k, v, layout, block_size=layout.block_size)
