@@ -7,10 +7,19 @@ A leaf module: it imports nothing from the package (torch only for type hints), 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
 if TYPE_CHECKING:
     import torch
+
+
+class LayerAttention(Protocol):
+    """What a layout's ``kv`` is: attention of one layer over the forward's fresh tokens and whatever else it plans
+    (``engine.attention_plan.AttentionPlan``: the paged KV cache, masks, kernel arguments). q ``[N, H, D]`` and k
+    ``[N, KV, D]`` come before RoPE; ``rope`` (``models.layers.Rotary``) holds the forward's rotary tables."""
+
+    def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rope: object) -> torch.Tensor:
+        ...
 
 
 @dataclass(slots=True)
@@ -23,8 +32,8 @@ class TokenLayout:
     - packed: ``cu_seqlens`` (cumulative lengths, ``len = num_sequences + 1``) of concatenated sequences.
     Attention is bidirectional within a sequence, or block-causal with ``block_size`` (a token in block j of its
     sequence, counted from the sequence's first token, sees the tokens of blocks <= j).
-    ``kv``: an attention plan (``engine.attention_plan.AttentionPlan``, any object with its ``attend(layer, q, k,
-    v, rope)``) that takes over attention: it reads cached keys and values, writes fresh ones, and knows which
+    ``kv``: an attention plan (:class:`LayerAttention`, e.g. ``engine.attention_plan.AttentionPlan``) that takes
+    over attention: it reads cached keys and values, writes fresh ones, and knows which
     tokens see which (see :func:`models.layers.attend`). ``cu_seqlens_device``: ``cu_seqlens`` as an int32 tensor on
     the model's device, made once per forward by whoever builds the layout (else each attention call uploads it).
     """
@@ -34,7 +43,7 @@ class TokenLayout:
     key_mask: torch.Tensor | None = None
     cu_seqlens: list[int] | None = None
     block_size: int | None = None
-    kv: object | None = None
+    kv: LayerAttention | None = None
     cu_seqlens_device: torch.Tensor | None = None
 
     @classmethod
@@ -42,7 +51,8 @@ class TokenLayout:
         return cls(batch=batch, seq_len=seq_len, key_mask=key_mask)
 
     @classmethod
-    def packed(cls, seqlens: list[int], block_size: int | None = None, kv: object | None = None) -> TokenLayout:
+    def packed(cls, seqlens: list[int], block_size: int | None = None,
+               kv: LayerAttention | None = None) -> TokenLayout:
         cu = [0]
         for n in seqlens:
             cu.append(cu[-1] + int(n))
