@@ -21,7 +21,6 @@ import secrets
 import time
 import warnings
 from collections import OrderedDict, deque
-from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -30,64 +29,18 @@ from ..models import DiffusionLM
 from ..policies import decoding_policy
 from ..sampling_params import SamplingParams
 from .canvas import CanvasStore, upload
+from .config import EngineConfig
 from .cost_model import CPU, H100, CostModel, DeviceCeilings, StepEstimate, ceilings_for
 from .graphs import GRAPH_BATCH_SIZES
 from .kv_cache import PagedKVCache
 from .plan import COUNTERS, StepPlan, build_plan, phase
 from .request import Request, RequestOutput, RequestStatus, StepOutput, _StepView
 from .runner import ModelRunner
-from .scheduler import SCHEDULING, Scheduler
+from .scheduler import Scheduler
 
 _BLOCK_MASKED, _FIRST_MASKED, _EOS, _INVALID, _COMMITTED, _REVISED = range(len(COUNTERS))
 
 __all__ = ["GRAPH_BATCH_SIZES", "Engine", "EngineConfig"]
-
-
-@dataclass(slots=True)
-class EngineConfig:
-    """Batch limits. ``max_num_seqs``: requests per step; ``max_num_batched_tokens``: tokens per forward
-    (prompt + canvas, doubled for classifier-free guidance). ``fused_head``: compute the LM head and the
-    sampling statistics in one kernel that never writes logits (:func:`ops.lm_head_stats`) when a step's
-    requests allow it (no top-k / top-p, no logits_eos_inf, no classifier-free guidance); None = on CUDA
-    only, False = never, True = also on the CPU (through the torch path or, under TRITON_INTERPRET=1 with
-    DIFFUSE_BACKEND=triton, the Triton kernel). ``page_size`` and ``kv_cache_tokens``: the paged KV cache
-    shared by every request that uses one (allocated at the first such request): pages of ``page_size`` token
-    slots, ``kv_cache_tokens`` slots in all; a request is admitted when pages for its whole sequence are free.
-    ``max_retained``: finished requests whose pages are kept for a continuation (``add_request(retain=True)``),
-    least recently used evicted first (and whenever an admission needs their pages).
-    ``scheduling``: ``"roofline"`` (admit while the cost model says another request raises committed tokens
-    per second: always below the ridge, up to the knee above it; see :mod:`.scheduler`) or ``"fcfs"``
-    (whatever fits). ``max_step_seconds``: a bound on the predicted step time (None: none). ``calibrate``:
-    measure the device's ceilings once (cached on disk) instead of using its preset; None = on CUDA only.
-    ``cuda_graphs``: replay the cached block step (forward, head and commit) from CUDA graphs captured at bucketed
-    batch sizes (:data:`GRAPH_BATCH_SIZES`), padding a batch up to its bucket; None = on for CUDA models, False =
-    never, True = required (a capture failure raises instead of falling back to eager with a warning). CPU
-    models always step eagerly: True on a CPU model is refused when the engine starts."""
-
-    max_num_seqs: int = 64
-    max_num_batched_tokens: int = 65536
-    fused_head: bool | None = None
-    page_size: int = 16
-    kv_cache_tokens: int = 16384
-    max_retained: int = 64
-    scheduling: str = "roofline"
-    max_step_seconds: float | None = None
-    calibrate: bool | None = None
-    cuda_graphs: bool | None = None
-
-    def __post_init__(self) -> None:
-        if self.scheduling not in SCHEDULING:
-            raise ValueError(f"scheduling must be one of {', '.join(SCHEDULING)}; got {self.scheduling!r}.")
-        if self.max_step_seconds is not None and (isinstance(self.max_step_seconds, bool)
-                                                  or not isinstance(self.max_step_seconds, (int, float))
-                                                  or not self.max_step_seconds > 0):
-            raise ValueError(f"max_step_seconds must be a positive number or None; got {self.max_step_seconds!r}.")
-        if self.cuda_graphs is not None and not isinstance(self.cuda_graphs, bool):
-            raise ValueError(f"cuda_graphs must be True, False or None; got {self.cuda_graphs!r}.")
-        for name in ("max_num_seqs", "max_num_batched_tokens", "page_size", "kv_cache_tokens", "max_retained"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ValueError(f"{name} must be a positive integer; got {value!r}.")
 
 
 class Engine:
