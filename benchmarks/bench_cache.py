@@ -45,7 +45,7 @@ SETTINGS = [  # (name, SamplingParams fields)
 ]
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 COLUMNS = ["workload", "setting", "batch", "nfe", "tokens_per_forward", "seconds", "tokens_per_s", "speedup",
-           "agreement", "accuracy", "reference_accuracy"]
+           "agreement", "accuracy", "reference_accuracy", "flop_ideal", "pct_of_ideal"]
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -92,6 +92,25 @@ def _workload(spec: str, args: argparse.Namespace):
     return llm, task, prompts, gen, block
 
 
+def schedule_flops(cost_model, cache: str, batch: int, prompt_len: int, gen: int, block: int, shift: int) -> float:
+    """FLOPs of a whole fixed one-token-per-step generation with ``cache`` (the engine's cost model counts each
+    step: matmuls, attention over the context read, the LM head over the block's masked rows). Per block: the
+    first step recomputes everything (a cache refresh); then ``none`` recomputes the whole sequence, ``prefix`` from
+    the block on (reading the prefix), ``dual`` the block (reading the rest)."""
+    total, length = 0.0, prompt_len + gen
+    for start in range(prompt_len, prompt_len + gen, block):
+        for j in range(block):
+            rows = block - j
+            if j == 0 or cache == "none":
+                item = (length, 0, rows)
+            elif cache == "prefix":
+                item = (length - start + shift, start - shift, rows)
+            else:
+                item = (block + shift, length - block - shift, rows)
+            total += cost_model.predict([item] * batch).flops
+    return total
+
+
 def _accuracy(llm: LLM, task, prompts: list[list[int]], canvases: list[list[int]]) -> float | None:
     if task is None:
         return None
@@ -121,7 +140,12 @@ def run(args: argparse.Namespace) -> list[dict]:
         ref_acc = _accuracy(llm, task, prompts, ref)
         rows.append({**base, "workload": spec, "setting": "reference loop", "batch": len(prompts), "nfe": gen,
                      "tokens_per_forward": 1.0, "seconds": round(ref_s, 3), "tokens_per_s": round(tokens / ref_s, 1),
-                     "speedup": 1.0, "agreement": 1.0, "accuracy": ref_acc, "reference_accuracy": ref_acc})
+                     "speedup": 1.0, "agreement": 1.0, "accuracy": ref_acc, "reference_accuracy": ref_acc,
+                     "flop_ideal": None, "pct_of_ideal": None})
+        shift = 1 if cfg.shifted_logits else 0
+        flops = {c: schedule_flops(llm.engine.cost_model, c, len(prompts), len(prompts[0]), gen, block, shift)
+                 for c in ("none", "prefix", "dual")}
+        none_s = None
         for name, fields in SETTINGS:
             params = SamplingParams(gen_length=gen, block_length=block, steps=gen, seed=0,
                                     threshold=args.threshold, **fields)
@@ -133,11 +157,21 @@ def run(args: argparse.Namespace) -> list[dict]:
             canv = [o.token_ids for o in outs]
             agree = sum(a == b for c, r in zip(canv, ref, strict=True) for a, b in zip(c, r, strict=True)) / tokens
             nfe = sum(o.nfe for o in outs) / len(outs)
+            # The cache's measured speedup over no cache against its FLOP ratio (fixed schedules only: a threshold
+            # run's steps depend on the model).
+            ideal = pct = None
+            if name == "none/fixed":
+                none_s = secs
+            elif name.endswith("/fixed") and none_s is not None:
+                cache = fields["cache"]
+                ideal = flops["none"] / flops[cache]
+                pct = round(100 * (none_s / secs) / ideal, 1)
+                ideal = round(ideal, 2)
             rows.append({**base, "workload": spec, "setting": name, "batch": len(prompts), "nfe": round(nfe, 2),
                          "tokens_per_forward": round(gen / nfe, 2), "seconds": round(secs, 3),
                          "tokens_per_s": round(tokens / secs, 1), "speedup": round(ref_s / secs, 2),
                          "agreement": round(agree, 4), "accuracy": _accuracy(llm, task, prompts, canv),
-                         "reference_accuracy": ref_acc})
+                         "reference_accuracy": ref_acc, "flop_ideal": ideal, "pct_of_ideal": pct})
             print(f"{spec:<20} {name:<18} NFE {nfe:7.2f}  {tokens / secs:9.1f} tok/s  x{ref_s / secs:6.2f}  "
                   f"agreement {agree:.3f}", flush=True)
     return rows

@@ -225,3 +225,37 @@ def test_a_request_with_non_finite_logits_fails_alone():
     assert [outs[0].token_ids, outs[2].token_ids] == alone
     assert not llm.engine.has_unfinished() and llm.engine.store.num_free_slots == llm.engine.config.max_num_seqs
     assert llm.generate([clean[0]], params)[0].token_ids == alone[0]
+
+
+def test_a_block_diffusion_sequence_may_run_past_the_model_length():
+    """Its last block is whole: the sequence ends past max_position_embeddings, and its slot holds it."""
+    import dataclasses
+
+    cfg = dataclasses.replace(from_name("sdar-tiny").config, max_position_embeddings=30)
+    llm = LLM.from_model(build_model(cfg, dtype=torch.float32).init_random_(1).eval())
+    out = llm.generate([list(range(10, 20))], SamplingParams(gen_length=20, block_length=4, steps=10, seed=0))[0]
+    assert len(out.token_ids) == 20 and llm.engine.store.capacity >= 32
+
+
+def test_the_canvas_store_grows_without_losing_running_requests():
+    """A longer request reallocates the slots (a new generation: plans and graphs built before are stale); the
+    running requests' tokens, on the device and in the host mirror their ``seq`` views, are kept."""
+    from diffuse_engine.engine.canvas import CanvasStore
+    from diffuse_engine.engine.request import Request
+
+    store = CanvasStore(3, 64, torch.device("cpu"), mask_id=9, initial_capacity=4)
+    params = SamplingParams(gen_length=2, block_length=2, steps=2)
+    a = Request("a", [1, 2], params, "low_confidence", 0, 9, "llada")
+    store.admit(a)
+    a.seq[2] = 5
+    store.tokens[a.slot * store.capacity + 2] = 5
+    generation = store.generation
+    b = Request("b", list(range(10, 20)), params, "low_confidence", 0, 9, "llada")
+    store.admit(b)
+    assert store.generation == generation + 1 and store.capacity == 16
+    assert a.seq.tolist() == [1, 2, 5, 9] and b.seq.tolist() == list(range(10, 20)) + [9, 9]
+    for r in (a, b):
+        base = r.slot * store.capacity
+        assert store.tokens[base:base + r.seq_len].tolist() == r.seq.tolist()
+    store.release(a)
+    assert a.seq.tolist() == [1, 2, 5, 9] and store.num_free_slots == 2

@@ -58,7 +58,10 @@ class Engine:
         self.runner = ModelRunner(model, fused_head=self.config.fused_head, cuda_graphs=self.config.cuda_graphs)
         self.kv_cache: PagedKVCache | None = None
         cfg = self.model_config
-        self.store = CanvasStore(self.config.max_num_seqs, cfg.max_position_embeddings, device, cfg.mask_token_id)
+        # A block-diffusion request's sequence runs to the end of its last model block: past the model's length by
+        # less than a block.
+        longest = cfg.max_position_embeddings + (getattr(cfg, "block_size", None) or 0)
+        self.store = CanvasStore(self.config.max_num_seqs, longest, device, cfg.mask_token_id)
         self._plan: StepPlan | None = None
         self._host: torch.Tensor | None = None  # pinned buffer of the step's copy (CUDA)
         self._copied = torch.cuda.Event() if device.type == "cuda" else None
