@@ -24,8 +24,8 @@ class EngineConfig:
     (whatever fits). ``max_step_seconds``: a bound on the predicted step time (None: none). ``calibrate``:
     measure the device's ceilings once (cached on disk) instead of using its preset; None = on CUDA only.
     ``cuda_graphs``: replay the cached block step (forward, head and commit) from CUDA graphs captured at bucketed
-    batch sizes (:data:`.graphs.GRAPH_BATCH_SIZES`), padding a batch up to its bucket; None = on for CUDA models, False =
-    never, True = required (a capture failure raises instead of falling back to eager with a warning). CPU
+    batch sizes (:data:`.graphs.GRAPH_BATCH_SIZES`), padding a batch up to its bucket; None = on for CUDA models,
+    False = never, True = required (a capture failure raises instead of falling back to eager with a warning). CPU
     models always step eagerly: True on a CPU model is refused when the engine starts."""
 
     max_num_seqs: int = 64
