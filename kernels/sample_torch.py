@@ -59,7 +59,6 @@ def sample_rows(logits: torch.Tensor, temperature: torch.Tensor, seed: torch.Ten
         else:
             g = counter_gumbel(seed, step, position, STREAM_SAMPLE, v).to(work)
             noisy = torch.where(hot[:, None], z + g, z)
-    token = noisy.argmax(dim=-1)
 
     q_logits = z
     if flags.any_raw and raw_confidence is not None:
@@ -70,8 +69,13 @@ def sample_rows(logits: torch.Tensor, temperature: torch.Tensor, seed: torch.Ten
             hit.scatter_reduce_(1, cols.clamp(min=0), (cols >= 0).to(torch.uint8), reduce="amax")
             raw = x.masked_fill(hit.bool(), float("-inf"))
         q_logits = raw if flags.all_raw else torch.where(raw_confidence[:, None], raw, z)
-    mx = q_logits.max(dim=-1, keepdim=True).values
-    e = torch.exp(q_logits - mx)
+    if noisy is q_logits:  # greedy on the scoring logits: one pass gives the maximum and its (first) column
+        mx, token = q_logits.max(dim=-1, keepdim=True)
+        token = token.squeeze(1)
+    else:
+        token = noisy.argmax(dim=-1)
+        mx = q_logits.max(dim=-1, keepdim=True).values
+    e = torch.sub(q_logits, mx).exp_()  # one [M, V] buffer, not two
     s = e.sum(dim=-1)
     prob = e.gather(-1, token[:, None]).squeeze(1) / s
     top1 = 1.0 / s
