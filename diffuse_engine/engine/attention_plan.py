@@ -77,6 +77,7 @@ class _Group:
     reads: torch.Tensor | None  # [G, r] cached slots
     kernel: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None
     fallback: list[np.ndarray | None] | None = None
+    stored: bool = False  # the fresh K/V are in the cache already: ``reads`` holds every key, in position order
 
 
 @dataclass(slots=True)
@@ -85,6 +86,7 @@ class _Single:
     end: int
     reads: torch.Tensor | None
     mask: torch.Tensor | None
+    stored: bool = False
 
 
 class AttentionPlan:
@@ -109,18 +111,30 @@ class AttentionPlan:
                 write_rows.append(np.arange(a - s.lo, b - s.lo, dtype=np.int64) + self.cu[i])
                 write_slots.append(s.slots(page, a, b))
             masks.append(_mask(s, 0 if reads[-1] is None else reads[-1].shape[0]))
-        self.write_rows = upload(np.concatenate(write_rows), device) if write_rows else None
-        self.write_slots = upload(np.concatenate(write_slots), device) if write_slots else None
         use_kernel = cache is not None and _cached_kernel_wanted(device) and kernel_fits(cache.k[0, :1])
         kernel_shapes: dict[int, list[int]] = {}
         shapes: dict[tuple[int, int], list[int]] = {}
+        stored = [False] * len(seqs)
         for i, s in enumerate(seqs):
             if masks[i] is not None:
                 continue
-            if use_kernel and _pattern(s) is not None:
+            end = _pattern(s)
+            if use_kernel and end is not None:
                 kernel_shapes.setdefault(s.num_tokens, []).append(i)
-            else:
-                shapes.setdefault((s.num_tokens, 0 if reads[i] is None else reads[i].shape[0]), []).append(i)
+                continue
+            if end is not None and reads[i] is not None and (s.write is None or s.write[1] <= s.write[0]):
+                # A block between refreshes (dual / prefix, or a block-diffusion model's block after its first step):
+                # its fresh K/V go to its own slots, which nothing reads before the next refresh (or the next block's
+                # first step) rewrites them, and SDPA reads every key in position order from the cache (one gather
+                # instead of a gather and a concatenation).
+                lo, n = s.lo, s.num_tokens
+                write_rows.append(np.arange(n, dtype=np.int64) + self.cu[i])
+                write_slots.append(s.slots(page, lo, lo + n))
+                reads[i] = s.slots(page, 0, max(end, lo + n))
+                stored[i] = True
+            shapes.setdefault((s.num_tokens, 0 if reads[i] is None else reads[i].shape[0]), []).append(i)
+        self.write_rows = upload(np.concatenate(write_rows), device) if write_rows else None
+        self.write_slots = upload(np.concatenate(write_slots), device) if write_slots else None
         self.groups: list[_Group] = []
         grouped = set()
         for n, members in kernel_shapes.items():  # the kernel reads each sequence's own cached length
@@ -135,9 +149,9 @@ class AttentionPlan:
             grouped.update(members)
             rows = np.stack([np.arange(self.cu[i], self.cu[i] + n, dtype=np.int64) for i in members])
             group_reads = upload(np.stack([reads[i] for i in members]), device) if num_read else None
-            self.groups.append(_Group(members, upload(rows, device), group_reads, None))
+            self.groups.append(_Group(members, upload(rows, device), group_reads, None, stored=stored[members[0]]))
         self.single = [_Single(self.cu[i], self.cu[i + 1], None if reads[i] is None else upload(reads[i], device),
-                               None if masks[i] is None else upload(masks[i], device))
+                               None if masks[i] is None else upload(masks[i], device), stored[i])
                        for i in range(len(seqs)) if i not in grouped]
         self.device = device
         self.num_tokens = self.cu[-1]
@@ -197,27 +211,32 @@ class AttentionPlan:
                         reads = None if slots is None else upload(slots, self.device)
                         out[a:b] = _sdpa_one(cache, layer, qr()[a:b], kr()[a:b], v[a:b], reads, None, gqa)
                 continue
-            qq, kk, vv = qr()[g.rows], kr()[g.rows], v[g.rows]  # [G, n] fresh rows
+            qq = qr()[g.rows]  # [G, n] fresh rows
             if g.reads is not None:
                 ck, cv = cache.gather(layer, g.reads.reshape(-1))
                 n_g, r = g.reads.shape
-                kk = torch.cat((ck.view(n_g, r, *ck.shape[1:]).to(k.dtype), kk), dim=1)
-                vv = torch.cat((cv.view(n_g, r, *cv.shape[1:]).to(v.dtype), vv), dim=1)
+                ck, cv = ck.view(n_g, r, *ck.shape[1:]).to(k.dtype), cv.view(n_g, r, *cv.shape[1:]).to(v.dtype)
+                kk, vv = (ck, cv) if g.stored else (torch.cat((ck, kr()[g.rows]), dim=1), torch.cat((cv, v[g.rows]), 1))
+            else:
+                kk, vv = kr()[g.rows], v[g.rows]
             o = F.scaled_dot_product_attention(qq.transpose(1, 2), kk.transpose(1, 2), vv.transpose(1, 2),
                                                enable_gqa=gqa)
             out[g.rows.reshape(-1)] = o.transpose(1, 2).reshape(-1, *q.shape[1:])
         for s in self.single:
             a, b = s.start, s.end
-            out[a:b] = _sdpa_one(cache, layer, qr()[a:b], kr()[a:b], v[a:b], s.reads, s.mask, gqa)
+            out[a:b] = _sdpa_one(cache, layer, qr()[a:b], None if s.stored else kr()[a:b], None if s.stored else v[a:b],
+                                 s.reads, s.mask, gqa)
         return out
 
 
-def _sdpa_one(cache: PagedKVCache | None, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-              reads: torch.Tensor | None, mask: torch.Tensor | None, gqa: bool) -> torch.Tensor:
-    """One sequence: rotated fresh q / k / v, plus its cached slots ``reads`` in front of the fresh keys."""
+def _sdpa_one(cache: PagedKVCache | None, layer: int, q: torch.Tensor, k: torch.Tensor | None,
+              v: torch.Tensor | None, reads: torch.Tensor | None, mask: torch.Tensor | None, gqa: bool) -> torch.Tensor:
+    """One sequence: rotated fresh q, and its keys: the cached slots ``reads`` followed by the fresh k / v, or, with
+    k and v None, the slots alone (the fresh K/V stored among them)."""
     if reads is not None:
         ck, cv = cache.gather(layer, reads)
-        k, v = torch.cat((ck.to(k.dtype), k)), torch.cat((cv.to(v.dtype), v))
+        ck, cv = ck.to(q.dtype), cv.to(q.dtype)
+        k, v = (ck, cv) if k is None else (torch.cat((ck, k)), torch.cat((cv, v)))
     qh, kh, vh = (t.transpose(0, 1).unsqueeze(0) for t in (q, k, v))
     return F.scaled_dot_product_attention(qh, kh, vh, attn_mask=mask, enable_gqa=gqa)[0].transpose(0, 1)
 
