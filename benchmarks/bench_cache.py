@@ -181,9 +181,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     rows = run(args)
     out = args.out or RESULTS / ("cache_quick.csv" if args.quick else "cache_cpu.csv")
-    append_csv(out, rows)
+    written = append_csv(out, rows, union=True)
     print_table(rows, COLUMNS)
-    print(f"appended {len(rows)} rows to {out}")
+    print(f"appended {len(rows)} rows to {written}")
     return 0
 
 
