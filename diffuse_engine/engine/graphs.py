@@ -8,10 +8,11 @@ to its bucket (:data:`GRAPH_BATCH_SIZES`): padding requests own no canvas cell (
 entry), read no cache (length 0) and commit nothing.
 
 Graphs are keyed by (bucket, block length, fresh tokens per sequence, page-table width rounded up to a power of
-two, the plan's code paths, the canvas store's generation). The first step of a key runs eagerly (it compiles
-and warms up every kernel of that shape); the second captures the graph and replays it; later ones replay. A plan
-is copied into the graph's static tensors when it changes (a new batch or phase), never otherwise: between
-changes the graph advances its own per-request step counters, like the eager step.
+two, the plan's code paths, the canvas store's generation). The first step of a key runs eagerly; the second runs
+the padded plan eagerly (every kernel compiles and warms up at the graph's shapes); the third captures the graph
+and replays it; later ones replay. A plan is copied into the graph's static tensors when it changes (a new batch
+or phase), never otherwise: between changes the graph advances its own per-request step counters, like the eager
+step. A padded step's result is cut back to the batch's own requests (:func:`unpad`).
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ from ..models import TokenLayout
 from ..policies.base import COUNT_NONE
 from .attention_plan import AttentionPlan
 from .canvas import CanvasStore
-from .plan import FRESH_AXIS, PAD_AXIS, ROW_AXIS, StepPlan
+from .plan import COUNTERS, FRESH_AXIS, PAD_AXIS, ROW_AXIS, StepPlan
 
 if TYPE_CHECKING:
     from .runner import ModelRunner
@@ -61,7 +62,8 @@ class StepGraphs:
         self.setting = setting
         self.enabled = setting is not False and runner.device.type == "cuda"
         self.graphs: dict[tuple, _Graph] = {}
-        self._seen: set[tuple] = set()
+        self._seen: dict[tuple, int] = {}
+        self._statics: dict[tuple, StepPlan] = {}
         self._pool = None
         self._generation = -1
         self.failure: str | None = None
@@ -92,21 +94,34 @@ class StepGraphs:
         return size, width, fresh, pages, flags, shapes, store.generation, id(self.runner.cache)
 
     def run(self, plan: StepPlan, store: CanvasStore) -> torch.Tensor | None:
-        """Replay the graph of ``plan`` (capturing it the second time its key is seen); None: run eagerly."""
+        """One step of ``plan`` through its graph; None: run it eagerly (no graph for its shape, or not yet). The
+        first step of a key runs eagerly; the second runs the padded plan eagerly (every kernel compiles and warms
+        up at the graph's shapes: capture must not compile); the third captures the graph and replays it, and
+        later ones replay. Returns the step's packed result for ``plan``'s own requests."""
         key = self.key(plan, store)
         if key is None:
             return None
         if key[6] != self._generation:  # the canvas store was reallocated: every graph holds stale addresses
             self.graphs.clear()
+            self._statics.clear()
             self._seen.clear()
             self._generation = key[6]
+        size, pages = key[0], key[3]
         graph = self.graphs.get(key)
         if graph is None:
-            if key not in self._seen:
-                self._seen.add(key)
+            seen = self._seen.get(key, 0) + 1
+            self._seen[key] = seen
+            if seen == 1:
                 return None
+            static = self._statics.get(key)
+            if static is None:
+                static = self._statics[key] = _static_plan(plan, size, key[2], pages)
+            _load(static, plan, pages)
+            if seen == 2:
+                out = self.runner.eager(static, store)
+                return self._advance(plan, out, size)
             try:
-                graph = self._capture(key, plan, store)
+                graph = self._capture(static, store, plan)
             except Exception as exc:  # noqa: BLE001 - eager steps are always available
                 if self.setting:
                     raise
@@ -116,19 +131,23 @@ class StepGraphs:
                               stacklevel=4)
                 return None
             self.graphs[key] = graph
+            del self._statics[key]
         if graph.loaded is not plan:
-            _load(graph.plan, plan, key[3])
+            _load(graph.plan, plan, pages)
             graph.loaded = plan
         graph.graph.replay()
-        plan.t["nfe"].add_(1)  # the plan's own counters follow the graph's (an eager step of it stays right)
-        plan.t["block_step"].add_(1)
         self.replays += 1
-        return graph.out
+        return self._advance(plan, graph.out, size)
 
-    def _capture(self, key: tuple, plan: StepPlan, store: CanvasStore) -> _Graph:
-        size, _, fresh, pages = key[:4]
-        static = _static_plan(plan, size, fresh, pages)
-        _load(static, plan, pages)
+    @staticmethod
+    def _advance(plan: StepPlan, out: torch.Tensor, size: int) -> torch.Tensor:
+        """After a padded step: the plan's own counters follow the static ones (an eager step of the plan stays
+        right), and the result is cut back to the plan's requests."""
+        plan.t["nfe"].add_(1)
+        plan.t["block_step"].add_(1)
+        return unpad(out, plan, size)
+
+    def _capture(self, static: StepPlan, store: CanvasStore, plan: StepPlan) -> _Graph:
         graph = torch.cuda.CUDAGraph()
         with _capturing():
             side = torch.cuda.Stream()
@@ -139,6 +158,18 @@ class StepGraphs:
         self._pool = graph.pool()
         self.captures += 1
         return _Graph(graph, static, out, plan)
+
+
+def unpad(out: torch.Tensor, plan: StepPlan, size: int) -> torch.Tensor:
+    """The packed result of a step padded to ``size`` requests (:func:`.step.pack_outputs`: counters ``[size, K]``,
+    then ``[size, W]`` matrices), cut back to ``plan``'s own requests."""
+    b, w = plan.batch, plan.width
+    if b == size:
+        return out
+    k = len(COUNTERS)
+    counters = out[:size * k].view(size, k)[:b].reshape(-1)
+    rest = out[size * k:].view(-1, size, w)[:, :b].reshape(-1)
+    return torch.cat((counters, rest))
 
 
 @contextlib.contextmanager
