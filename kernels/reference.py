@@ -101,11 +101,14 @@ def counter_gumbel(seed: torch.Tensor, step: torch.Tensor, position: torch.Tenso
 
 
 # ----------------------------------------------------------------------------------------------- sampling
-def filter_logits(z: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
+def filter_logits(z: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor, *, any_top_p: bool | None = None,
+                  any_top_k: bool | None = None) -> torch.Tensor:
     """Dream's ``top_p_logits`` then ``top_k_logits``, per row (top_p >= 1 and top_k <= 0 disable them).
-    Removed entries get the dtype's lowest finite value, as in the published code."""
+    Removed entries get the dtype's lowest finite value, as in the published code. ``any_top_p`` / ``any_top_k``:
+    whether any row uses each filter, when the caller knows (None: read from the tensors, a host synchronisation on
+    CUDA); a filter that no row uses leaves the logits unchanged either way."""
     low = torch.finfo(z.dtype).min
-    if bool((top_p < 1).any()):
+    if any_top_p if any_top_p is not None else bool((top_p < 1).any()):
         sorted_z, order = torch.sort(z, dim=-1, descending=True)
         cum = torch.softmax(sorted_z, dim=-1).cumsum(dim=-1)
         remove = cum > top_p[:, None].to(cum.dtype)
@@ -113,7 +116,7 @@ def filter_logits(z: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor) -> 
         remove[:, 0] = False
         remove &= (top_p < 1)[:, None]
         z = z.masked_fill(torch.zeros_like(remove).scatter_(-1, order, remove), low)
-    if bool((top_k > 0).any()):
+    if any_top_k if any_top_k is not None else bool((top_k > 0).any()):
         k = top_k.clamp(min=1, max=z.shape[-1]).to(torch.int64)
         kth = torch.sort(z, dim=-1, descending=True).values.gather(-1, (k - 1)[:, None])
         z = z.masked_fill((z < kth) & (top_k > 0)[:, None], low)

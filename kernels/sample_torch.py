@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .reference import STREAM_SAMPLE, counter_gumbel
+from .reference import STREAM_SAMPLE, counter_gumbel, filter_logits
 
 
 @dataclass(slots=True, frozen=True)
@@ -48,7 +48,7 @@ def sample_rows(logits: torch.Tensor, temperature: torch.Tensor, seed: torch.Ten
     if flags.any_top_k or flags.any_top_p:
         tk = top_k if top_k is not None else torch.zeros(m, dtype=torch.int64, device=x.device)
         tp = top_p.to(work) if top_p is not None else torch.ones(m, dtype=work, device=x.device)
-        z = _filter(z, tk, tp, flags)
+        z = filter_logits(z, tk, tp, any_top_p=flags.any_top_p, any_top_k=flags.any_top_k)
     noisy = z
     if flags.any_hot:
         if x.device.type == "cpu":  # a gather of the hot rows costs nothing on the host
@@ -87,22 +87,3 @@ def sample_rows(logits: torch.Tensor, temperature: torch.Tensor, seed: torch.Ten
         q = e / s[:, None]
         out["neg_entropy"] = torch.special.xlogy(q, q + entropy_eps).sum(dim=-1)
     return out
-
-
-def _filter(z: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor, flags: RowFlags) -> torch.Tensor:
-    """:func:`kernels.reference.filter_logits` (top-p, then top-k) with the host's knowledge of which filters any
-    row uses instead of its checks on the device (a row whose filter is off is left as it is either way)."""
-    low = torch.finfo(z.dtype).min
-    if flags.any_top_p:
-        sorted_z, order = torch.sort(z, dim=-1, descending=True)
-        cum = torch.softmax(sorted_z, dim=-1).cumsum(dim=-1)
-        remove = cum > top_p[:, None].to(cum.dtype)
-        remove[:, 1:] = remove[:, :-1].clone()
-        remove[:, 0] = False
-        remove &= (top_p < 1)[:, None]
-        z = z.masked_fill(torch.zeros_like(remove).scatter_(-1, order, remove), low)
-    if flags.any_top_k:
-        k = top_k.clamp(min=1, max=z.shape[-1]).to(torch.int64)
-        kth = torch.sort(z, dim=-1, descending=True).values.gather(-1, (k - 1)[:, None])
-        z = z.masked_fill((z < kth) & (top_k > 0)[:, None], low)
-    return z

@@ -6,28 +6,16 @@ from __future__ import annotations
 
 import csv
 import dataclasses
-import importlib.util
 import re
-import sys
 from pathlib import Path
 
 import pytest
+from script_modules import ROOT, load_script
 
-ROOT = Path(__file__).resolve().parent.parent
-
-
-def _load(name: str, path: Path):
-    spec = importlib.util.spec_from_file_location(name, path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module
-    spec.loader.exec_module(module)
-    return module
-
-
-bench_engine = _load("bench_engine", ROOT / "benchmarks" / "bench_engine.py")
-common = _load("common", ROOT / "benchmarks" / "common.py")
-summary = _load("gpu_summary", ROOT / "benchmarks" / "gpu" / "summary.py")
-profile_step = _load("profile_step", ROOT / "benchmarks" / "gpu" / "profile_step.py")
+bench_engine = load_script("bench_engine", ROOT / "benchmarks" / "bench_engine.py")
+common = load_script("common", ROOT / "benchmarks" / "common.py")
+summary = load_script("gpu_summary", ROOT / "benchmarks" / "gpu" / "summary.py")
+profile_step = load_script("profile_step", ROOT / "benchmarks" / "gpu" / "profile_step.py")
 
 ENGINE_COLUMNS = ("batch", "cache", "cuda_graphs", "step_ms", "floor_ms", "pct_of_floor")
 

@@ -4,24 +4,12 @@ CUDA-style trace, and a whole CPU run on tiny presets whose CSV adds up."""
 from __future__ import annotations
 
 import csv
-import importlib.util
-import sys
 from pathlib import Path
 
 import pytest
+from script_modules import ROOT, load_script
 
-ROOT = Path(__file__).resolve().parent.parent
-
-
-def _load(name: str, path: Path):
-    spec = importlib.util.spec_from_file_location(name, path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module
-    spec.loader.exec_module(module)
-    return module
-
-
-ps = _load("profile_step", ROOT / "benchmarks" / "gpu" / "profile_step.py")
+ps = load_script("profile_step", ROOT / "benchmarks" / "gpu" / "profile_step.py")
 
 NAMES = [
     # cuBLAS / cuBLASLt / CUTLASS GEMMs (Hopper and Ampere names)
