@@ -172,10 +172,6 @@ class AttentionPlan:
         plan.num_tokens = g * n
         return plan
 
-    @property
-    def uses_kernel(self) -> bool:
-        return any(g.kernel is not None for g in self.groups)
-
     def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                rope: Rotary | None = None) -> torch.Tensor:
         """Layer ``layer``: q ``[N, H, D]``, k / v ``[N, KV, D]`` of the fresh tokens, before RoPE when ``rope`` is

@@ -45,9 +45,6 @@ class CanvasStore:
     def num_free_slots(self) -> int:
         return len(self._free)
 
-    def flat(self, slot: int, position: np.ndarray | int) -> np.ndarray | int:
-        return slot * self.capacity + position
-
     def _grow(self, capacity: int) -> None:
         capacity = min(max(capacity, 1), self.max_length)
         old_cap = self.capacity
@@ -72,9 +69,6 @@ class CanvasStore:
         n = req.seq_len
         req.seq = torch.from_numpy(self.host_tokens[slot, :n])
         req.commit_conf = torch.from_numpy(self.host_conf[slot, :n])
-
-    def fits(self, length: int) -> bool:
-        return length <= self.max_length
 
     def admit(self, req: Request) -> None:
         """Give ``req`` a slot and put its tokens (prompt + masks, or a continuation's) on the device."""

@@ -10,8 +10,8 @@ The step lives on the device. Running requests keep their tokens in slots of a p
 no request changes phase), runs forward, head, decisions and commit on the device (:mod:`.step`, or a CUDA graph of
 it: :mod:`.graphs`) and ends in one asynchronous device-to-host copy into pinned memory of what the host needs:
 per-request counters (block progress, end-of-text, failures) and the window's tokens, from which the host keeps its
-mirror of every canvas. All host decisions (block ends, stop strings, finishing) read that copy; the host work of a
-step does not grow with the batch's tokens, and no other device value is ever read.
+mirror of every canvas. All host decisions (block ends, stop strings, finishing) read that copy, and no other
+device value is ever read.
 """
 
 from __future__ import annotations
@@ -31,16 +31,15 @@ from ..sampling_params import SamplingParams
 from .canvas import CanvasStore, upload
 from .config import EngineConfig
 from .cost_model import CPU, H100, CostModel, DeviceCeilings, StepEstimate, ceilings_for
-from .graphs import GRAPH_BATCH_SIZES
 from .kv_cache import PagedKVCache
 from .plan import COUNTERS, StepPlan, build_plan, phase
 from .request import Request, RequestOutput, RequestStatus, StepOutput, _StepView
 from .runner import ModelRunner
 from .scheduler import Scheduler
 
-_BLOCK_MASKED, _FIRST_MASKED, _EOS, _INVALID, _COMMITTED, _REVISED = range(len(COUNTERS))
+_BLOCK_MASKED, _FIRST_MASKED, _EOS, _INVALID, _REVISED = range(len(COUNTERS))
 
-__all__ = ["GRAPH_BATCH_SIZES", "Engine", "EngineConfig"]
+__all__ = ["Engine", "EngineConfig"]
 
 
 class Engine:

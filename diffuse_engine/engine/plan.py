@@ -2,9 +2,10 @@
 
 A request's phase is what decides its step's shapes: its block, whether this step refreshes its cache, what its
 exact block cache holds, its window (the positions it may commit), whether a revision policy verifies. While no
-running request changes phase, consecutive steps reuse one plan: the host does nothing but launch. A plan is
-built from host values only (Python ints and numpy arrays, never a read of a device tensor) and reaches the device
-in one non-blocking copy from pinned memory (:class:`Upload`).
+running request changes phase, consecutive steps reuse one plan: the host uploads nothing but an eager step's
+candidate rows (:meth:`Engine._candidate_rows`). A plan is built from host values only (Python ints and numpy
+arrays, never a read of a device tensor); its step tensors reach the device in one non-blocking copy from pinned
+memory (:class:`Upload`), its attention plan's (page slots, masks, kernel arguments) in a few more.
 
 Rows. Request b of the batch owns the window ``[window_lo, block_end)`` of its sequence; its positions are the
 columns ``0..width_b-1`` of the padded ``[B, W]`` matrices of the step's decisions (``W`` = the widest window;
@@ -38,15 +39,15 @@ ROW_AXIS = ("row_hidden", "row_req", "row_pad", "row_pos", "row_temp", "row_seed
             "row_top_k", "row_top_p", "row_eos_inf")
 PAD_AXIS = ("pad_flat", "pad_valid", "pad_pos", "pad_in_block")
 # Counter columns of the step's copy back to the host (see step.pack_outputs).
-COUNTERS = ("block_masked", "first_masked", "eos_in_block", "invalid", "committed", "revised")
+COUNTERS = ("block_masked", "first_masked", "eos_in_block", "invalid", "revised")
 REMDM_VARIANTS = {"cap": 0, "rescale": 1, "conf": 2}
 
 
 def phase(req: Request) -> tuple:
     """What a step of ``req`` looks like: equal phases give equal plans."""
     rev = revision_policy(req)
-    return (id(req), req.slot, req.block, req.refresh_step and req.cache_mode in ("prefix", "dual"), req.cached_upto,
-            req.window_lo, rev.name if rev is not None else None, req.seq_len)
+    return (id(req), req.block, req.refresh_step and req.cache_mode in ("prefix", "dual"), req.cached_upto,
+            req.window_lo, rev.name if rev is not None else None)
 
 
 class Upload:
@@ -155,7 +156,7 @@ def build_plan(requests: list[Request], key: tuple, store: CanvasStore, cache: P
     [N]; rows (M): ``row_hidden``, ``row_req``, ``row_pad``, ``row_pos``, ``row_temp``, ``row_seed``, ``row_raw``,
     ``row_exclude`` [M, 2], ``row_top_k``, ``row_top_p``, ``row_eos_inf``; guidance: ``cfg_hidden`` / ``cfg_row``
     / ``cfg_scale`` [Mu]; verification: ``verify_hidden`` / ``verify_pad`` [Mv]; the [B, W] matrices ``pad_flat``,
-    ``pad_valid``, ``pad_in_block``, ``pad_pos``, ``pad_seed``; per request [B]: counters ``nfe``, ``block_step``
+    ``pad_valid``, ``pad_in_block``, ``pad_pos``; per request [B]: ``seed``, counters ``nfe``, ``block_step``
     (advanced by the step), ``block_col`` (the block's first column), ``block_len``, commit rule ``mode``,
     ``threshold``, ``factor``, ``gamma``, count ``count_kind`` / ``spb`` / ``counts`` [B, T] / ``timesteps``
     [B, T + 1], orderings ``ord_margin``, ``ord_negent``, ``ord_negexp``, ``ord_random``, ``ord_origin``,
@@ -249,12 +250,9 @@ def build_plan(requests: list[Request], key: tuple, store: CanvasStore, cache: P
         up.add("verify_pad", np.concatenate(verify_pad), torch.int64)
 
     # --- per-request settings
-    def col(values, dtype: torch.dtype, name: str) -> None:
-        up.add(name, np.asarray(values), dtype)
-
     p = [r.params for r in requests]
     seeds = [r.seed_bits for r in requests]
-    col(seeds, torch.int64, "seed")
+    up.add("seed", seeds, torch.int64)
     up.add("row_seed", np.asarray(seeds, dtype=np.int64)[row_req_all], torch.int64)
     temps = np.asarray([x.temperature for x in p], dtype=np.float64)
     up.add("row_temp", temps[row_req_all], torch.float32)
@@ -277,10 +275,10 @@ def build_plan(requests: list[Request], key: tuple, store: CanvasStore, cache: P
         up.add("row_top_p", top_p[row_req_all], torch.float32)
     if eos_inf.any():
         up.add("row_eos_inf", eos_inf[row_req_all], torch.bool)
-    col([r.nfe for r in requests], torch.int64, "nfe")
-    col([r.block_step for r in requests], torch.int64, "block_step")
-    col([r.block_span[0] - windows[i][0] for i, r in enumerate(requests)], torch.int64, "block_col")
-    col([r.block_span[1] - r.block_span[0] for r in requests], torch.int64, "block_len")
+    up.add("nfe", [r.nfe for r in requests], torch.int64)
+    up.add("block_step", [r.block_step for r in requests], torch.int64)
+    up.add("block_col", [r.block_span[0] - windows[i][0] for i, r in enumerate(requests)], torch.int64)
+    up.add("block_len", [r.block_span[1] - r.block_span[0] for r in requests], torch.int64)
 
     modes, kinds, thresholds, factors, gammas = [], [], [], [], []
     steps = max(x.steps_per_block for x in p)
@@ -296,38 +294,38 @@ def build_plan(requests: list[Request], key: tuple, store: CanvasStore, cache: P
         counts[i, :len(r.block_counts)] = r.block_counts
         if r.timesteps is not None:
             timesteps[i, :r.timesteps.shape[0]] = r.timesteps.numpy()
-    col(modes, torch.int32, "mode")
-    col(kinds, torch.int64, "count_kind")
-    col(thresholds, torch.float32, "threshold")
-    col(factors, torch.float32, "factor")
-    col(gammas, torch.float32, "gamma")
-    col([x.steps_per_block for x in p], torch.int64, "spb")
-    col(counts, torch.int64, "counts")
-    col(timesteps, torch.float32, "timesteps")
+    up.add("mode", modes, torch.int32)
+    up.add("count_kind", kinds, torch.int64)
+    up.add("threshold", thresholds, torch.float32)
+    up.add("factor", factors, torch.float32)
+    up.add("gamma", gammas, torch.float32)
+    up.add("spb", [x.steps_per_block for x in p], torch.int64)
+    up.add("counts", counts, torch.int64)
+    up.add("timesteps", timesteps, torch.float32)
     adaptive = [x.adaptive for x in p]
-    col(adaptive, torch.bool, "adaptive")
+    up.add("adaptive", adaptive, torch.bool)
     ordering = [r.remasking for r in requests]
     fixed = [not a for a in adaptive]
     ord_random = [o == "random" and f for o, f in zip(ordering, fixed, strict=True)]
     ord_origin = [o == "origin" and f for o, f in zip(ordering, fixed, strict=True)]
     ord_alg = [(x.alg_temp or 0) > 0 and f for x, f in zip(p, fixed, strict=True)]
-    col([o == "topk_margin" for o in ordering], torch.bool, "ord_margin")
-    col([o == "entropy" and f for o, f in zip(ordering, fixed, strict=True)], torch.bool, "ord_negent")
-    col([o == "entropy" and not f for o, f in zip(ordering, fixed, strict=True)], torch.bool, "ord_negexp")
-    col(ord_random, torch.bool, "ord_random")
-    col(ord_origin, torch.bool, "ord_origin")
-    col(ord_alg, torch.bool, "ord_alg")
-    col([x.alg_temp if (x.alg_temp or 0) > 0 else 1.0 for x in p], score_dtype, "alg_temp")
+    up.add("ord_margin", [o == "topk_margin" for o in ordering], torch.bool)
+    up.add("ord_negent", [o == "entropy" and f for o, f in zip(ordering, fixed, strict=True)], torch.bool)
+    up.add("ord_negexp", [o == "entropy" and not f for o, f in zip(ordering, fixed, strict=True)], torch.bool)
+    up.add("ord_random", ord_random, torch.bool)
+    up.add("ord_origin", ord_origin, torch.bool)
+    up.add("ord_alg", ord_alg, torch.bool)
+    up.add("alg_temp", [x.alg_temp if (x.alg_temp or 0) > 0 else 1.0 for x in p], score_dtype)
 
     acting = [rev.name if (rev := revision_policy(r)) is not None else None for r in requests]
     revisions = tuple(sorted({a for a in acting if a is not None}))
     rev_kind = [0 if a is None else revisions.index(a) + 1 for a in acting]
     variants = [REMDM_VARIANTS[x.remdm_variant] for x in p]
-    col(rev_kind, torch.int64, "rev_kind")
-    col(variants, torch.int64, "remdm_variant")
-    col([x.remdm_eta for x in p], torch.float64, "remdm_eta")
-    col([x.verify_threshold for x in p], score_dtype, "verify_threshold")
-    col([x.edit_margin for x in p], score_dtype, "edit_margin")
+    up.add("rev_kind", rev_kind, torch.int64)
+    up.add("remdm_variant", variants, torch.int64)
+    up.add("remdm_eta", [x.remdm_eta for x in p], torch.float64)
+    up.add("verify_threshold", [x.verify_threshold for x in p], score_dtype)
+    up.add("edit_margin", [x.edit_margin for x in p], score_dtype)
 
     t = up.finish(store.device)
     layout = TokenLayout.packed([s.num_tokens for s in seqs], block_size=block_size)

@@ -84,9 +84,9 @@ class StepOutput:
     changes them: what a stream may emit). ``confidences``: each canvas position's confidence when it was
     committed (0 where masked), only for requests added with ``snapshots=True``.
 
-    The engine builds ``committed``, ``canvas``, ``revised`` and ``confidences`` as Python lists only when they
-    are read (a step's host work must not grow with the canvas); constructing a StepOutput with plain lists, as
-    tests and views do, works as a dataclass would."""
+    The engine keeps ``committed``, ``canvas``, ``revised`` and ``confidences`` as numpy copies and builds the
+    Python lists only when they are read (no per-token Python work in a step whose outputs nobody reads);
+    constructing a StepOutput with plain lists, as tests and views do, works as a dataclass would."""
 
     __slots__ = ("request_id", "step", "block", "finished", "output", "stable", "_committed", "_canvas",
                  "_revised", "_confidences", "_view")
@@ -273,11 +273,6 @@ class Request:
         end; Dream has one block) then offer it again in later steps and blocks. With a cache, only the current
         block's positions are recomputed, so only they are candidates."""
         return self.window_lo, self.block_span[1]
-
-    def candidates(self) -> torch.Tensor:
-        """Sequence positions a step may commit now, ascending (see :meth:`window`)."""
-        lo, end = self.window()
-        return torch.from_numpy(np.flatnonzero(self.host[lo:end] == self.mask_id) + lo)
 
     def block_masked(self) -> int:
         start, end = self.block_span

@@ -41,7 +41,7 @@ def head(model: DiffusionLM, plan: StepPlan, hidden: torch.Tensor, eos_id: int,
          rows: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
     """Statistics of the plan's M window rows, or of the rows ``rows`` (indices into them: the step's candidates,
     which the host knows from its mirror) (keys of :func:`ops.row_stats`, scores in the plan's score dtype)."""
-    t = {k: v for k, v in plan.t.items() if k.startswith("row_")}
+    t = {k: v for k, v in plan.t.items() if k.startswith("row_") and k != "row_pad"}
     if rows is not None:
         t = {k: v[rows] for k, v in t.items()}
     step = plan.t["nfe"][t["row_req"]]
@@ -69,11 +69,9 @@ def head(model: DiffusionLM, plan: StepPlan, hidden: torch.Tensor, eos_id: int,
                        raw_confidence=t["row_raw"], conf_exclude=conf_exclude)
 
 
-def _padded(plan: StepPlan, x: torch.Tensor, fill, rows: torch.Tensor | None) -> torch.Tensor:
-    """Values of the window rows (all M, or the subset ``rows``) placed in the ``[B, W]`` matrix (``fill``
-    elsewhere)."""
+def _place(plan: StepPlan, x: torch.Tensor, fill, at: torch.Tensor) -> torch.Tensor:
+    """Values ``x`` placed at the cells ``at`` (flat indices) of a ``[B, W]`` matrix, ``fill`` elsewhere."""
     out = torch.full((plan.batch * plan.width,), fill, dtype=x.dtype, device=x.device)
-    at = plan.t["row_pad"] if rows is None else plan.t["row_pad"][rows]
     return out.index_copy(0, at, x).view(plan.batch, plan.width)
 
 
@@ -85,15 +83,11 @@ def _verification(model: DiffusionLM, plan: StepPlan, hidden: torch.Tensor, cur:
     logits = model.logits_from_hidden(hidden[t["verify_hidden"]])
     probs = torch.softmax(logits.to(torch.float64 if logits.dtype == torch.float64 else torch.float32), -1)
     top_prob, top_token = probs.max(-1)
-    current = cur.reshape(-1)[t["verify_pad"]].clamp(min=0, max=probs.shape[1] - 1)
+    at = t["verify_pad"]
+    current = cur.reshape(-1)[at].clamp(min=0, max=probs.shape[1] - 1)
     p_current = probs.gather(1, current[:, None])[:, 0]
-    n = plan.batch * plan.width
-
-    def place(x: torch.Tensor, fill) -> torch.Tensor:
-        return torch.full((n,), fill, dtype=x.dtype, device=x.device).index_copy(0, t["verify_pad"], x).view(
-            plan.batch, plan.width)
-
-    return place(p_current.to(dtype), 1.0), place(top_token, -1), place(top_prob.to(dtype), 0.0)
+    return (_place(plan, p_current.to(dtype), 1.0, at), _place(plan, top_token, -1, at),
+            _place(plan, top_prob.to(dtype), 0.0, at))
 
 
 def decide(model: DiffusionLM, plan: StepPlan, store: CanvasStore, hidden: torch.Tensor,
@@ -107,10 +101,11 @@ def decide(model: DiffusionLM, plan: StepPlan, store: CanvasStore, hidden: torch
     cur = flat[t["pad_flat"]]
     valid = t["pad_valid"]
     is_mask = (cur == mask_id) & valid
-    invalid = _padded(plan, stats["invalid"].to(torch.bool), False, rows)
+    at = t["row_pad"] if rows is None else t["row_pad"][rows]  # where the head's rows sit in the matrices
+    invalid = _place(plan, stats["invalid"].to(torch.bool), False, at)
     cand = is_mask & ~invalid
-    prob = _padded(plan, stats["prob"].to(dtype), 0.0, rows)
-    token = _padded(plan, stats["token"].to(torch.int64), mask_id, rows)
+    prob = _place(plan, stats["prob"].to(dtype), 0.0, at)
+    token = _place(plan, stats["token"].to(torch.int64), mask_id, at)
     seed = t["seed"][:, None].expand(b, w)
     stepk = t["nfe"][:, None].expand(b, w)
     pos = t["pad_pos"]
@@ -118,8 +113,8 @@ def decide(model: DiffusionLM, plan: StepPlan, store: CanvasStore, hidden: torch
     # 3. scores by ordering, and each request's count
     score = prob
     if "margin" in stats and "margin" in plan.scores:
-        score = torch.where(t["ord_margin"][:, None], _padded(plan, stats["margin"].to(dtype), 0.0, rows), score)
-    neg_entropy = _padded(plan, stats["neg_entropy"].to(dtype), 0.0, rows) if "neg_entropy" in plan.scores else None
+        score = torch.where(t["ord_margin"][:, None], _place(plan, stats["margin"].to(dtype), 0.0, at), score)
+    neg_entropy = _place(plan, stats["neg_entropy"].to(dtype), 0.0, at) if "neg_entropy" in plan.scores else None
     if neg_entropy is not None:
         score = torch.where(t["ord_negent"][:, None], neg_entropy, score)
         score = torch.where(t["ord_negexp"][:, None], neg_entropy.exp(), score)
@@ -135,7 +130,8 @@ def decide(model: DiffusionLM, plan: StepPlan, store: CanvasStore, hidden: torch
     if plan.any_alg:
         g = ops.counter_gumbel(seed, stepk, pos, STREAM_ORDER).to(dtype)
         score = torch.where(t["ord_alg"][:, None], score / t["alg_temp"][:, None] + g, score)
-    count = step_counts(t["count_kind"], t["block_step"], t["spb"], t["counts"], t["timesteps"], cand.sum(1),
+    n_cand = cand.sum(1)
+    count = step_counts(t["count_kind"], t["block_step"], t["spb"], t["counts"], t["timesteps"], n_cand,
                         (coins & cand).sum(1) if coins is not None else None)
 
     # 4. revision of the block's committed cells (before this step's commits, which only fill masked cells)
@@ -143,7 +139,7 @@ def decide(model: DiffusionLM, plan: StepPlan, store: CanvasStore, hidden: torch
 
     # 5. commit: candidates first in each request's segment (ascending position), everything else after the last
     entropy = (-neg_entropy).clamp(min=0) if neg_entropy is not None else torch.zeros_like(score)
-    committed = _commit(plan, store, cand, token, score, entropy, count, mask_id)
+    committed = _commit(plan, store, cand, n_cand, token, score, entropy, count, mask_id)
 
     # 6. confidences, counters, the host's copy
     store.conf.index_put_((t["pad_flat"],), torch.where(committed, prob.float(), store.conf[t["pad_flat"]]))
@@ -180,16 +176,15 @@ def _revise(model: DiffusionLM, plan: StepPlan, store: CanvasStore, hidden: torc
     return revised
 
 
-def _commit(plan: StepPlan, store: CanvasStore, cand: torch.Tensor, token: torch.Tensor, score: torch.Tensor,
-            entropy: torch.Tensor, count: torch.Tensor, mask_id: int) -> torch.Tensor:
+def _commit(plan: StepPlan, store: CanvasStore, cand: torch.Tensor, n_cand: torch.Tensor, token: torch.Tensor,
+            score: torch.Tensor, entropy: torch.Tensor, count: torch.Tensor, mask_id: int) -> torch.Tensor:
     """One :func:`ops.commit` call for the batch; returns the committed cells ``[B, W]``."""
     t = plan.t
     b, w = plan.batch, plan.width
     n = b * w
     c = cand.reshape(-1)
-    cnt = cand.sum(1)
     offsets = torch.zeros(b + 1, dtype=torch.int64, device=cand.device)
-    offsets[1:] = cnt.cumsum(0)
+    offsets[1:] = n_cand.cumsum(0)
     within = cand.to(torch.int64).cumsum(1) - 1
     dest_c = (offsets[:-1, None] + within).reshape(-1)
     rest = (~c).to(torch.int64).cumsum(0) - 1
@@ -224,7 +219,6 @@ def pack_outputs(plan: StepPlan, store: CanvasStore, committed: torch.Tensor, re
     if revised is not None:
         code = code + 2 * revised.to(torch.int32)
     counters = torch.stack((masked_blk.sum(1), first, (ends & in_block).any(1).to(torch.int64), bad.sum(1),
-                            committed.sum(1),
                             revised.sum(1) if revised is not None else torch.zeros_like(first)), dim=1)
     parts = [counters.to(torch.int32).reshape(-1), new.to(torch.int32).reshape(-1), code.reshape(-1)]
     if plan.any_snapshot:
