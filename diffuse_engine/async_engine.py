@@ -67,6 +67,7 @@ class _Stream:
     text: str = ""
     done: bool = False
     errors: list[BaseException] = field(default_factory=list)
+    request_id: str | None = None  # set once the engine holds the request
 
 
 def _hold_back(text: str, stops: list[str]) -> str:
@@ -101,6 +102,8 @@ class AsyncEngine:
         self.started = time.time()
         self.num_finished = 0
         self.num_aborted = 0
+        self.num_failed = 0
+        self.num_received = 0
         self.tokens_out = 0
         self.last_step_s = 0.0
         self.error: BaseException | None = None
@@ -127,6 +130,12 @@ class AsyncEngine:
         """Whether the stepping thread is alive."""
         return self._thread is not None and self._thread.is_alive()
 
+    @property
+    def healthy(self) -> bool:
+        """False only while steps are failing: the last step raised (its requests failed), or had to be rerun
+        request by request because the batched step raised. True again after a step that runs."""
+        return self.error is None and self.engine.last_step_error is None
+
     def shutdown(self) -> None:
         """Stop the stepping thread; unfinished requests are aborted and their streams end with an error."""
         self._stopped = True
@@ -135,7 +144,8 @@ class AsyncEngine:
             self._thread.join(timeout=30)
         with self._lock:
             for rid in list(self._streams):
-                self.engine.abort(rid)
+                if self.engine.abort(rid):
+                    self.num_aborted += 1
                 self._deliver_error(rid, RuntimeError("the engine shut down before the request finished."))
 
     def _run(self) -> None:
@@ -153,6 +163,8 @@ class AsyncEngine:
                     except Exception as exc:  # noqa: BLE001 - a failing step fails its requests, not the server
                         outputs = []
                         self._fail_running(exc)
+                    else:
+                        self.error = None
                     self.last_step_s = time.perf_counter() - t0
                     for out in outputs:
                         self._dispatch(out)
@@ -164,6 +176,7 @@ class AsyncEngine:
         self.error = exc
         for req in list(self.engine.running) + list(self.engine.waiting):
             self.engine.abort(req.request_id)
+            self.num_failed += 1
             self._deliver_error(req.request_id, RuntimeError(f"the engine step failed: {type(exc).__name__}: {exc}"))
 
     # ------------------------------------------------------------------------------------------- requests
@@ -177,12 +190,15 @@ class AsyncEngine:
         refuses."""
         if output_kind not in OUTPUT_KINDS:
             raise ValueError(f"output_kind must be one of {', '.join(OUTPUT_KINDS)}; got {output_kind!r}.")
-        ids = self._encode(prompt)
         loop = asyncio.get_running_loop()
         stream = _Stream(asyncio.Queue(), loop, output_kind, self.engine.model_config.mask_token_id,
                          list((params.stop if params is not None else None) or []))
-        # The lock can be held for a whole step: take it on a worker thread, never on the event loop.
-        rid = await asyncio.to_thread(self._add, ids, params, request_id, stream, retain, continue_from)
+        # Tokenizing and the lock (held for a whole step) run on a worker thread, never on the event loop.
+        try:
+            await asyncio.to_thread(self._add, prompt, params, request_id, stream, retain, continue_from)
+        except asyncio.CancelledError:  # the caller left while the worker thread adds the request
+            self._leave(stream)
+            raise
         self.start()
         self._wake.set()
         try:
@@ -195,14 +211,24 @@ class AsyncEngine:
                     return
         finally:
             if not stream.done:  # the consumer left early or was cancelled: abort at the next step boundary
-                stream.done = True
-                with self._plock:
-                    self._pending_aborts.add(rid)
-                self._wake.set()
+                self._leave(stream)
 
-    def _add(self, ids: list[int], params: SamplingParams | None, request_id: str | None, stream: _Stream,
-             retain: bool, continue_from: str | None) -> str:
+    def _leave(self, stream: _Stream) -> None:
+        """The stream's consumer is gone: abort its request at the next step boundary, whether or not the worker
+        thread that adds it has finished (the two meet under ``_plock``: one of them schedules the abort)."""
+        with self._plock:
+            stream.done = True
+            if stream.request_id is not None:
+                self._pending_aborts.add(stream.request_id)
+        self.start()  # the stepping thread carries out aborts
+        self._wake.set()
+
+    def _add(self, prompt: str | Sequence[int], params: SamplingParams | None, request_id: str | None,
+             stream: _Stream, retain: bool, continue_from: str | None) -> str | None:
+        ids = self._encode(prompt)
         with self._lock:
+            if stream.done:  # its caller already left: add nothing
+                return None
             if request_id is None:
                 self._ids += 1
                 request_id = f"stream-{self._ids}"
@@ -211,6 +237,11 @@ class AsyncEngine:
             rid = self.engine.add_request(ids, params, request_id, snapshots=stream.kind == "canvas", retain=retain,
                                           continue_from=continue_from)
             self._streams[rid] = stream
+            self.num_received += 1
+            with self._plock:
+                stream.request_id = rid
+                if stream.done:  # its caller left meanwhile
+                    self._pending_aborts.add(rid)
             return rid
 
     def _encode(self, prompt: str | Sequence[int]) -> list[int]:
@@ -240,6 +271,7 @@ class AsyncEngine:
         if stream is None:
             return
         if out.finished and out.output is not None and out.output.finish_reason == "error":
+            self.num_failed += 1
             self._deliver_error(out.request_id, RuntimeError(out.output.error))  # this request's step failed
             return
         tokens = out.canvas[: out.stable]
@@ -286,13 +318,15 @@ class AsyncEngine:
 
     # -------------------------------------------------------------------------------------------- metrics
     def stats(self) -> dict[str, float]:
-        """Queue, running, finished / aborted counts, output tokens/s since start, mean NFE per step and the
+        """Queue, running, received / finished / aborted / failed counts (every received request ends as exactly one of
+        the last three), output tokens/s since start, mean NFE per step and the
         last step's time."""
         with self._lock:
             eng = self.engine
             elapsed = max(time.time() - self.started, 1e-9)
             return {"waiting": len(eng.waiting), "running": len(eng.running), "finished": self.num_finished,
-                    "aborted": self.num_aborted, "steps": eng.num_steps, "step_seconds_total": eng.step_seconds,
+                    "aborted": self.num_aborted, "failed": self.num_failed,
+                    "received": self.num_received, "steps": eng.num_steps, "step_seconds_total": eng.step_seconds,
                     "last_step_seconds": self.last_step_s, "tokens_out": self.tokens_out,
                     "tokens_per_s": self.tokens_out / elapsed,
                     "kv_free_pages": eng.kv_cache.num_free_pages if eng.kv_cache is not None else 0,

@@ -94,26 +94,27 @@ class LLM:
         if len(params) != len(prompts):
             raise ValueError(f"got {len(params)} SamplingParams for {len(prompts)} prompts; pass one, or one per "
                              f"prompt.")
-        ids = []
+        ids: list[str] = []
+        results: dict[str, RequestOutput] = {}
         try:
             for prompt, p in zip(prompts, params, strict=True):
                 ids.append(self.engine.add_request(self.encode(prompt), p))
-        except Exception:
-            for rid in ids:  # all or nothing: no half-submitted batch stays queued
-                self.engine.abort(rid)
+            pending = set(ids)
+            while pending:
+                step = self.engine.step()
+                if not step:
+                    raise RuntimeError("the engine made no progress while requests were pending.")
+                for out in step:
+                    if out.finished and out.request_id in pending:
+                        results[out.request_id] = out.output
+                        pending.discard(out.request_id)
+                if on_step is not None:
+                    on_step(step)
+        except BaseException:  # all or nothing (also on KeyboardInterrupt): no request of this call stays queued
+            for rid in ids:
+                if rid not in results:
+                    self.engine.abort(rid)
             raise
-        results: dict[str, RequestOutput] = {}
-        pending = set(ids)
-        while pending:
-            step = self.engine.step()
-            if not step:
-                raise RuntimeError("the engine made no progress while requests were pending.")
-            if on_step is not None:
-                on_step(step)
-            for out in step:
-                if out.finished and out.request_id in pending:
-                    results[out.request_id] = out.output
-                    pending.discard(out.request_id)
         return [results[rid] for rid in ids]
 
     def chat(self, conversations: list[dict[str, str]] | list[list[dict[str, str]]],

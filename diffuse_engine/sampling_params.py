@@ -19,10 +19,21 @@ POLICIES = ("fixed", "threshold", "factor", "eb")
 REVISIONS = ("remdm", "wino", "edit")
 REMDM_VARIANTS = ("cap", "rescale", "conf")
 
+# Bounds of the numeric fields. Every value inside them keeps a step's arithmetic finite in fp32 for finite logits
+# (the published models use cfg_scale <= 3, factor ~1 and temperatures <= 2; the bounds leave wide room).
+MAX_GEN_LENGTH = 1 << 20
+MIN_TEMPERATURE = 1e-4
+MAX_TEMPERATURE = 100.0
+MAX_CFG_SCALE = 100.0
+MAX_FACTOR = 1000.0
+MAX_EB_GAMMA = 1e4
+MAX_STOP_CHARS = 1024
 
-@dataclass(slots=True)
+
+@dataclass(frozen=True, slots=True)
 class SamplingParams:
-    """How one request is decoded.
+    """How one request is decoded. Immutable: derive a variant with ``dataclasses.replace(params, steps=...)``
+    (which validates it again); the engine validates it once more when a request is added.
 
     The canvas of ``gen_length`` [MASK] tokens is cut into ``gen_length / block_length`` blocks decoded left to
     right, each in ``steps / num_blocks`` denoising steps (one forward each). The number of tokens committed
@@ -111,17 +122,27 @@ class SamplingParams:
     remdm_eta: float = 0.05
     verify_threshold: float = 0.9
     edit_margin: float = 0.2
-    stop: list[str] | None = None
+    stop: tuple[str, ...] | None = None
 
     def __post_init__(self) -> None:
-        _int("gen_length", self.gen_length, minimum=1)
+        # Normalise the defaults that depend on other fields, then check every field.
         if self.block_length is None:
-            self.block_length = self.gen_length
+            object.__setattr__(self, "block_length", self.gen_length if _is_int(self.gen_length) else None)
+        if self.steps is None:
+            object.__setattr__(self, "steps", self.gen_length if _is_int(self.gen_length) else None)
+        if self.stop is not None:
+            stop = [self.stop] if isinstance(self.stop, str) else self.stop
+            if isinstance(stop, (list, tuple)):
+                object.__setattr__(self, "stop", tuple(stop))
+        self.validate()
+
+    def validate(self) -> None:
+        """Check every field (raises ValueError naming the first bad one). Runs at construction and again when
+        the engine accepts a request, so a value forced past the frozen dataclass cannot reach a step."""
+        _int("gen_length", self.gen_length, minimum=1, maximum=MAX_GEN_LENGTH)
         _int("block_length", self.block_length, minimum=1)
         if self.gen_length % self.block_length:
             raise ValueError(f"block_length ({self.block_length}) must divide gen_length ({self.gen_length}).")
-        if self.steps is None:
-            self.steps = self.gen_length
         _int("steps", self.steps, minimum=1)
         if self.steps > self.gen_length:
             raise ValueError(f"steps ({self.steps}) must not exceed gen_length ({self.gen_length}): a step commits "
@@ -129,11 +150,11 @@ class SamplingParams:
         if self.steps % self.num_blocks:
             raise ValueError(f"steps ({self.steps}) must be divisible by the number of blocks "
                              f"(gen_length / block_length = {self.num_blocks}).")
-        _float("temperature", self.temperature, minimum=0.0)
+        _temperature("temperature", self.temperature)
         if self.remasking is not None and self.remasking not in REMASKING:
             raise ValueError(f"remasking must be one of {', '.join(REMASKING)}; got {self.remasking!r}.")
         if self.alg_temp is not None:
-            _float("alg_temp", self.alg_temp, minimum=0.0)
+            _temperature("alg_temp", self.alg_temp)
             if self.alg_temp > 0 and self.remasking in ("random", "origin"):
                 raise ValueError(f"alg_temp applies to the confidence orderings {', '.join(_CONFIDENCE_ORDERINGS)}; "
                                  f"it has no effect with remasking={self.remasking!r}.")
@@ -142,8 +163,8 @@ class SamplingParams:
             if not 0.0 < self.top_p <= 1.0:
                 raise ValueError(f"top_p must be in (0, 1]; got {self.top_p!r}.")
         if self.top_k is not None:
-            _int("top_k", self.top_k, minimum=1)
-        _float("cfg_scale", self.cfg_scale, minimum=0.0)
+            _int("top_k", self.top_k, minimum=1, maximum=2 ** 31 - 1)
+        _float("cfg_scale", self.cfg_scale, minimum=0.0, maximum=MAX_CFG_SCALE)
         _float("eps", self.eps)
         if not 0.0 < self.eps < 1.0:
             raise ValueError(f"eps must be in (0, 1); got {self.eps!r}.")
@@ -156,15 +177,15 @@ class SamplingParams:
                 raise ValueError(f"seed must be below 2**64; got {self.seed}.")
         _choice("cache", self.cache, CACHES)
         if self.cache_refresh is not None:
-            _int("cache_refresh", self.cache_refresh, minimum=1)
+            _int("cache_refresh", self.cache_refresh, minimum=1, maximum=MAX_GEN_LENGTH)
         _choice("policy", self.policy, POLICIES)
         _float("threshold", self.threshold)
         if not 0.0 <= self.threshold <= 1.0:
             raise ValueError(f"threshold must be in [0, 1]; got {self.threshold!r}.")
-        _float("factor", self.factor)
+        _float("factor", self.factor, maximum=MAX_FACTOR)
         if self.factor <= 0:
             raise ValueError(f"factor must be positive; got {self.factor!r}.")
-        _float("eb_gamma", self.eb_gamma, minimum=0.0)
+        _float("eb_gamma", self.eb_gamma, minimum=0.0, maximum=MAX_EB_GAMMA)
         if self.revision is not None:
             _choice("revision", self.revision, REVISIONS)
         _choice("remdm_variant", self.remdm_variant, REMDM_VARIANTS)
@@ -175,13 +196,12 @@ class SamplingParams:
         if not 0.0 <= self.verify_threshold <= 1.0:
             raise ValueError(f"verify_threshold must be in [0, 1]; got {self.verify_threshold!r}.")
         if self.stop is not None:
-            if isinstance(self.stop, str):
-                self.stop = [self.stop]
-            if not isinstance(self.stop, (list, tuple)) or not all(isinstance(x, str) and x for x in self.stop):
+            if not isinstance(self.stop, tuple) or not all(isinstance(x, str) and x for x in self.stop):
                 raise ValueError(f"stop must be a list of non-empty strings; got {self.stop!r}.")
             if len(self.stop) > 16:
                 raise ValueError(f"stop takes at most 16 strings; got {len(self.stop)}.")
-            self.stop = list(self.stop)
+            if any(len(x) > MAX_STOP_CHARS for x in self.stop):
+                raise ValueError(f"each stop string is at most {MAX_STOP_CHARS} characters long.")
         _float("edit_margin", self.edit_margin)
         if not 0.0 <= self.edit_margin <= 1.0:
             raise ValueError(f"edit_margin must be in [0, 1]; got {self.edit_margin!r}.")
@@ -205,11 +225,17 @@ class SamplingParams:
         return "low_confidence" if arch in ("llada", "sdar") else "maskgit_plus"
 
 
-def _int(name: str, value: object, minimum: int) -> None:
-    if not isinstance(value, int) or isinstance(value, bool):
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _int(name: str, value: object, minimum: int, maximum: int | None = None) -> None:
+    if not _is_int(value):
         raise ValueError(f"{name} must be an integer; got {value!r}.")
     if value < minimum:
         raise ValueError(f"{name} must be >= {minimum}; got {value}.")
+    if maximum is not None and value > maximum:
+        raise ValueError(f"{name} must be <= {maximum}; got {value}.")
 
 
 def _choice(name: str, value: object, choices: tuple[str, ...]) -> None:
@@ -217,8 +243,18 @@ def _choice(name: str, value: object, choices: tuple[str, ...]) -> None:
         raise ValueError(f"{name} must be one of {', '.join(map(repr, choices))}; got {value!r}.")
 
 
-def _float(name: str, value: object, minimum: float | None = None) -> None:
+def _float(name: str, value: object, minimum: float | None = None, maximum: float | None = None) -> None:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
         raise ValueError(f"{name} must be a finite number; got {value!r}.")
     if minimum is not None and value < minimum:
         raise ValueError(f"{name} must be >= {minimum}; got {value!r}.")
+    if maximum is not None and value > maximum:
+        raise ValueError(f"{name} must be <= {maximum:g}; got {value!r}.")
+
+
+def _temperature(name: str, value: object) -> None:
+    """0 (greedy) or in [MIN_TEMPERATURE, MAX_TEMPERATURE]: below the floor, logits / T overflows the float range
+    of the head (a request would only fail at its first step)."""
+    _float(name, value, minimum=0.0, maximum=MAX_TEMPERATURE)
+    if 0 < value < MIN_TEMPERATURE:
+        raise ValueError(f"{name} must be 0 (greedy) or >= {MIN_TEMPERATURE:g}; got {value!r}.")

@@ -103,6 +103,15 @@ class CanvasStore:
         self._free.append(req.slot)
         req.slot = None
 
+    def restore(self, req: Request) -> None:
+        """Put ``req``'s host mirror back on the device: after a step that failed part-way (its commit may have
+        written the device canvas, never the mirror), the request resumes from its last completed step."""
+        if req.slot is None:
+            return
+        row = slice(req.slot * self.capacity, (req.slot + 1) * self.capacity)
+        self.tokens[row].copy_(upload(self.host_tokens[req.slot], self.device), non_blocking=True)
+        self.conf[row].copy_(upload(self.host_conf[req.slot], self.device), non_blocking=True)
+
     def fill(self, req: Request, lo: int, hi: int, token: int) -> None:
         """Set positions [lo, hi) of ``req`` to ``token`` on the device and in the mirror (no synchronisation)."""
         if hi <= lo:

@@ -78,6 +78,8 @@ class Engine:
         self._known: set[str] = set()
         self.num_steps = 0
         self.step_seconds = 0.0
+        self.num_failed_steps = 0  # batched steps that raised (their failures were pinned to requests)
+        self.last_step_error: str | None = None  # why the last step raised; None when it ran
 
     def _ceilings(self, device: torch.device, dtype: torch.dtype, calibrate: bool) -> DeviceCeilings:
         """The device's ceilings for the cost model. An automatic calibration that fails (or a GPU without a
@@ -104,6 +106,7 @@ class Engine:
         params = params if params is not None else SamplingParams()
         if not isinstance(params, SamplingParams):
             raise ValueError(f"params must be a SamplingParams, got {type(params).__name__}.")
+        params.validate()  # frozen, but a value forced in with object.__setattr__ must not reach a step
         cfg = self.model_config
         prompt = self._check_prompt(prompt)
         total = len(prompt) + params.gen_length
@@ -288,17 +291,77 @@ class Engine:
         return req.seq_len * (2 if req.params.cfg_scale > 0 else 1)
 
     def step(self) -> list[StepOutput]:
-        """One denoising step (one forward) for every running request; returns what changed."""
+        """One denoising step (one forward) for every running request; returns what changed.
+
+        A failure is pinned to the request that caused it: non-finite logits are detected per request on the
+        device; an exception from the batched step reruns the step for each request alone, and only a request
+        whose own step fails finishes (``finish_reason="error"``, with the reason in ``RequestOutput.error``).
+        The others' tokens equal running alone (the batch does not change them)."""
         self._admit()
         if not self.running:
             return []
         t0 = time.perf_counter()
-        plan = self._current_plan()
-        result = self._fetch(self.runner.run(plan, self.store, lambda: self._candidate_rows(plan)))
-        outputs = self._apply(plan, result)
+        try:
+            plan, result = self._run_step()
+        except Exception as exc:  # noqa: BLE001 - pinned to its request(s) below; the engine stays usable
+            self.last_step_error = f"{type(exc).__name__}: {exc}"
+            self.num_failed_steps += 1
+            outputs = self._isolate(exc)
+        except BaseException:  # interrupted: the device canvas may be ahead of the mirror; resume from the mirror
+            self._recover(self.running)
+            raise
+        else:
+            self.last_step_error = None
+            outputs = self._apply(plan, result)
         self.num_steps += 1
         self.step_seconds += time.perf_counter() - t0
         return outputs
+
+    def _run_step(self) -> tuple[StepPlan, np.ndarray]:
+        plan = self._current_plan()
+        return plan, self._fetch(self.runner.run(plan, self.store, lambda: self._candidate_rows(plan)))
+
+    def _recover(self, requests: list[Request]) -> None:
+        """Forget the plan and put the requests' host mirror back on the device (their last completed step)."""
+        self._plan = None
+        for req in requests:
+            self.store.restore(req)
+
+    def _isolate(self, exc: Exception) -> list[StepOutput]:
+        """After the batched step raised: run the step for each running request alone; a request whose own step
+        raises again finishes with an error, the others advance by this step as if they had run alone. A failure
+        of every request alone (e.g. the device itself) fails them all, and the engine remains usable."""
+        batch = list(self.running)
+        self._recover(batch)
+        if len(batch) == 1:
+            failed, outputs = [(batch[0], exc)], []
+        else:
+            failed, outputs = [], []
+            for req in batch:
+                self.running = [req]
+                self._plan = None
+                try:
+                    plan, result = self._run_step()
+                except Exception as solo:  # noqa: BLE001 - this request's own step fails
+                    self._recover([req])
+                    failed.append((req, solo))
+                    continue
+                outputs.extend(self._apply(plan, result))
+            self._plan = None
+            self.running = [r for r in batch if r.status == RequestStatus.RUNNING]
+        for req, error in failed:
+            outputs.append(self._fail(req, f"the step of request {req.request_id!r} failed at step {req.nfe} "
+                                           f"({type(error).__name__}: {error}); the request stopped there."))
+        return outputs
+
+    def _fail(self, req: Request, message: str) -> StepOutput:
+        """Finish ``req`` with ``finish_reason="error"`` without a step of its own (its canvas as of its last
+        completed step)."""
+        lo = req.window_lo
+        w = max(req.block_span[1] - lo, 0)
+        window = req.host[lo:lo + w].copy()
+        view = _StepView(None, lo - req.prompt_len, window, window, np.zeros(w, dtype=np.int64), None)
+        return self._finish(req, req.nfe, req.block, view, error=message)
 
     def _current_plan(self) -> StepPlan:
         """The plan of this step: the last one while no running request changed phase, else a new one."""
@@ -376,7 +439,12 @@ class Engine:
                     f"the model's logits for request {req.request_id!r} were not finite (NaN or +inf) at step {step}; "
                     f"the request stopped there.")))
                 continue
-            outputs.append(self._advance(req, step, block, view, bool(c[_EOS]), int(c[_FIRST_MASKED])))
+            try:
+                outputs.append(self._advance(req, step, block, view, bool(c[_EOS]), int(c[_FIRST_MASKED])))
+            except Exception as exc:  # noqa: BLE001 - host-side handling of one request (stop strings, text)
+                if req in self.running:
+                    outputs.append(self._finish(req, step, block, view, error=(
+                        f"request {req.request_id!r} failed after step {step} ({type(exc).__name__}: {exc}).")))
         return outputs
 
     def _advance(self, req: Request, step: int, block: int, view: _StepView, eos_in_block: bool,
