@@ -27,6 +27,7 @@ import logging
 import os
 import time
 import uuid
+import weakref
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
@@ -56,6 +57,8 @@ T = TypeVar("T")
 __all__ = ["ApiError", "OpenAIServer", "add_serve_command", "build_app", "parse_messages", "parse_prompt", "serve"]
 logger = logging.getLogger("diffuse_engine.server")
 API_KEY_ENV = "DIFFUSE_API_KEY"
+# For an AsyncEngine without `healthy`: its last step error and the count of successful steps when it was seen.
+_ERRORS_SEEN: "weakref.WeakKeyDictionary[Any, tuple[BaseException, int]]" = weakref.WeakKeyDictionary()
 DEFAULT_GEN_LENGTH = 128
 FINISH_REASONS = {"eos": "stop", "stop": "stop", "length": "length"}
 # SamplingParams fields a request may set by name (gen_length comes from max_tokens, stop is checked here).
@@ -103,9 +106,17 @@ class OpenAIServer:
         self.created = int(time.time())
         self.nfe_total = self.nfe_count = 0  # over finished requests, for diffuse_nfe_per_request
         self.received = self.failed = 0
-        self._error_seen: tuple[BaseException, int] | None = None  # health without AsyncEngine.healthy
         tok = getattr(engine.engine, "tokenizer", None)
         self.roots = tuple(r for r in (getattr(tok, "source", None),) if r and not r.startswith("<"))
+
+    def note_failure(self) -> tuple[BaseException, int] | None:
+        """Remember when the engine's last step error was first seen (by the number of successful steps), for
+        ``/health`` of an AsyncEngine that does not report ``healthy`` itself."""
+        error = getattr(self.engine, "error", None)
+        seen = _ERRORS_SEEN.get(self.engine)
+        if error is not None and (seen is None or seen[0] is not error):
+            seen = _ERRORS_SEEN[self.engine] = (error, getattr(self.engine.engine, "num_steps", 0))
+        return seen
 
     @property
     def tokenizer(self) -> Any:
@@ -118,14 +129,9 @@ class OpenAIServer:
         if not engine.is_running:
             return 503, {"status": "error", "message": "the engine thread is not running."}
         healthy = getattr(engine, "healthy", None)
-        if not isinstance(healthy, bool):  # an AsyncEngine without `healthy`: failing since the last error
-            error, steps = engine.error, getattr(engine.engine, "num_steps", 0)  # counts successful steps
-            if error is None:
-                healthy = True
-            elif self._error_seen is None or self._error_seen[0] is not error:
-                self._error_seen, healthy = (error, steps), False
-            else:
-                healthy = steps > self._error_seen[1]
+        if not isinstance(healthy, bool):  # an AsyncEngine without it: failing until a step succeeds
+            error, seen = engine.error, self.note_failure()
+            healthy = error is None or getattr(engine.engine, "num_steps", 0) > seen[1]
         if healthy:
             return 200, {"status": "ok"}
         error = engine.error
@@ -275,7 +281,9 @@ class OpenAIServer:
         except (ValueError, RuntimeError, asyncio.CancelledError) as exc:
             if isinstance(exc, asyncio.CancelledError) and _cancelling():
                 raise
-            self.failed += not isinstance(exc, asyncio.CancelledError)  # an abort counts as aborted
+            if not isinstance(exc, asyncio.CancelledError):  # an abort counts as aborted
+                self.failed += 1
+                self.note_failure()
             yield f"data: {json.dumps(_failure(exc, 500, self.roots).body())}\n\n"
         finally:
             await agen.aclose()
@@ -442,7 +450,9 @@ def build_app(engine: "AsyncEngine", model_name: str, *, api_key: str | None = N
         except (RuntimeError, asyncio.CancelledError) as exc:
             if _cancelling():
                 raise
-            server.failed += isinstance(exc, RuntimeError)  # an abort counts as aborted
+            if isinstance(exc, RuntimeError):  # an abort counts as aborted
+                server.failed += 1
+                server.note_failure()
             raise _failure(exc, 500, server.roots) from None
         text = {"message": {"role": "assistant", "content": last.text}} if chat else {"text": last.text}
         choice = {"index": 0, **text, "finish_reason": FINISH_REASONS.get(last.finish_reason, last.finish_reason),
