@@ -16,7 +16,8 @@ if TYPE_CHECKING:  # fastapi is optional: imported by build_app
 DEFAULT_MAX_REQUEST_BYTES = 1 << 20
 DEFAULT_REQUEST_TIMEOUT = 30.0
 ROLES = ("system", "user", "assistant", "tool")
-_PATH = re.compile(r"(?:[A-Za-z]:)?(?:[/\\][^\s'\"/\\:,;()\[\]{}<>]+){2,}[/\\]?")
+# An absolute path of two or more parts, not a/b/c inside a word nor the path of a URL.
+_PATH = re.compile(r"(?<![\w.\-/\\:])(?:[A-Za-z]:)?(?:[/\\][^\s'\"/\\:,;()\[\]{}<>]+){2,}[/\\]?")
 
 
 class ApiError(Exception):
