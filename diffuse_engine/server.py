@@ -15,6 +15,7 @@ Hardening (:mod:`.server_input`): an optional API key (``Authorization: Bearer``
 and body read timeout (408), JSON checks (400, also for deeply nested JSON), chat roles and content types checked
 by field, chat templates rendered and prompts tokenized on worker threads, special-token strings in message
 contents tokenized as text (:meth:`Tokenizer.encode_chat`), and error bodies that name no server file.
+``/health`` and ``/metrics``: :mod:`.server_metrics`.
 fastapi and uvicorn are imported only when a server is built (``pip install "diffuse-engine[serve]"``).
 """
 
@@ -27,7 +28,6 @@ import logging
 import os
 import time
 import uuid
-import weakref
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
@@ -47,6 +47,7 @@ from .server_input import (
     read_body,
     scrub,
 )
+from .server_metrics import health_status, metrics_text, note_failure
 
 if TYPE_CHECKING:  # fastapi is optional: imported by build_app
     from fastapi import FastAPI, Request
@@ -57,8 +58,6 @@ T = TypeVar("T")
 __all__ = ["ApiError", "OpenAIServer", "add_serve_command", "build_app", "parse_messages", "parse_prompt", "serve"]
 logger = logging.getLogger("diffuse_engine.server")
 API_KEY_ENV = "DIFFUSE_API_KEY"
-# For an AsyncEngine without `healthy`: its last step error and the count of successful steps when it was seen.
-_ERRORS_SEEN: "weakref.WeakKeyDictionary[Any, tuple[BaseException, int]]" = weakref.WeakKeyDictionary()
 DEFAULT_GEN_LENGTH = 128
 FINISH_REASONS = {"eos": "stop", "stop": "stop", "length": "length"}
 # SamplingParams fields a request may set by name (gen_length comes from max_tokens, stop is checked here).
@@ -109,34 +108,9 @@ class OpenAIServer:
         tok = getattr(engine.engine, "tokenizer", None)
         self.roots = tuple(r for r in (getattr(tok, "source", None),) if r and not r.startswith("<"))
 
-    def note_failure(self) -> tuple[BaseException, int] | None:
-        """Remember when the engine's last step error was first seen (by the number of successful steps), for
-        ``/health`` of an AsyncEngine that does not report ``healthy`` itself."""
-        error = getattr(self.engine, "error", None)
-        seen = _ERRORS_SEEN.get(self.engine)
-        if error is not None and (seen is None or seen[0] is not error):
-            seen = _ERRORS_SEEN[self.engine] = (error, getattr(self.engine.engine, "num_steps", 0))
-        return seen
-
     @property
     def tokenizer(self) -> Any:
         return getattr(self.engine.engine, "tokenizer", None)
-
-    def health(self) -> tuple[int, dict[str, str]]:
-        """``/health``: 200 ``ok``; 503 ``degraded`` while engine steps fail (it recovers with the next step that
-        succeeds) and 503 ``error`` when the stepping thread is not running."""
-        engine = self.engine
-        if not engine.is_running:
-            return 503, {"status": "error", "message": "the engine thread is not running."}
-        healthy = getattr(engine, "healthy", None)
-        if not isinstance(healthy, bool):  # an AsyncEngine without it: failing until a step succeeds
-            error, seen = engine.error, self.note_failure()
-            healthy = error is None or getattr(engine.engine, "num_steps", 0) > seen[1]
-        if healthy:
-            return 200, {"status": "ok"}
-        error = engine.error
-        why = f": {type(error).__name__}: {error}" if error is not None else "."
-        return 503, {"status": "degraded", "message": scrub(f"engine steps are failing{why}", self.roots)}
 
     def check_common(self, body: dict[str, Any], chat: bool) -> None:
         """Reject a request for another model (404), with n > 1, or asking for what this server cannot do."""
@@ -283,7 +257,7 @@ class OpenAIServer:
                 raise
             if not isinstance(exc, asyncio.CancelledError):  # an abort counts as aborted
                 self.failed += 1
-                self.note_failure()
+                note_failure(self)
             yield f"data: {json.dumps(_failure(exc, 500, self.roots).body())}\n\n"
         finally:
             await agen.aclose()
@@ -334,40 +308,6 @@ def _cancelling() -> bool:
     """Whether the current task is being cancelled (as opposed to an aborted request's CancelledError)."""
     task = asyncio.current_task()
     return task is not None and bool(getattr(task, "cancelling", lambda: 0)())
-
-
-def metrics_text(server: OpenAIServer) -> str:
-    """The Prometheus exposition of the engine's counters and gauges."""
-    s = server.engine.stats()
-    nfe = server.nfe_total / server.nfe_count if server.nfe_count else 0.0
-    failed = s.get("failed", server.failed)  # the engine's count once it keeps one
-    rows = [
-        ("diffuse_requests_waiting", "gauge", "Requests queued for a slot.", s["waiting"]),
-        ("diffuse_requests_running", "gauge", "Requests being decoded.", s["running"]),
-        ("diffuse_requests_received_total", "counter",
-         "Requests handed to the engine (finished + aborted + failed once none is in flight).", server.received),
-        ("diffuse_requests_finished_total", "counter", "Requests finished.", s["finished"]),
-        ("diffuse_requests_aborted_total", "counter", "Requests aborted (cancelled or disconnected).", s["aborted"]),
-        ("diffuse_requests_failed_total", "counter", "Requests that ended with an error.", failed),
-        ("diffuse_output_tokens_total", "counter", "Canvas tokens of finished requests.", s["tokens_out"]),
-        ("diffuse_output_tokens_per_second", "gauge", "Output tokens per second since start.", s["tokens_per_s"]),
-        ("diffuse_steps_total", "counter", "Engine steps (one forward each).", s["steps"]),
-        ("diffuse_step_seconds_total", "counter", "Seconds spent in engine steps.", s["step_seconds_total"]),
-        ("diffuse_step_seconds_last", "gauge", "Duration of the last engine step.", s["last_step_seconds"]),
-        ("diffuse_nfe_per_request", "gauge", "Mean forward evaluations per finished request.", nfe),
-        ("diffuse_kv_pages_free", "gauge", "Free KV-cache pages.", s["kv_free_pages"]),
-        ("diffuse_kv_pages_total", "gauge", "KV-cache pages (0 until a request uses the cache).", s["kv_total_pages"]),
-    ]
-    lines = []
-    for name, kind, text, value in rows:
-        lines += [f"# HELP {name} {text}", f"# TYPE {name} {kind}", f"{name} {float(value):g}"]
-    estimate = getattr(server.engine.engine, "last_estimate", None)  # the cost model's view of the last step
-    regime = s.get("regime", getattr(estimate, "regime", None))  # only when the engine reports one
-    if regime in ("memory", "compute"):
-        lines += ["# HELP diffuse_step_regime Whether the last step was memory- or compute-bound.",
-                  "# TYPE diffuse_step_regime gauge"]
-        lines += [f'diffuse_step_regime{{regime="{r}"}} {int(r == regime)}' for r in ("memory", "compute")]
-    return "\n".join(lines) + "\n"
 
 
 def build_app(engine: "AsyncEngine", model_name: str, *, api_key: str | None = None,
@@ -452,7 +392,7 @@ def build_app(engine: "AsyncEngine", model_name: str, *, api_key: str | None = N
                 raise
             if isinstance(exc, RuntimeError):  # an abort counts as aborted
                 server.failed += 1
-                server.note_failure()
+                note_failure(server)
             raise _failure(exc, 500, server.roots) from None
         text = {"message": {"role": "assistant", "content": last.text}} if chat else {"text": last.text}
         choice = {"index": 0, **text, "finish_reason": FINISH_REASONS.get(last.finish_reason, last.finish_reason),
@@ -477,7 +417,7 @@ def build_app(engine: "AsyncEngine", model_name: str, *, api_key: str | None = N
 
     @app.get("/health")
     async def health() -> Response:
-        status, body = server.health()
+        status, body = health_status(server)
         return JSONResponse(body, status)
 
     @app.get("/metrics")
