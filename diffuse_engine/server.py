@@ -10,6 +10,12 @@ Omitted fields take the model folder's generation defaults (:meth:`LLM.default_p
 ``usage.completion_tokens`` counts the whole canvas (a diffusion model decodes all ``max_tokens``, EOS padding
 included); responses also report ``nfe``. Unknown fields are ignored; invalid values give a 4xx with an OpenAI
 error body. A client that disconnects aborts its request (slot and KV pages are freed at the next step).
+
+Hardening (:mod:`.server_input`): an optional API key (``Authorization: Bearer``, 401), a body size limit (413)
+and body read timeout (408), JSON checks (400, also for deeply nested JSON), chat roles and content types checked
+by field, chat templates rendered and prompts tokenized on worker threads, special-token strings in message
+contents tokenized as text (:meth:`Tokenizer.encode_chat`), and error bodies that name no server file.
+``/health`` and ``/metrics``: :mod:`.server_metrics`.
 fastapi and uvicorn are imported only when a server is built (``pip install "diffuse-engine[serve]"``).
 """
 
@@ -18,6 +24,8 @@ import asyncio
 import contextlib
 import dataclasses
 import json
+import logging
+import os
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -25,6 +33,21 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from .sampling_params import SamplingParams
+from .server_input import (
+    DEFAULT_MAX_REQUEST_BYTES,
+    DEFAULT_REQUEST_TIMEOUT,
+    ApiError,
+    ClientGone,
+    brief,
+    check_api_key,
+    check_content_type,
+    parse_json,
+    parse_messages,
+    parse_prompt,
+    read_body,
+    scrub,
+)
+from .server_metrics import health_status, metrics_text, note_failure
 
 if TYPE_CHECKING:  # fastapi is optional: imported by build_app
     from fastapi import FastAPI, Request
@@ -32,31 +55,19 @@ if TYPE_CHECKING:  # fastapi is optional: imported by build_app
     from .async_engine import AsyncEngine, StreamOutput
 
 T = TypeVar("T")
+__all__ = ["ApiError", "OpenAIServer", "add_serve_command", "build_app", "parse_messages", "parse_prompt", "serve"]
+logger = logging.getLogger("diffuse_engine.server")
+API_KEY_ENV = "DIFFUSE_API_KEY"
 DEFAULT_GEN_LENGTH = 128
 FINISH_REASONS = {"eos": "stop", "stop": "stop", "length": "length"}
 # SamplingParams fields a request may set by name (gen_length comes from max_tokens, stop is checked here).
 SAMPLING_FIELDS = tuple(f.name for f in dataclasses.fields(SamplingParams) if f.name not in ("gen_length", "stop"))
 
 
-class ApiError(Exception):
-    """An invalid request: answered with ``status`` and an OpenAI-style error body."""
-
-    def __init__(self, message: str, param: str | None = None, status: int = 400,
-                 kind: str = "invalid_request_error") -> None:
-        super().__init__(message)
-        self.message, self.param, self.status, self.kind = message, param, status, kind
-
-    def body(self) -> dict[str, Any]:
-        return {"error": {"message": self.message, "type": self.kind, "param": self.param, "code": None}}
-
-
-def _failure(exc: BaseException, status: int) -> ApiError:
+def _failure(exc: BaseException, status: int, roots: tuple[str, ...] = ()) -> ApiError:
     """The error of a request that the engine accepted but could not finish (shut down, step failed, aborted)."""
-    return ApiError(f"the request failed: {exc or type(exc).__name__}", status=status, kind="server_error")
-
-
-class _Disconnected(Exception):
-    """The client went away before the answer was ready."""
+    return ApiError(scrub(f"the request failed: {exc or type(exc).__name__}", roots), status=status,
+                    kind="server_error")
 
 
 def _param_of(exc: Exception) -> str | None:
@@ -71,65 +82,21 @@ def _param_of(exc: Exception) -> str | None:
 def _int_or_none(body: dict[str, Any], name: str) -> int | None:
     value = body.get(name)
     if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
-        raise ApiError(f"{name} must be an integer >= 1; got {value!r}.", name)
+        raise ApiError(f"{name} must be an integer >= 1; got {brief(value)}.", name)
     return value
 
 
 def _bool(body: dict[str, Any], name: str) -> bool:
     value = body.get(name)
     if value is not None and not isinstance(value, bool):
-        raise ApiError(f"{name} must be a boolean; got {value!r}.", name)
+        raise ApiError(f"{name} must be a boolean; got {brief(value)}.", name)
     return bool(value)
 
 
-def parse_prompt(prompt: Any) -> str | list[int]:
-    """The one prompt of a completions request: a string, a list of one string, token ids or a list of one list
-    of token ids."""
-    if prompt is None:
-        raise ApiError("prompt is required.", "prompt")
-    if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], (str, list)):
-        prompt = prompt[0]
-    if isinstance(prompt, str):
-        if not prompt:
-            raise ApiError("prompt must not be empty.", "prompt")
-        return prompt
-    if isinstance(prompt, list):
-        if not prompt:
-            raise ApiError("prompt must not be empty.", "prompt")
-        if all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
-            return list(prompt)
-        if len(prompt) > 1 and all(isinstance(p, (str, list)) for p in prompt):
-            raise ApiError(f"only one prompt per request is supported; got {len(prompt)}.", "prompt")
-    raise ApiError("prompt must be a string, a list of one string or a list of integer token ids; got "
-                   f"{type(prompt).__name__}.", "prompt")
-
-
-def parse_messages(messages: Any) -> list[dict[str, str]]:
-    """``messages`` as ``{"role", "content"}`` dicts of strings (text content parts are joined)."""
-    if not isinstance(messages, list) or not messages:
-        raise ApiError(f"messages (required) must be a non-empty list of {{role, content}} objects; got {messages!r}.",
-                       "messages")
-    out = []
-    for i, msg in enumerate(messages):
-        if not isinstance(msg, dict):
-            raise ApiError(f"messages[{i}] must be an object with role and content.", "messages")
-        role, content = msg.get("role"), msg.get("content")
-        if not isinstance(role, str) or not role:
-            raise ApiError(f"messages[{i}].role must be a non-empty string; got {role!r}.", "messages")
-        content = "" if content is None and role == "assistant" else content
-        if isinstance(content, list):
-            if not all(isinstance(p, dict) and p.get("type") == "text" and isinstance(p.get("text"), str)
-                       for p in content):
-                raise ApiError(f"messages[{i}].content: only text content parts are supported.", "messages")
-            content = "".join(p["text"] for p in content)
-        if not isinstance(content, str):
-            raise ApiError(f"messages[{i}].content must be a string; got {type(content).__name__}.", "messages")
-        out.append({"role": role, "content": content})
-    return out
-
-
 class OpenAIServer:
-    """The state behind the routes: the engine, the served model name and request counters."""
+    """The state behind the routes: the engine, the served model name and request counters. ``received``:
+    requests handed to the engine (less those it refused at once); ``failed``: those that ended with an error
+    (used while the engine's :meth:`stats` has no ``failed``)."""
 
     def __init__(self, engine: "AsyncEngine", model_name: str) -> None:
         self.engine = engine
@@ -137,15 +104,22 @@ class OpenAIServer:
         self.llm = getattr(engine, "llm", None)  # set by AsyncEngine.from_pretrained: the folder's defaults
         self.created = int(time.time())
         self.nfe_total = self.nfe_count = 0  # over finished requests, for diffuse_nfe_per_request
+        self.received = self.failed = 0
+        tok = getattr(engine.engine, "tokenizer", None)
+        self.roots = tuple(r for r in (getattr(tok, "source", None),) if r and not r.startswith("<"))
+
+    @property
+    def tokenizer(self) -> Any:
+        return getattr(self.engine.engine, "tokenizer", None)
 
     def check_common(self, body: dict[str, Any], chat: bool) -> None:
         """Reject a request for another model (404), with n > 1, or asking for what this server cannot do."""
         model = body.get("model")
         if model is not None and not isinstance(model, str):
-            raise ApiError(f"model must be a string; got {model!r}.", "model")
+            raise ApiError(f"model must be a string; got {brief(model)}.", "model")
         if model is not None and model != self.model_name:
-            raise ApiError(f"The model `{model}` does not exist; this server serves `{self.model_name}`.", "model",
-                           status=404)
+            raise ApiError(f"The model {brief(model)} does not exist; this server serves `{self.model_name}`.",
+                           "model", status=404)
         if _int_or_none(body, "n") not in (None, 1):
             raise ApiError(f"n > 1 is not supported; got n={body['n']}.", "n")
         for name in ("stream", "stream_canvas"):
@@ -154,7 +128,7 @@ class OpenAIServer:
             raise ApiError("logprobs are not supported.", "logprobs")
         for name, fine in (("echo", (None, False)), ("best_of", (None, 1)), ("suffix", (None, ""))):
             if not chat and body.get(name) not in fine:
-                raise ApiError(f"{name}={body[name]!r} is not supported.", name)
+                raise ApiError(f"{name}={brief(body[name])} is not supported.", name)
 
     def sampling_params(self, body: dict[str, Any], chat: bool) -> SamplingParams:
         """SamplingParams from the request: the model folder's defaults, overridden by the given fields."""
@@ -165,7 +139,7 @@ class OpenAIServer:
                 break
         stop = [body["stop"]] if isinstance(body.get("stop"), str) else body.get("stop")
         if stop is not None and not (isinstance(stop, list) and all(isinstance(s, str) and s for s in stop)):
-            raise ApiError(f"stop must be a non-empty string or a list of them; got {stop!r}.", "stop")
+            raise ApiError(f"stop must be a non-empty string or a list of them; got {brief(stop)}.", "stop")
         if stop:
             overrides["stop"] = stop
         try:
@@ -173,29 +147,44 @@ class OpenAIServer:
                 return self.llm.default_params(**overrides)
             return SamplingParams(**{"gen_length": DEFAULT_GEN_LENGTH, **overrides})
         except (ValueError, TypeError) as exc:
-            raise ApiError(f"invalid sampling parameters: {exc}", _param_of(exc)) from None
+            raise ApiError(scrub(f"invalid sampling parameters: {str(exc)[:300]}"), _param_of(exc)) from None
 
-    def chat_prompt(self, messages: list[dict[str, str]]) -> str:
-        """Render the conversation with the model's chat template (as ``generate --chat`` does)."""
-        tok = self.engine.engine.tokenizer
+    async def chat_ids(self, messages: list[dict[str, str]]) -> list[int]:
+        """The conversation rendered with the model's chat template and tokenized, on a worker thread; special-
+        token strings inside contents stay text (:meth:`Tokenizer.encode_chat`)."""
+        tok = self.tokenizer
         if tok is None or not tok.has_chat_template:
             raise ApiError(f"the model `{self.model_name}` has no chat template; use /v1/completions.", "messages")
         try:
-            return tok.apply_chat_template(messages, add_generation_prompt=True)
+            return await asyncio.to_thread(tok.encode_chat, messages, True)
         except ValueError as exc:
-            raise ApiError(str(exc), "messages") from None
+            logger.warning("chat template of %s: %s", getattr(tok, "source", "?"), exc)
+            raise ApiError(scrub(str(exc), self.roots), "messages") from None
+
+    async def prompt_ids(self, prompt: str | list[int]) -> list[int]:
+        """Token ids of a completions prompt; text is tokenized on a worker thread."""
+        if not isinstance(prompt, str):
+            return prompt
+        tok = self.tokenizer
+        if tok is None:
+            raise ApiError("this model has no tokenizer: give the prompt as token ids.", "prompt")
+        return await asyncio.to_thread(tok.encode, prompt)
 
     async def start(self, prompt: str | list[int], params: SamplingParams, request_id: str, canvas: bool,
                     request: "Request") -> tuple[AsyncIterator["StreamOutput"], "StreamOutput"]:
         """Submit the request and wait for its first update (a refused request raises :class:`ApiError`).
-        ``canvas``: an update per step (a stream's first one comes after one step, not when text is final)."""
+        ``canvas``: an update per step (a stream's first one comes after one step, not when text is final). A
+        disconnect meanwhile cancels the submission (the engine aborts what it added) and raises
+        :class:`ClientGone`."""
         agen = self.engine.generate(prompt, params, request_id, output_kind="canvas" if canvas else "delta")
+        self.received += 1
         try:
             return agen, await until_disconnect(request.receive, agen.__anext__())
         except BaseException as exc:
             await agen.aclose()
-            if isinstance(exc, ValueError):
-                raise ApiError(str(exc), _param_of(exc)) from None
+            if isinstance(exc, ValueError):  # refused before it was added
+                self.received -= 1
+                raise ApiError(scrub(str(exc)[:300], self.roots), _param_of(exc)) from None
             raise
 
     def record(self, out: "StreamOutput") -> None:
@@ -266,7 +255,10 @@ class OpenAIServer:
         except (ValueError, RuntimeError, asyncio.CancelledError) as exc:
             if isinstance(exc, asyncio.CancelledError) and _cancelling():
                 raise
-            yield f"data: {json.dumps(_failure(exc, 500).body())}\n\n"
+            if not isinstance(exc, asyncio.CancelledError):  # an abort counts as aborted
+                self.failed += 1
+                note_failure(self)
+            yield f"data: {json.dumps(_failure(exc, 500, self.roots).body())}\n\n"
         finally:
             await agen.aclose()
         yield "data: [DONE]\n\n"
@@ -296,7 +288,7 @@ async def _wait_disconnect(receive: Callable[[], Awaitable[dict[str, Any]]]) -> 
 
 async def until_disconnect(receive: Callable[[], Awaitable[dict[str, Any]]], awaitable: Awaitable[T]) -> T:
     """Await ``awaitable``; if the client disconnects first (ASGI ``receive`` says so), cancel it and raise
-    :class:`_Disconnected`."""
+    :class:`ClientGone`."""
     task = asyncio.ensure_future(awaitable)
     listener = asyncio.ensure_future(_wait_disconnect(receive))
     try:
@@ -309,7 +301,7 @@ async def until_disconnect(receive: Callable[[], Awaitable[dict[str, Any]]], awa
         return task.result()
     with contextlib.suppress(asyncio.CancelledError, Exception):
         await task
-    raise _Disconnected()
+    raise ClientGone()
 
 
 def _cancelling() -> bool:
@@ -318,43 +310,24 @@ def _cancelling() -> bool:
     return task is not None and bool(getattr(task, "cancelling", lambda: 0)())
 
 
-def metrics_text(server: OpenAIServer) -> str:
-    """The Prometheus exposition of the engine's counters and gauges."""
-    s = server.engine.stats()
-    nfe = server.nfe_total / server.nfe_count if server.nfe_count else 0.0
-    rows = [
-        ("diffuse_requests_waiting", "gauge", "Requests queued for a slot.", s["waiting"]),
-        ("diffuse_requests_running", "gauge", "Requests being decoded.", s["running"]),
-        ("diffuse_requests_finished_total", "counter", "Requests finished.", s["finished"]),
-        ("diffuse_requests_aborted_total", "counter", "Requests aborted (cancelled or disconnected).", s["aborted"]),
-        ("diffuse_output_tokens_total", "counter", "Canvas tokens of finished requests.", s["tokens_out"]),
-        ("diffuse_output_tokens_per_second", "gauge", "Output tokens per second since start.", s["tokens_per_s"]),
-        ("diffuse_steps_total", "counter", "Engine steps (one forward each).", s["steps"]),
-        ("diffuse_step_seconds_total", "counter", "Seconds spent in engine steps.", s["step_seconds_total"]),
-        ("diffuse_step_seconds_last", "gauge", "Duration of the last engine step.", s["last_step_seconds"]),
-        ("diffuse_nfe_per_request", "gauge", "Mean forward evaluations per finished request.", nfe),
-        ("diffuse_kv_pages_free", "gauge", "Free KV-cache pages.", s["kv_free_pages"]),
-        ("diffuse_kv_pages_total", "gauge", "KV-cache pages (0 until a request uses the cache).", s["kv_total_pages"]),
-    ]
-    lines = []
-    for name, kind, text, value in rows:
-        lines += [f"# HELP {name} {text}", f"# TYPE {name} {kind}", f"{name} {float(value):g}"]
-    estimate = getattr(server.engine.engine, "last_estimate", None)  # the cost model's view of the last step
-    regime = s.get("regime", getattr(estimate, "regime", None))  # only when the engine reports one
-    if regime in ("memory", "compute"):
-        lines += ["# HELP diffuse_step_regime Whether the last step was memory- or compute-bound.",
-                  "# TYPE diffuse_step_regime gauge"]
-        lines += [f'diffuse_step_regime{{regime="{r}"}} {int(r == regime)}' for r in ("memory", "compute")]
-    return "\n".join(lines) + "\n"
-
-
-def build_app(engine: "AsyncEngine", model_name: str) -> "FastAPI":
+def build_app(engine: "AsyncEngine", model_name: str, *, api_key: str | None = None,
+              max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES,
+              request_timeout: float = DEFAULT_REQUEST_TIMEOUT) -> "FastAPI":
     """The FastAPI app serving ``engine`` as ``model_name``. Its lifespan starts the engine's stepping thread
-    and shuts the engine down."""
+    and shuts the engine down. ``api_key``: every route but ``/health`` requires ``Authorization: Bearer
+    <api_key>``; ``max_request_bytes`` / ``request_timeout``: a larger body is refused with 413, a body not
+    received within that many seconds with 408."""
     from fastapi import FastAPI, Request
     from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
     from starlette.exceptions import HTTPException as StarletteHTTPException
 
+    if not isinstance(max_request_bytes, int) or max_request_bytes < 1:
+        raise ValueError(f"max_request_bytes must be an integer >= 1; got {max_request_bytes!r}.")
+    if not request_timeout > 0:
+        raise ValueError(f"request_timeout must be > 0 seconds; got {request_timeout!r}.")
+    if api_key is not None and not api_key:
+        raise ValueError("api_key must not be empty (None: no key).")
+    key = api_key.encode("utf-8") if api_key is not None else None
     server = OpenAIServer(engine, model_name)
 
     @contextlib.asynccontextmanager
@@ -378,52 +351,49 @@ def build_app(engine: "AsyncEngine", model_name: str) -> "FastAPI":
         async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
             try:
                 await until_disconnect(receive, self.stream_response(send))
-            except (_Disconnected, OSError):  # the client went away
-                pass
+            except (ClientGone, OSError):  # the client went away
+                logger.info("%s: the client disconnected during the stream", scope.get("path"))
             finally:
                 await self.body_iterator.aclose()
                 await self.closer()  # also when the body never started
 
     @app.exception_handler(ApiError)
     async def _api_error(_request: Request, exc: ApiError) -> Response:
-        return JSONResponse(exc.body(), status_code=exc.status)
+        return JSONResponse(exc.body(), status_code=exc.status, headers=exc.headers)
 
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(request: Request, exc: StarletteHTTPException) -> Response:
         error = ApiError(f"{exc.detail}: {request.method} {request.url.path}", status=exc.status_code)
         return JSONResponse(error.body(), status_code=exc.status_code)
 
-    async def read_json(request: Request) -> dict[str, Any]:
-        raw = await request.body()
-        try:
-            body = json.loads(raw)
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            raise ApiError(f"the request body is not valid JSON: {exc}") from None
-        if not isinstance(body, dict):
-            raise ApiError(f"the request body must be a JSON object; got {type(body).__name__}.")
-        return body
-
     async def complete(request: Request, chat: bool) -> Response:
-        body = await read_json(request)
-        server.check_common(body, chat)
-        if chat:
-            prompt: str | list[int] = server.chat_prompt(parse_messages(body.get("messages")))
-        else:
-            prompt = parse_prompt(body.get("prompt"))
-        params = server.sampling_params(body, chat)
-        stream = _bool(body, "stream")
+        check_api_key(request, key)  # before reading a byte of the body
+        check_content_type(request)
         rid = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
         try:
+            body = parse_json(await read_body(request, max_request_bytes, request_timeout))
+            server.check_common(body, chat)
+            messages = parse_messages(body.get("messages")) if chat else None
+            raw_prompt = None if chat else parse_prompt(body.get("prompt"))
+            params = server.sampling_params(body, chat)
+            stream = _bool(body, "stream")
+            # tokenizing (a template render, a long prompt) runs on a worker thread while this task listens
+            prompt = await until_disconnect(request.receive, server.chat_ids(messages) if chat else
+                                            server.prompt_ids(raw_prompt))
             agen, first = await server.start(prompt, params, rid, stream, request)
             if stream:
                 return ClosingStreamingResponse(server.stream(agen, first, rid, chat, body, params), agen.aclose)
             last = await until_disconnect(request.receive, server.collect(agen, first))
-        except _Disconnected:
+        except ClientGone:
+            logger.info("%s: the client disconnected before the answer", rid)
             return Response(status_code=499)  # nobody reads it
         except (RuntimeError, asyncio.CancelledError) as exc:
             if _cancelling():
                 raise
-            raise _failure(exc, 500) from None
+            if isinstance(exc, RuntimeError):  # an abort counts as aborted
+                server.failed += 1
+                note_failure(server)
+            raise _failure(exc, 500, server.roots) from None
         text = {"message": {"role": "assistant", "content": last.text}} if chat else {"text": last.text}
         choice = {"index": 0, **text, "finish_reason": FINISH_REASONS.get(last.finish_reason, last.finish_reason),
                   "logprobs": None}
@@ -440,19 +410,19 @@ def build_app(engine: "AsyncEngine", model_name: str) -> "FastAPI":
         return await complete(request, chat=True)
 
     @app.get("/v1/models")
-    async def models() -> dict[str, Any]:
+    async def models(request: Request) -> dict[str, Any]:
+        check_api_key(request, key)
         return {"object": "list", "data": [{"id": model_name, "object": "model", "created": server.created,
                                             "owned_by": "diffuse-engine"}]}
 
     @app.get("/health")
     async def health() -> Response:
-        problem = (f"an engine step failed: {engine.error}" if engine.error is not None else
-                   None if engine.is_running else "the engine thread is not running.")
-        return JSONResponse({"status": "ok"} if problem is None else {"status": "error", "message": problem},
-                            200 if problem is None else 503)
+        status, body = health_status(server)
+        return JSONResponse(body, status)
 
     @app.get("/metrics")
-    async def metrics() -> Response:
+    async def metrics(request: Request) -> Response:
+        check_api_key(request, key)
         text = await asyncio.to_thread(metrics_text, server)  # stats() waits for the engine lock (a step)
         return PlainTextResponse(text, media_type="text/plain; version=0.0.4")
 
@@ -472,6 +442,19 @@ def add_serve_command(sub: argparse._SubParsersAction) -> None:
     cmd.add_argument("--dtype", help="float32, bfloat16, float16 (default: the checkpoint's on CUDA, fp32 on CPU)")
     cmd.add_argument("--max-num-seqs", type=int, help="requests decoded per step (default 64)")
     cmd.add_argument("--kv-cache-tokens", type=int, help="token slots of the paged KV cache (default 16384)")
+    cmd.add_argument("--api-key", metavar="KEY",
+                     help=f"require 'Authorization: Bearer KEY' on every route but /health (default: the "
+                          f"{API_KEY_ENV} environment variable; no key when neither is set)")
+    cmd.add_argument("--max-request-bytes", type=int, default=DEFAULT_MAX_REQUEST_BYTES, metavar="N",
+                     help=f"largest request body; a larger one gets 413 (default {DEFAULT_MAX_REQUEST_BYTES})")
+    cmd.add_argument("--request-timeout", type=float, default=DEFAULT_REQUEST_TIMEOUT, metavar="S",
+                     help="seconds a client has to send a request body once its headers arrived; then 408 and "
+                          f"the connection closes (default {DEFAULT_REQUEST_TIMEOUT:g})")
+    cmd.add_argument("--keep-alive-timeout", type=float, default=5.0, metavar="S",
+                     help="seconds an idle keep-alive connection stays open (default 5)")
+    cmd.add_argument("--threads", type=int, metavar="N",
+                     help="CPU threads of torch (torch.set_num_threads; default: torch's own choice, one per "
+                          "core). On a machine with few cores shared with other work, set it, e.g. --threads 2")
     cmd.add_argument("--log-level", default="info", help="uvicorn log level (default info)")
     cmd.set_defaults(func=serve)
 
@@ -489,10 +472,27 @@ def serve(args: argparse.Namespace) -> int:
 
     if not 0 <= args.port <= 65535:
         raise UsageError(f"--port must be in 0..65535; got {args.port}.")
+    if args.max_request_bytes < 1:
+        raise UsageError(f"--max-request-bytes must be >= 1; got {args.max_request_bytes}.")
+    for flag in ("request_timeout", "keep_alive_timeout"):
+        if not getattr(args, flag) > 0:  # also NaN
+            raise UsageError(f"--{flag.replace('_', '-')} must be > 0 seconds; got {getattr(args, flag)}.")
+    if args.threads is not None and args.threads < 1:
+        raise UsageError(f"--threads must be an integer >= 1; got {args.threads}.")
+    if args.api_key == "":
+        raise UsageError("--api-key must not be empty.")
+    api_key = args.api_key if args.api_key is not None else os.environ.get(API_KEY_ENV) or None
+    if args.threads is not None:
+        import torch
+
+        torch.set_num_threads(args.threads)  # before the model loads and the engine starts stepping
     limits = {k: getattr(args, k) for k in ("max_num_seqs", "kv_cache_tokens") if getattr(args, k) is not None}
     engine = AsyncEngine.from_pretrained(args.model, device=_check_device(args.device), dtype=args.dtype,
                                          engine_config=EngineConfig(**limits))
-    app = build_app(engine, args.served_model_name or Path(str(args.model).rstrip("/")).name)
+    app = build_app(engine, args.served_model_name or Path(str(args.model).rstrip("/")).name, api_key=api_key,
+                    max_request_bytes=args.max_request_bytes, request_timeout=args.request_timeout)
+    config = uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level,
+                            timeout_keep_alive=args.keep_alive_timeout)
     with contextlib.suppress(KeyboardInterrupt):  # uvicorn re-raises the Ctrl-C it shut down gracefully on
-        uvicorn.Server(uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level)).run()
+        uvicorn.Server(config).run()
     return 0

@@ -4,6 +4,9 @@ byte-level tokenizer with a dense id space for the random checkpoints of tests a
 from __future__ import annotations
 
 import json
+import re
+import threading
+import uuid
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
@@ -74,7 +77,9 @@ class Tokenizer:
     """A ``tokenizers.Tokenizer`` with the special tokens and chat template of its model folder.
 
     ``encode`` adds no special tokens (no BOS): the chat template or the caller decides; special-token strings
-    written in the text (``<|eot_id|>``) still map to their ids.
+    written in the text (``<|eot_id|>``) still map to their ids unless ``special=False``. :meth:`encode_chat`
+    renders a conversation and tokenizes it so that only the template's own markers become special ids: a
+    marker written inside a message's content stays text.
     """
 
     def __init__(self, backend: tokenizers.Tokenizer, *, chat_template: str | None = None,
@@ -86,6 +91,11 @@ class Tokenizer:
         self.source = source
         self._vocab_size = backend.get_vocab_size(with_added_tokens=True)
         self._special_ids = frozenset(backend.get_added_tokens_decoder())
+        self._plain: tokenizers.Tokenizer | None = None  # a copy that reads special-token strings as text
+        self._plain_lock = threading.Lock()
+        specials = sorted({t.content for t in backend.get_added_tokens_decoder().values() if t.special},
+                          key=len, reverse=True)  # longest first: the leftmost match is the longest one
+        self._special_re = re.compile("|".join(map(re.escape, specials))) if specials else None
 
     @classmethod
     def from_dir(cls, path: str | Path) -> Tokenizer:
@@ -141,9 +151,19 @@ class Tokenizer:
         return self.backend.id_to_token(token_id) if 0 <= token_id < self._vocab_size else None
 
     # ------------------------------------------------------------------ text
-    def encode(self, text: str) -> list[int]:
-        """Token ids of ``text``, without any special token added."""
-        return self.backend.encode(text, add_special_tokens=False).ids
+    def encode(self, text: str, *, special: bool = True) -> list[int]:
+        """Token ids of ``text``, without any special token added. ``special=False``: special-token strings in
+        the text (``<|eot_id|>``) are encoded as the ordinary text they spell, not as their ids."""
+        return (self.backend if special else self._plain_backend()).encode(text, add_special_tokens=False).ids
+
+    def _plain_backend(self) -> tokenizers.Tokenizer:
+        if self._plain is None:
+            with self._plain_lock:
+                if self._plain is None:  # a copy: the flag is a property of the whole backend object
+                    plain = tokenizers.Tokenizer.from_str(self.backend.to_str())
+                    plain.encode_special_tokens = True
+                    self._plain = plain
+        return self._plain
 
     def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
         """Text of ``ids``; ids outside the tokenizer's vocabulary (padding rows of a larger embedding) are
@@ -161,17 +181,76 @@ class Tokenizer:
         sandbox. The template sees ``messages``, ``add_generation_prompt``, ``bos_token`` and ``eos_token``
         (empty strings when the folder defines none) and may call ``raise_exception(message)``."""
         if self.chat_template is None:
-            raise ValueError(f"Tokenizer folder {self.source} has no chat template (neither {CHAT_TEMPLATE_FILE} "
-                             f"nor a 'chat_template' field in {TOKENIZER_CONFIG_FILE}).")
+            raise ValueError(f"This tokenizer has no chat template (neither {CHAT_TEMPLATE_FILE} nor a "
+                             f"'chat_template' field in {TOKENIZER_CONFIG_FILE}).")
         if not isinstance(messages, list) or not all(isinstance(m, dict) for m in messages):
             raise ValueError("messages must be a list of {'role': ..., 'content': ...} dicts.")
-        try:
+        try:  # the messages say no folder path: callers show them to clients (``source`` holds the folder)
             return _compile_template(self.chat_template).render(
                 messages=messages, add_generation_prompt=add_generation_prompt,
                 bos_token=self.bos_token or "", eos_token=self.eos_token or "")
         except TemplateError as exc:
-            raise ValueError(f"The chat template of {self.source} failed to render: {str(exc).rstrip('.')}."
-                             ) from None
+            raise ValueError(f"The chat template failed to render: {str(exc).rstrip('.')}.") from None
+
+    def encode_chat(self, messages: list[dict[str, Any]], add_generation_prompt: bool = True) -> list[int]:
+        """Token ids of the conversation rendered by :meth:`apply_chat_template`, where only the template's own
+        text may hold special tokens: a special-token string inside a message's ``content`` (a user writing
+        ``<|eot_id|>``) is encoded as ordinary text. A conversation whose contents hold no such string gets
+        exactly ``encode(apply_chat_template(messages))``.
+
+        The template is rendered twice: with the real contents and with a unique placeholder for each string
+        content. The placeholders locate every content in the real rendering (also when the template trims it);
+        special tokens are then split out of the template's text only, and the text between them is encoded
+        with special-token strings read as text."""
+        text = self.apply_chat_template(messages, add_generation_prompt)
+        if self._special_re is None:
+            return self.encode(text)
+        spans = self._content_spans(messages, add_generation_prompt, text)
+        ids: list[int] = []
+        start = 0  # the start of the text not yet encoded
+        for lo, hi in [(0, spans[0][0] if spans else len(text)), *(
+                (a[1], b[0]) for a, b in zip(spans, [*spans[1:], (len(text), len(text))], strict=True))]:
+            for match in self._special_re.finditer(text, lo, hi):  # the template's own markers
+                if match.start() > start:
+                    ids += self.encode(text[start:match.start()], special=False)
+                ids.append(self.backend.token_to_id(match.group()))
+                start = match.end()
+        if start < len(text):
+            ids += self.encode(text[start:], special=False)
+        return ids
+
+    def _content_spans(self, messages: list[dict[str, Any]], add_generation_prompt: bool,
+                       text: str) -> list[tuple[int, int]]:
+        """Where each message's content lies in ``text`` (the real rendering), in order, as (start, end)."""
+        nonce = uuid.uuid4().hex
+        marked = [{**m, "content": f"\ue000{nonce}:{i}\ue001"} if isinstance(m.get("content"), str) else m
+                  for i, m in enumerate(messages)]
+        skeleton = self.apply_chat_template(marked, add_generation_prompt)
+        parts = re.split(f"\ue000{nonce}:(\\d+)\ue001", skeleton)  # text, index, text, index, ..., text
+        spans, pos = [], 0
+        for k in range(0, len(parts) - 1, 2):
+            literal, content, after = parts[k], messages[int(parts[k + 1])]["content"], parts[k + 2]
+            if not text.startswith(literal, pos):
+                raise ValueError(_UNSPLITTABLE)
+            pos += len(literal)
+            # The template may trim a content: take the form after which the template's text goes on.
+            last = k + 3 >= len(parts)
+            for form in (content, content.strip(), content.lstrip(), content.rstrip()):
+                end = pos + len(form)
+                if text.startswith(form, pos) and (text.endswith(after) and end == len(text) - len(after)
+                                                   if last else text.startswith(after, end)):
+                    break
+            else:
+                raise ValueError(_UNSPLITTABLE)
+            spans.append((pos, end))
+            pos = end
+        if not text.startswith(parts[-1], pos) or pos + len(parts[-1]) != len(text):
+            raise ValueError(_UNSPLITTABLE)
+        return spans
+
+
+_UNSPLITTABLE = ("The chat template changes message contents in a way that keeps them from being told apart "
+                 "from the template's own text, so the conversation cannot be tokenized safely.")
 
 
 # ---------------------------------------------------------------------- byte-level tokenizer
