@@ -71,7 +71,9 @@ def check_content_type(request: "Request") -> None:
     media = (given or "").split(";", 1)[0].strip().lower()
     if given is not None and media != "application/json" and not (
             media.startswith("application/") and media.endswith("+json")):
-        raise ApiError(f"the Content-Type header must be application/json; got {brief(given)}.", status=415)
+        hint = (" (curl -d sends that unless given -H 'Content-Type: application/json')"
+                if media == "application/x-www-form-urlencoded" else "")
+        raise ApiError(f"the Content-Type header must be application/json; got {brief(given)}{hint}.", status=415)
 
 
 def _too_large(limit: int) -> ApiError:
