@@ -277,10 +277,6 @@ def test_a_disconnect_at_any_stage_aborts_quietly(app, engine, monkeypatch, capl
     caplog.set_level(logging.DEBUG)
     _run(_disconnect(app, driver, when))
     time.sleep(0.4)  # a slowed call on a worker thread has returned
-    if stage == "while being added" and engine.engine.has_unfinished():
-        for req in [*engine.engine.running, *engine.engine.waiting]:
-            engine.abort(req.request_id)
-        pytest.xfail("AsyncEngine.generate does not abort a request cancelled while it is being added")
     _wait_idle(engine)
     assert not any(r.exc_info or "Traceback" in r.getMessage() for r in caplog.records), caplog.text
     assert not [r for r in caplog.records if r.levelno >= logging.WARNING], caplog.text
