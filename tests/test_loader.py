@@ -234,8 +234,8 @@ CASES = {
                                                     r"does not exist"),
     "wrong shape": (lambda f: _rewrite_weights(f, lambda t: t.update({"model.transformer.blocks.1.q_proj.weight":
                                                                       torch.zeros(32, 64)})),
-                    r"blocks\.1\.q_proj\.weight has shape \(32, 64\) in the checkpoint but the config implies "
-                    r"\(64, 64\)"),
+                    r"model\.safetensors: tensor 'model\.transformer\.blocks\.1\.q_proj\.weight' has shape \(32, 64\) "
+                    r"but the config implies \(64, 64\)"),
     "missing tensor": (lambda f: _rewrite_weights(f, lambda t: t.pop("model.transformer.blocks.0.ff_norm.weight")),
                        r"lacks 1 tensor\(s\) that the config requires: model\.transformer\.blocks\.0\.ff_norm\.weight"),
     "unexpected tensor": (lambda f: _rewrite_weights(f, lambda t: t.update({"model.transformer.blocks.2.x.weight":
