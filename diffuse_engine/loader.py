@@ -87,7 +87,8 @@ def _read_config(folder: Path) -> tuple[ModelConfig, dict]:
     try:
         return ModelConfig.from_hf(raw), raw
     except ValueError as exc:
-        raise CheckpointError(f"{CONFIG_FILE} does not describe a supported model: {exc}") from None
+        message = str(exc)  # config messages name config.json and the key; others get the file name in front
+        raise CheckpointError(message if message.startswith(CONFIG_FILE) else f"{CONFIG_FILE}: {message}") from None
 
 
 def check_weights_default() -> bool:

@@ -226,7 +226,7 @@ CASES = {
     "corrupt config.json": (lambda f: (f / "config.json").write_text('{"d_model": 64,'),
                             r"config\.json is not valid JSON"),
     "unknown model_type": (lambda f: _edit_json(f / "config.json", model_type="gpt2", architectures=["GPT2LM"]),
-                           r"config\.json does not describe a supported model.*model_type 'gpt2'"),
+                           r"config\.json has model_type 'gpt2'.*supported are LLaDA"),
     "no safetensors": (lambda f: (f / "model.safetensors").unlink(),
                        r"has neither model\.safetensors nor model\.safetensors\.index\.json"),
     "truncated safetensors": (_truncate, r"model\.safetensors is not a readable safetensors file"),
