@@ -197,19 +197,19 @@ class _Keys:
     def read_float(self, field_name: str, key: str, default: float) -> float:
         value, _ = self._value(field_name, key, default)
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < math.inf:
-            raise ValueError(f"config.json key {key!r} must be a finite positive number, got {value!r}.")
+            raise ValueError(f"config.json: {key} must be a finite positive number, got {value!r}.")
         return float(value)
 
     def read_bool(self, key: str, default: bool) -> bool:
         value, _ = self._value(None, key, default)
         if not isinstance(value, bool):
-            raise ValueError(f"config.json key {key!r} must be true or false, got {value!r}.")
+            raise ValueError(f"config.json: {key} must be true or false, got {value!r}.")
         return value
 
     def read_str(self, key: str, default: str) -> str:
         value, _ = self._value(None, key, default)
         if not isinstance(value, str):
-            raise ValueError(f"config.json key {key!r} must be a string, got {value!r}.")
+            raise ValueError(f"config.json: {key} must be a string, got {value!r}.")
         return value
 
     def require(self, key: str, expected: Any, what: str) -> None:
@@ -220,13 +220,11 @@ class _Keys:
 
 def _as_int(key: str, value: Any, minimum: int) -> int:
     """``value`` as an int of at least ``minimum``; bools, strings and non-integral floats are refused."""
+    what = {0: "a non-negative integer", 1: "a positive integer"}.get(minimum, f"an integer >= {minimum}")
     if isinstance(value, float) and value.is_integer():
         value = int(value)
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise ValueError(f"config.json key {key!r} must be an integer, got {value!r}.")
-    if value < minimum:
-        what = "a positive integer" if minimum == 1 else f"an integer >= {minimum}"
-        raise ValueError(f"config.json key {key!r} must be {what}, got {value!r}.")
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ValueError(f"config.json: {key} must be {what}, got {value!r}.")
     return value
 
 
@@ -242,21 +240,21 @@ def _build(keys: _Keys, **fields: Any) -> ModelConfig:
     src = keys.source
     heads, kv, hidden = fields["num_heads"], fields["num_kv_heads"], fields["hidden_size"]
     if fields.get("explicit_head_dim") is None and hidden % heads:
-        raise ValueError(f"config.json key {src['hidden_size']!r} ({hidden}) must be divisible by "
-                         f"{src['num_heads']!r} ({heads}).")
+        raise ValueError(f"config.json: {src['hidden_size']} ({hidden}) must be divisible by {src['num_heads']} "
+                         f"({heads}).")
     if heads % kv:
-        raise ValueError(f"config.json key {src['num_heads']!r} ({heads}) must be divisible by "
-                         f"{src['num_kv_heads']!r} ({kv}).")
+        raise ValueError(f"config.json: {src['num_heads']} ({heads}) must be divisible by {src['num_kv_heads']} "
+                         f"({kv}).")
     head_dim = fields.get("explicit_head_dim") or hidden // heads
     if head_dim % 2:
         key = "head_dim" if fields.get("explicit_head_dim") else f"{src['hidden_size']} / {src['num_heads']}"
-        raise ValueError(f"config.json: the head width {key!r} ({head_dim}) must be even for rotary embeddings.")
+        raise ValueError(f"config.json: {key} ({head_dim}) must be even for rotary embeddings.")
     vocab = fields["vocab_size"]
     for name in _TOKEN_FIELDS:
         value = fields.get(name)
         if value is not None and value >= vocab:
-            raise ValueError(f"config.json key {src.get(name, name)!r} ({value}) is not a token id below "
-                             f"{src['vocab_size']!r} ({vocab}).")
+            raise ValueError(f"config.json: {src.get(name, name)} ({value}) is not a token id below "
+                             f"{src['vocab_size']} ({vocab}).")
     try:
         return ModelConfig(**fields)
     except ValueError as exc:  # a check the dataclass makes and the keys above do not (field names = keys)
