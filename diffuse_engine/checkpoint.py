@@ -5,6 +5,7 @@ tests and benchmarks that must not download weights: ``config.json``, ``model.sa
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +27,10 @@ _DERIVED_SPECIALS: dict[str, tuple[tuple[str, str], ...]] = {
 }
 _FAMILY_TEMPLATES = {"llada": presets.LLADA_CHAT_TEMPLATE, "dream": presets.QWEN_CHAT_TEMPLATE,
                      "sdar": presets.QWEN_CHAT_TEMPLATE}
+
+# Mode of every written file: readable by all (a model folder is often served by another user), whatever the
+# process umask or the writer's own default.
+FILE_MODE = 0o644
 
 _DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16",
                 torch.float64: "float64"}
@@ -86,6 +91,12 @@ def _shard(tensors: dict[str, torch.Tensor], shard_size: int) -> list[dict[str, 
 
 def _write_json(path: Path, data: Any) -> None:
     path.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    os.chmod(path, FILE_MODE)
+
+
+def _save_tensors(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str]) -> None:
+    save_file(tensors, str(path), metadata=metadata)
+    os.chmod(path, FILE_MODE)
 
 
 def _clear(folder: Path, overwrite: bool) -> None:
@@ -133,7 +144,7 @@ def save_model_folder(path: str | Path, model: torch.nn.Module, *, special_token
     """Write ``model`` (a :class:`~diffuse_engine.models.DiffusionLM`, e.g. a trained one) as a Hugging Face
     folder at ``path``: config, weights in ``dtype`` under the model's state-dict names, the byte-level
     tokenizer with ``special_tokens`` and a tokenizer config. Other files in the folder are left alone; weight
-    files are replaced only with ``overwrite``."""
+    files are replaced only with ``overwrite``. Every file written gets mode 0644 (:data:`FILE_MODE`)."""
     config: ModelConfig = model.config
     torch_dtype = parse_dtype(dtype)
     if shard_size is not None and (not isinstance(shard_size, int) or shard_size <= 0):
@@ -150,18 +161,19 @@ def save_model_folder(path: str | Path, model: torch.nn.Module, *, special_token
     tensors = {name: t.detach().to("cpu", torch_dtype).contiguous() for name, t in model.state_dict().items()}
     metadata = {"format": "pt"}
     if shard_size is None:
-        save_file(tensors, str(folder / WEIGHTS_FILE), metadata=metadata)
+        _save_tensors(tensors, folder / WEIGHTS_FILE, metadata)
     else:
         shards = _shard(tensors, shard_size)
         weight_map: dict[str, str] = {}
         for i, shard in enumerate(shards, start=1):
             name = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
-            save_file(shard, str(folder / name), metadata=metadata)
+            _save_tensors(shard, folder / name, metadata)
             weight_map.update(dict.fromkeys(shard, name))
         total = sum(t.numel() * t.element_size() for t in tensors.values())
         _write_json(folder / INDEX_FILE, {"metadata": {"total_size": total}, "weight_map": weight_map})
 
     tokenizer.save(str(folder / TOKENIZER_FILE))
+    os.chmod(folder / TOKENIZER_FILE, FILE_MODE)
     added = {str(i): {"content": c, "lstrip": False, "normalized": False, "rstrip": False, "single_word": False,
                       "special": True} for c, i in sorted(special_tokens.items(), key=lambda kv: kv[1])}
     pad = {i: c for c, i in special_tokens.items()}.get(config.pad_token_id)

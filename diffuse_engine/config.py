@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -76,10 +77,10 @@ class ModelConfig:
                 continue
             if not isinstance(value, int) or not 0 <= value < self.vocab_size:
                 raise ValueError(f"{name} must be a token id in [0, {self.vocab_size}), got {value!r}.")
-        if not self.rms_norm_eps > 0:
-            raise ValueError(f"rms_norm_eps must be positive, got {self.rms_norm_eps!r}.")
-        if not self.rope_theta > 0:
-            raise ValueError(f"rope_theta must be positive, got {self.rope_theta!r}.")
+        for name in ("rms_norm_eps", "rope_theta"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < math.inf:
+                raise ValueError(f"{name} must be a finite positive number, got {value!r}.")
 
     def _check_sdar_fields(self) -> None:
         """Validate ``explicit_head_dim`` and ``block_size``, filling SDAR's defaults in place."""
@@ -137,23 +138,23 @@ class ModelConfig:
     # ------------------------------------------------------------------ Hugging Face layout
     @classmethod
     def from_hf(cls, raw: dict[str, Any]) -> ModelConfig:
-        """Parse a ``config.json`` dict of a LLaDA, Dream or SDAR checkpoint."""
+        """Parse a ``config.json`` dict of a LLaDA, Dream or SDAR checkpoint.
+
+        Every value is checked under its ``config.json`` key before the config is built: sizes are positive
+        integers (an integral float such as ``4.0`` is accepted; ``true``, ``4.5`` or ``"4"`` are not), token ids
+        lie in ``[0, vocab_size)``, ``rms_norm_eps`` and ``rope_theta`` are finite and positive, flags are
+        booleans, and the head counts divide. A violation raises a ValueError that names the key."""
         if not isinstance(raw, dict):
             raise ValueError("config.json must hold a JSON object.")
         model_type = str(raw.get("model_type", "")).lower()
-        archs = [str(a).lower() for a in raw.get("architectures") or []]
-        try:
-            if model_type == "llada" or any("llada" in a for a in archs):
-                return _llada_from_hf(raw)
-            if model_type == "dream" or any("dream" in a for a in archs):
-                return _dream_from_hf(raw)
-            if model_type == "sdar" or any("sdar" in a for a in archs):
-                return _sdar_from_hf(raw)
-        except KeyError as exc:
-            raise ValueError(f"config.json lacks the required key {exc.args[0]!r} for model_type "
-                             f"{raw.get('model_type')!r}.") from None
-        except TypeError as exc:
-            raise ValueError(f"config.json has a value of the wrong type: {exc}.") from None
+        archs = raw.get("architectures") or []
+        archs = [str(a).lower() for a in archs] if isinstance(archs, list) else [str(archs).lower()]
+        if model_type == "llada" or any("llada" in a for a in archs):
+            return _llada_from_hf(_Keys(raw))
+        if model_type == "dream" or any("dream" in a for a in archs):
+            return _dream_from_hf(_Keys(raw))
+        if model_type == "sdar" or any("sdar" in a for a in archs):
+            return _sdar_from_hf(_Keys(raw))
         raise ValueError(f"config.json has model_type {raw.get('model_type')!r} and architectures "
                          f"{raw.get('architectures')!r}; supported are LLaDA (model_type 'llada'), Dream "
                          f"(model_type 'Dream') and SDAR (model_type 'sdar').")
@@ -167,54 +168,149 @@ def _positive_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool) and value > 0
 
 
-def _require(raw: dict[str, Any], key: str, expected: Any, what: str) -> None:
-    if key in raw and raw[key] is not None and raw[key] != expected:
-        raise ValueError(f"config.json sets {key}={raw[key]!r}; {what} is not supported (expected {expected!r}).")
+_REQUIRED = object()
 
 
-def _llada_from_hf(raw: dict[str, Any]) -> ModelConfig:
-    _require(raw, "block_type", "llama", "a block type other than 'llama'")
-    _require(raw, "layer_norm_type", "rms", "a norm other than RMSNorm")
-    _require(raw, "alibi", False, "ALiBi")
-    _require(raw, "rope", True, "a model without RoPE")
-    _require(raw, "attention_layer_norm", False, "q/k layer norm")
-    _require(raw, "scale_logits", False, "logit scaling")
-    _require(raw, "include_bias", False, "linear biases")
-    _require(raw, "bias_for_layer_norm", False, "norm biases")
-    _require(raw, "input_emb_norm", False, "input embedding norm")
+class _Keys:
+    """Typed reads of ``config.json`` values; every error names the key. ``source`` records which key gave each
+    ModelConfig field, so that the cross-field checks of :func:`_build` can name keys too."""
+
+    def __init__(self, raw: dict[str, Any]) -> None:
+        self.raw = raw
+        self.source: dict[str, str] = {}
+
+    def _value(self, field_name: str | None, key: str, default: Any) -> tuple[Any, bool]:
+        """(value, whether config.json gave it); a null value counts as absent."""
+        if field_name is not None:
+            self.source[field_name] = key
+        value = self.raw.get(key)
+        if value is not None:
+            return value, True
+        if default is _REQUIRED:
+            raise ValueError(f"config.json lacks the required key {key!r}.")
+        return default, False
+
+    def read_int(self, field_name: str, key: str, default: Any = _REQUIRED, *, minimum: int = 1) -> Any:
+        value, given = self._value(field_name, key, default)
+        return _as_int(key, value, minimum) if given else value
+
+    def read_float(self, field_name: str, key: str, default: float) -> float:
+        value, _ = self._value(field_name, key, default)
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < math.inf:
+            raise ValueError(f"config.json: {key} must be a finite positive number, got {value!r}.")
+        return float(value)
+
+    def read_bool(self, key: str, default: bool) -> bool:
+        value, _ = self._value(None, key, default)
+        if not isinstance(value, bool):
+            raise ValueError(f"config.json: {key} must be true or false, got {value!r}.")
+        return value
+
+    def read_str(self, key: str, default: str) -> str:
+        value, _ = self._value(None, key, default)
+        if not isinstance(value, str):
+            raise ValueError(f"config.json: {key} must be a string, got {value!r}.")
+        return value
+
+    def require(self, key: str, expected: Any, what: str) -> None:
+        if key in self.raw and self.raw[key] is not None and self.raw[key] != expected:
+            raise ValueError(f"config.json sets {key}={self.raw[key]!r}; {what} is not supported (expected "
+                             f"{expected!r}).")
+
+
+def _as_int(key: str, value: Any, minimum: int) -> int:
+    """``value`` as an int of at least ``minimum``; bools, strings and non-integral floats are refused."""
+    what = {0: "a non-negative integer", 1: "a positive integer"}.get(minimum, f"an integer >= {minimum}")
+    if isinstance(value, float) and value.is_integer():
+        value = int(value)
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ValueError(f"config.json: {key} must be {what}, got {value!r}.")
+    return value
+
+
+_TOKEN_FIELDS = ("mask_token_id", "eos_token_id", "pad_token_id", "bos_token_id", "eot_token_id")
+
+
+def _token_ids(keys: _Keys, defaults: dict[str, Any]) -> dict[str, int | None]:
+    return {f: keys.read_int(f, f, defaults.get(f), minimum=0) for f in _TOKEN_FIELDS}
+
+
+def _build(keys: _Keys, **fields: Any) -> ModelConfig:
+    """The cross-field checks of every family, naming the ``config.json`` keys, then the ModelConfig."""
+    src = keys.source
+    heads, kv, hidden = fields["num_heads"], fields["num_kv_heads"], fields["hidden_size"]
+    if fields.get("explicit_head_dim") is None and hidden % heads:
+        raise ValueError(f"config.json: {src['hidden_size']} ({hidden}) must be divisible by {src['num_heads']} "
+                         f"({heads}).")
+    if heads % kv:
+        raise ValueError(f"config.json: {src['num_heads']} ({heads}) must be divisible by {src['num_kv_heads']} "
+                         f"({kv}).")
+    head_dim = fields.get("explicit_head_dim") or hidden // heads
+    if head_dim % 2:
+        key = "head_dim" if fields.get("explicit_head_dim") else f"{src['hidden_size']} / {src['num_heads']}"
+        raise ValueError(f"config.json: {key} ({head_dim}) must be even for rotary embeddings.")
+    vocab = fields["vocab_size"]
+    for name in _TOKEN_FIELDS:
+        value = fields.get(name)
+        if value is not None and value >= vocab:
+            raise ValueError(f"config.json: {src.get(name, name)} ({value}) is not a token id below "
+                             f"{src['vocab_size']} ({vocab}).")
+    try:
+        return ModelConfig(**fields)
+    except ValueError as exc:  # a check the dataclass makes and the keys above do not (field names = keys)
+        raise ValueError(f"config.json: {exc}") from None
+
+
+def _llada_from_hf(keys: _Keys) -> ModelConfig:
+    raw = keys.raw
+    keys.require("block_type", "llama", "a block type other than 'llama'")
+    keys.require("layer_norm_type", "rms", "a norm other than RMSNorm")
+    keys.require("alibi", False, "ALiBi")
+    keys.require("rope", True, "a model without RoPE")
+    keys.require("attention_layer_norm", False, "q/k layer norm")
+    keys.require("scale_logits", False, "logit scaling")
+    keys.require("include_bias", False, "linear biases")
+    keys.require("bias_for_layer_norm", False, "norm biases")
+    keys.require("input_emb_norm", False, "input embedding norm")
     act = raw.get("activation_type", "silu")
     if act not in ("silu", "swiglu"):
         raise ValueError(f"config.json sets activation_type={act!r}; only 'silu' (SwiGLU) is supported.")
-    d_model = int(raw["d_model"])
-    n_heads = int(raw["n_heads"])
-    n_kv = raw.get("n_kv_heads")
-    if raw.get("multi_query_attention"):
+    d_model = keys.read_int("hidden_size", "d_model")
+    n_heads = keys.read_int("num_heads", "n_heads")
+    if keys.read_bool("multi_query_attention", False):
+        keys.source["num_kv_heads"] = "multi_query_attention"
         n_kv = 1
-    mlp = raw.get("mlp_hidden_size") or int(raw.get("mlp_ratio", 4) * d_model)
-    vocab = raw.get("embedding_size") or raw["vocab_size"]
+    else:
+        n_kv = keys.read_int("num_kv_heads", "n_kv_heads", n_heads)
+    if raw.get("mlp_hidden_size") is not None:
+        mlp = keys.read_int("intermediate_size", "mlp_hidden_size")
+    else:
+        ratio = keys.read_float("intermediate_size", "mlp_ratio", 4)
+        mlp = _as_int("mlp_ratio * d_model", ratio * d_model, 1)
+    if raw.get("embedding_size") is not None:
+        vocab = keys.read_int("vocab_size", "embedding_size")
+    else:
+        vocab = keys.read_int("vocab_size", "vocab_size")
     known = set(_LLADA_DEFAULTS) | {"d_model", "n_heads", "n_kv_heads", "n_layers", "mlp_hidden_size", "mlp_ratio",
                                     "embedding_size", "vocab_size", "rms_norm_eps", "rope_theta",
                                     "max_sequence_length", "include_qkv_bias", "weight_tying", "mask_token_id",
                                     "eos_token_id", "pad_token_id", "bos_token_id", "eot_token_id", "torch_dtype"}
-    return ModelConfig(
+    return _build(
+        keys,
         arch="llada",
         hidden_size=d_model,
-        num_layers=int(raw["n_layers"]),
+        num_layers=keys.read_int("num_layers", "n_layers"),
         num_heads=n_heads,
-        num_kv_heads=int(n_kv) if n_kv else n_heads,
-        intermediate_size=int(mlp),
-        vocab_size=int(vocab),
-        mask_token_id=int(raw.get("mask_token_id", 126336)),
-        eos_token_id=int(raw.get("eos_token_id", 126081)),
-        max_position_embeddings=int(raw.get("max_sequence_length", 4096)),
-        rms_norm_eps=float(raw.get("rms_norm_eps", 1e-5)),
-        rope_theta=float(raw.get("rope_theta", 10000.0)),
-        qkv_bias=bool(raw.get("include_qkv_bias", False)),
-        tie_word_embeddings=bool(raw.get("weight_tying", False)),
-        pad_token_id=_opt_int(raw.get("pad_token_id")),
-        bos_token_id=_opt_int(raw.get("bos_token_id")),
-        eot_token_id=_opt_int(raw.get("eot_token_id")),
-        torch_dtype=str(raw.get("torch_dtype", "bfloat16")),
+        num_kv_heads=n_kv,
+        intermediate_size=mlp,
+        vocab_size=vocab,
+        **_token_ids(keys, {"mask_token_id": 126336, "eos_token_id": 126081}),
+        max_position_embeddings=keys.read_int("max_position_embeddings", "max_sequence_length", 4096),
+        rms_norm_eps=keys.read_float("rms_norm_eps", "rms_norm_eps", 1e-5),
+        rope_theta=keys.read_float("rope_theta", "rope_theta", 10000.0),
+        qkv_bias=keys.read_bool("include_qkv_bias", False),
+        tie_word_embeddings=keys.read_bool("weight_tying", False),
+        torch_dtype=keys.read_str("torch_dtype", "bfloat16"),
         extra={k: v for k, v in raw.items() if k not in known},
     )
 
@@ -230,72 +326,57 @@ def _refuse_unsupported_qwen(raw: dict[str, Any]) -> None:
         raise ValueError(f"config.json sets hidden_act={act!r}; only 'silu' is supported.")
 
 
-def _dream_from_hf(raw: dict[str, Any]) -> ModelConfig:
-    _refuse_unsupported_qwen(raw)
-    n_heads = int(raw["num_attention_heads"])
+def _qwen_fields(keys: _Keys, max_len: int, rms_eps: float, theta: float) -> dict[str, Any]:
+    """The fields that Dream (Qwen2) and SDAR (Qwen3) configs spell alike."""
+    _refuse_unsupported_qwen(keys.raw)
+    n_heads = keys.read_int("num_heads", "num_attention_heads")
+    return dict(
+        hidden_size=keys.read_int("hidden_size", "hidden_size"),
+        num_layers=keys.read_int("num_layers", "num_hidden_layers"),
+        num_heads=n_heads,
+        num_kv_heads=keys.read_int("num_kv_heads", "num_key_value_heads", n_heads),
+        intermediate_size=keys.read_int("intermediate_size", "intermediate_size"),
+        vocab_size=keys.read_int("vocab_size", "vocab_size"),
+        max_position_embeddings=keys.read_int("max_position_embeddings", "max_position_embeddings", max_len),
+        rms_norm_eps=keys.read_float("rms_norm_eps", "rms_norm_eps", rms_eps),
+        rope_theta=keys.read_float("rope_theta", "rope_theta", theta),
+        tie_word_embeddings=keys.read_bool("tie_word_embeddings", False),
+        torch_dtype=keys.read_str("torch_dtype", "bfloat16"),
+    )
+
+
+def _dream_from_hf(keys: _Keys) -> ModelConfig:
     known = set(_DREAM_DEFAULTS) | {"hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
                                     "intermediate_size", "vocab_size", "rms_norm_eps", "rope_theta",
                                     "max_position_embeddings", "tie_word_embeddings", "mask_token_id",
                                     "eos_token_id", "pad_token_id", "bos_token_id", "eot_token_id", "torch_dtype"}
-    return ModelConfig(
+    return _build(
+        keys,
         arch="dream",
-        hidden_size=int(raw["hidden_size"]),
-        num_layers=int(raw["num_hidden_layers"]),
-        num_heads=n_heads,
-        num_kv_heads=int(raw.get("num_key_value_heads") or n_heads),
-        intermediate_size=int(raw["intermediate_size"]),
-        vocab_size=int(raw["vocab_size"]),
-        mask_token_id=int(raw["mask_token_id"]),
-        eos_token_id=int(raw["eos_token_id"]),
-        max_position_embeddings=int(raw.get("max_position_embeddings", 131072)),
-        rms_norm_eps=float(raw.get("rms_norm_eps", 1e-6)),
-        rope_theta=float(raw.get("rope_theta", 1000000.0)),
+        **_qwen_fields(keys, 131072, 1e-6, 1000000.0),
+        **_token_ids(keys, {"mask_token_id": _REQUIRED, "eos_token_id": _REQUIRED}),
         qkv_bias=True,
-        tie_word_embeddings=bool(raw.get("tie_word_embeddings", False)),
-        pad_token_id=_opt_int(raw.get("pad_token_id")),
-        bos_token_id=_opt_int(raw.get("bos_token_id")),
-        eot_token_id=_opt_int(raw.get("eot_token_id")),
-        torch_dtype=str(raw.get("torch_dtype", "bfloat16")),
-        extra={k: v for k, v in raw.items() if k not in known},
+        extra={k: v for k, v in keys.raw.items() if k not in known},
     )
 
 
-def _sdar_from_hf(raw: dict[str, Any]) -> ModelConfig:
-    _refuse_unsupported_qwen(raw)
-    n_heads = int(raw["num_attention_heads"])
-    block = raw.get("block_size")
+def _sdar_from_hf(keys: _Keys) -> ModelConfig:
     known = set(_SDAR_DEFAULTS) | {"hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
                                    "head_dim", "intermediate_size", "vocab_size", "rms_norm_eps", "rope_theta",
                                    "max_position_embeddings", "attention_bias", "tie_word_embeddings",
                                    "mask_token_id", "eos_token_id", "pad_token_id", "bos_token_id", "eot_token_id",
                                    "torch_dtype", "block_size"}
-    return ModelConfig(
+    return _build(
+        keys,
         arch="sdar",
-        hidden_size=int(raw["hidden_size"]),
-        num_layers=int(raw["num_hidden_layers"]),
-        num_heads=n_heads,
-        num_kv_heads=int(raw.get("num_key_value_heads") or n_heads),
-        intermediate_size=int(raw["intermediate_size"]),
-        vocab_size=int(raw["vocab_size"]),
-        mask_token_id=int(raw.get("mask_token_id", SDAR_MASK_TOKEN_ID)),
-        eos_token_id=int(raw["eos_token_id"]),
-        max_position_embeddings=int(raw.get("max_position_embeddings", 32768)),
-        rms_norm_eps=float(raw.get("rms_norm_eps", 1e-6)),
-        rope_theta=float(raw.get("rope_theta", 10000.0)),
-        qkv_bias=bool(raw.get("attention_bias", False)),
-        tie_word_embeddings=bool(raw.get("tie_word_embeddings", False)),
-        pad_token_id=_opt_int(raw.get("pad_token_id")),
-        bos_token_id=_opt_int(raw.get("bos_token_id")),
-        eot_token_id=_opt_int(raw.get("eot_token_id")),
-        torch_dtype=str(raw.get("torch_dtype", "bfloat16")),
-        explicit_head_dim=int(raw["head_dim"]),  # Qwen3 configs always state it; it need not be hidden / heads
-        block_size=SDAR_DEFAULT_BLOCK_SIZE if block is None else block,  # validated by ModelConfig
-        extra={k: v for k, v in raw.items() if k not in known},
+        **_qwen_fields(keys, 32768, 1e-6, 10000.0),
+        **_token_ids(keys, {"mask_token_id": SDAR_MASK_TOKEN_ID, "eos_token_id": _REQUIRED}),
+        qkv_bias=keys.read_bool("attention_bias", False),
+        # Qwen3 configs always state head_dim; it need not be hidden_size / num_attention_heads
+        explicit_head_dim=keys.read_int("explicit_head_dim", "head_dim"),
+        block_size=keys.read_int("block_size", "block_size", SDAR_DEFAULT_BLOCK_SIZE),
+        extra={k: v for k, v in keys.raw.items() if k not in known},
     )
-
-
-def _opt_int(value: Any) -> int | None:
-    return None if value is None else int(value)
 
 
 # Keys of the published config.json files that carry no information we use, with their published values.

@@ -2,13 +2,15 @@
 ``model.safetensors`` or shards listed by ``model.safetensors.index.json``) and, optionally, the tokenizer.
 
 Every problem with the folder raises :class:`~diffuse_engine.errors.CheckpointError` with a sentence that
-names the file (and tensor) at fault, before any weight reaches the model.
+names the file (and tensor or config key) at fault, before any weight reaches the model. Files are named by
+their name inside the folder, never by an absolute path, so that a message may be shown to a remote client.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import os
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -19,11 +21,15 @@ from safetensors import safe_open
 from .config import ModelConfig
 from .errors import CheckpointError
 from .models import DiffusionLM, build_model
-from .tokenizer import TOKENIZER_FILE, Tokenizer, read_json
+from .tokenizer import TOKENIZER_FILE, Tokenizer
 
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
+# Set to 0 (or false/no/off) to skip the NaN/inf check of the weights when load_model is not told either way.
+CHECK_WEIGHTS_ENV = "DIFFUSE_CHECK_WEIGHTS"
+# Elements per slice of the exact non-finite count, so that its boolean temporary stays small.
+_FINITE_CHUNK = 1 << 22
 
 DTYPE_ALIASES: dict[str, torch.dtype] = {
     "float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
@@ -54,15 +60,58 @@ def parse_dtype(value: str | torch.dtype) -> torch.dtype:
                      f"torch dtype.")
 
 
+def _read_json(file: Path) -> Any:
+    """The parsed JSON of ``file``; errors name the file by its base name only."""
+    try:
+        text = file.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise CheckpointError(f"{file.name} is not valid UTF-8 text, so it cannot hold JSON.") from None
+    except OSError as exc:
+        raise CheckpointError(f"Cannot read {file.name}: {exc.strerror or type(exc).__name__}.") from None
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise CheckpointError(f"{file.name} is not valid JSON ({exc.msg} at line {exc.lineno}, column "
+                              f"{exc.colno}).") from None
+    except RecursionError:
+        raise CheckpointError(f"{file.name} is not valid JSON (nested too deeply).") from None
+
+
 def _read_config(folder: Path) -> tuple[ModelConfig, dict]:
     file = folder / CONFIG_FILE
     if not file.is_file():
         raise CheckpointError(f"Model folder {folder} has no {CONFIG_FILE}.")
-    raw = read_json(file)
+    raw = _read_json(file)
+    if not isinstance(raw, dict):
+        raise CheckpointError(f"{CONFIG_FILE} must hold a JSON object, not {type(raw).__name__}.")
     try:
         return ModelConfig.from_hf(raw), raw
     except ValueError as exc:
-        raise CheckpointError(f"{file} does not describe a supported model: {exc}") from None
+        message = str(exc)  # config messages name config.json and the key; others get the file name in front
+        raise CheckpointError(message if message.startswith(CONFIG_FILE) else f"{CONFIG_FILE}: {message}") from None
+
+
+def check_weights_default() -> bool:
+    """Whether :func:`load_model` checks weights for NaN/inf when not told: true unless the environment variable
+    ``DIFFUSE_CHECK_WEIGHTS`` is ``0``, ``false``, ``no`` or ``off``."""
+    value = os.environ.get(CHECK_WEIGHTS_ENV, "1").strip().lower()
+    if value in ("0", "false", "no", "off"):
+        return False
+    if value in ("", "1", "true", "yes", "on"):
+        return True
+    raise ValueError(f"{CHECK_WEIGHTS_ENV}={value!r} is not understood; use 1 or 0.")
+
+
+def _count_non_finite(tensor: torch.Tensor) -> int:
+    """Number of NaN/inf elements of a floating-point tensor, cheaply when there are none.
+
+    A sum is finite only if every term is (NaN and inf propagate through addition), and it costs one pass
+    without a temporary; only when it is not finite (a non-finite element, or an overflow of finite ones) are
+    the elements counted exactly, in slices so that the boolean temporary stays small."""
+    if torch.isfinite(tensor.sum()).item():
+        return 0
+    flat = tensor.reshape(-1)
+    return sum(int((~torch.isfinite(part)).sum()) for part in flat.split(_FINITE_CHUNK))
 
 
 def _weight_files(folder: Path) -> list[tuple[Path, list[str] | None]]:
@@ -75,18 +124,23 @@ def _weight_files(folder: Path) -> list[tuple[Path, list[str] | None]]:
         others = sorted(p.name for p in folder.glob("*.bin")) + sorted(p.name for p in folder.glob("*.pt"))
         hint = f" (it holds {', '.join(others[:3])}: only safetensors weights are supported)" if others else ""
         raise CheckpointError(f"Model folder {folder} has neither {WEIGHTS_FILE} nor {INDEX_FILE}{hint}.")
-    index = read_json(index_file)
+    index = _read_json(index_file)
     weight_map = index.get("weight_map") if isinstance(index, dict) else None
-    if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
-        raise CheckpointError(f"{index_file} has no 'weight_map' object mapping tensor names to file names.")
+    if not isinstance(weight_map, dict) or not weight_map or not all(isinstance(v, str)
+                                                                     for v in weight_map.values()):
+        raise CheckpointError(f"{INDEX_FILE} has no 'weight_map' object mapping tensor names to file names.")
     files: dict[str, list[str]] = {}
     for name, file_name in weight_map.items():
         files.setdefault(file_name, []).append(name)
     out = []
     for file_name, names in files.items():
         shard = folder / file_name
+        if Path(file_name).name != file_name or file_name in ("", ".", ".."):
+            raise CheckpointError(f"{INDEX_FILE} names the shard {file_name!r}, which is not a file name inside the "
+                                  f"model folder.")
         if not shard.is_file():
-            raise CheckpointError(f"{index_file} names the shard {file_name}, which does not exist in {folder}.")
+            raise CheckpointError(f"{INDEX_FILE} names the shard {file_name}, which does not exist in the model "
+                                  f"folder.")
         out.append((shard, names))
     return out
 
@@ -96,50 +150,61 @@ def _skipped(name: str, ignored: set[str]) -> bool:
 
 
 def _read_file(file: Path, names: list[str] | None, expected: dict[str, torch.Size], ignored: set[str],
-               found: dict[str, Path]) -> Iterator[tuple[str, torch.Tensor]]:
-    """Yield the expected tensors of one safetensors file, recording every name it holds in ``found``."""
+               found: dict[str, str], check: bool) -> Iterator[tuple[str, torch.Tensor]]:
+    """Yield the expected tensors of one safetensors file, recording every name it holds in ``found``; with
+    ``check``, a tensor holding NaN or inf raises."""
+    where = file.name
     try:
         handle = safe_open(str(file), framework="pt", device="cpu")
     except Exception as exc:  # noqa: BLE001 - safetensors raises its own error types for corrupt files
-        raise CheckpointError(f"{file} is not a readable safetensors file: {exc}.") from None
+        raise CheckpointError(f"{where} is not a readable safetensors file (corrupt header or truncated data): "
+                              f"{_scrub(exc, file)}.") from None
     with handle:
         available = set(handle.keys())
         for name in names if names is not None else sorted(available):
             if name not in available:
-                raise CheckpointError(f"The index assigns tensor {name} to {file.name}, but {file} does not hold it.")
+                raise CheckpointError(f"{INDEX_FILE} assigns tensor {name!r} to {where}, which does not hold it.")
             if name in found:
-                raise CheckpointError(f"Tensor {name} is stored twice, in {found[name]} and {file}.")
-            found[name] = file
+                raise CheckpointError(f"Tensor {name!r} is stored twice, in {found[name]} and {where}.")
+            found[name] = where
             if _skipped(name, ignored) or name not in expected:
                 continue  # unexpected names are reported together once every file is read
             shape = torch.Size(handle.get_slice(name).get_shape())
             if shape != expected[name]:
-                raise CheckpointError(f"Tensor {name} has shape {tuple(shape)} in the checkpoint but the config "
-                                      f"implies {tuple(expected[name])} ({file}).")
+                raise CheckpointError(f"{where}: tensor {name!r} has shape {tuple(shape)} but the config implies "
+                                      f"{tuple(expected[name])}.")
             try:
                 tensor = handle.get_tensor(name)
             except Exception as exc:  # noqa: BLE001
-                raise CheckpointError(f"Tensor {name} of {file} cannot be read: {exc}.") from None
+                raise CheckpointError(f"{where}: tensor {name!r} cannot be read: {_scrub(exc, file)}.") from None
             if not tensor.is_floating_point():
-                raise CheckpointError(f"Tensor {name} of {file} has dtype {tensor.dtype}; weights must be floating "
+                raise CheckpointError(f"{where}: tensor {name!r} has dtype {tensor.dtype}; weights must be floating "
                                       f"point.")
+            if check and (bad := _count_non_finite(tensor)):
+                raise CheckpointError(f"{where}: tensor {name!r} holds {bad} non-finite value(s) (NaN or inf).")
             yield name, tensor
 
 
+def _scrub(exc: Exception, file: Path) -> str:
+    """The text of a reader's exception with the file's full path cut down to its name."""
+    return str(exc).replace(str(file), file.name).rstrip(".")
+
+
 def _iter_tensors(files: list[tuple[Path, list[str] | None]], expected: dict[str, torch.Size],
-                  ignored: set[str]) -> Iterator[tuple[str, torch.Tensor]]:
-    """Yield the checkpoint's tensors one at a time after checking names and shapes against ``expected``."""
-    found: dict[str, Path] = {}
+                  ignored: set[str], check: bool = True) -> Iterator[tuple[str, torch.Tensor]]:
+    """Yield the checkpoint's tensors one at a time after checking names and shapes against ``expected`` (and,
+    with ``check``, that every value is finite)."""
+    found: dict[str, str] = {}
     for file, names in files:
-        yield from _read_file(file, names, expected, ignored, found)
-    where = files[0][0].parent
+        yield from _read_file(file, names, expected, ignored, found, check)
+    where = files[0][0].name if len(files) == 1 else INDEX_FILE
     unexpected = sorted(n for n in found if n not in expected and not _skipped(n, ignored))
     if unexpected:
-        raise CheckpointError(f"The checkpoint in {where} holds {len(unexpected)} tensor(s) that the config does not "
+        raise CheckpointError(f"The checkpoint ({where}) holds {len(unexpected)} tensor(s) that the config does not "
                               f"imply: {_names(unexpected)}.")
     missing = sorted(set(expected) - set(found))
     if missing:
-        raise CheckpointError(f"The checkpoint in {where} lacks {len(missing)} tensor(s) that the config requires: "
+        raise CheckpointError(f"The checkpoint ({where}) lacks {len(missing)} tensor(s) that the config requires: "
                               f"{_names(missing)}.")
 
 
@@ -175,25 +240,23 @@ def read_generation_defaults(folder: str | Path) -> dict[str, Any]:
     path = Path(folder) / GENERATION_DEFAULTS_FILE
     if not path.is_file():
         return {}
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError) as exc:
-        raise CheckpointError(f"{path} is not valid JSON: {exc}") from None
+    data = _read_json(path)
+    name = GENERATION_DEFAULTS_FILE
     if not isinstance(data, dict):
-        raise CheckpointError(f"{path} must hold a JSON object of SamplingParams fields.")
+        raise CheckpointError(f"{name} must hold a JSON object of SamplingParams fields.")
     known = {f.name for f in dataclasses.fields(SamplingParams)}
     unknown = sorted(set(data) - known)
     if unknown:
-        raise CheckpointError(f"{path} has fields that SamplingParams does not know: {', '.join(unknown)}.")
+        raise CheckpointError(f"{name} has fields that SamplingParams does not know: {', '.join(unknown)}.")
     try:
         SamplingParams(**data)
-    except ValueError as exc:
-        raise CheckpointError(f"{path} holds invalid sampling parameters: {exc}") from None
+    except (TypeError, ValueError) as exc:
+        raise CheckpointError(f"{name} holds invalid sampling parameters: {exc}") from None
     return data
 
 
-def load_model(path: str | Path, *, device: str | torch.device = "cpu",
-               dtype: torch.dtype | str | None = None) -> tuple[DiffusionLM, ModelConfig, Tokenizer | None]:
+def load_model(path: str | Path, *, device: str | torch.device = "cpu", dtype: torch.dtype | str | None = None,
+               check_weights: bool | None = None) -> tuple[DiffusionLM, ModelConfig, Tokenizer | None]:
     """Load the model folder ``path`` onto ``device``.
 
     Returns ``(model, config, tokenizer)``: the model in eval mode without gradients, its config (with
@@ -203,6 +266,11 @@ def load_model(path: str | Path, *, device: str | torch.device = "cpu",
     config's ``torch_dtype`` on accelerators and float32 on the CPU. Weights are read one tensor at a time,
     cast to ``dtype`` and moved to ``device``; the model is first built on the meta device so that nothing is
     allocated twice. ``path`` may also be the name of a shipped model (see :mod:`diffuse_engine.zoo`).
+
+    ``check_weights``: refuse a checkpoint whose weights hold NaN or inf (a :class:`CheckpointError` naming the
+    file and the tensor), also after a cast to float16 that overflows. Each tensor is checked once as it is
+    read, which adds a few percent to the load time. None (the default) follows the environment variable
+    ``DIFFUSE_CHECK_WEIGHTS``: the check runs unless it is ``0``; True or False decides regardless of it.
     """
     from .zoo import shipped_models
 
@@ -213,6 +281,7 @@ def load_model(path: str | Path, *, device: str | torch.device = "cpu",
                               f"{names}).")
     device = torch.device(device)
     target = parse_dtype(dtype) if dtype is not None else None
+    check = check_weights_default() if check_weights is None else bool(check_weights)
     config, raw = _read_config(folder)
     target = target or _default_dtype(device, config, raw)
     files = _weight_files(folder)
@@ -230,7 +299,13 @@ def load_model(path: str | Path, *, device: str | torch.device = "cpu",
     model = build_model(config, dtype=target, meta=True)
     expected = {name: t.shape for name, t in model.state_dict().items()}
     ignored = {_HEAD_TENSOR[config.arch]} if config.tie_word_embeddings else set()
-    state = {name: t.to(device=device, dtype=target) for name, t in _iter_tensors(files, expected, ignored)}
+    state = {}
+    for name, tensor in _iter_tensors(files, expected, ignored, check):
+        state[name] = tensor.to(device=device, dtype=target)
+        if check and target == torch.float16 and tensor.dtype != torch.float16 and (
+                bad := _count_non_finite(state[name])):
+            raise CheckpointError(f"Tensor {name!r} holds {bad} value(s) beyond the range of float16 (|x| > 65504); "
+                                  f"load it with dtype='bfloat16' or 'float32'.")
     model.load_state_dict(state, strict=True, assign=True)
     del state
     leftover = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]

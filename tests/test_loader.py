@@ -226,7 +226,7 @@ CASES = {
     "corrupt config.json": (lambda f: (f / "config.json").write_text('{"d_model": 64,'),
                             r"config\.json is not valid JSON"),
     "unknown model_type": (lambda f: _edit_json(f / "config.json", model_type="gpt2", architectures=["GPT2LM"]),
-                           r"config\.json does not describe a supported model.*model_type 'gpt2'"),
+                           r"config\.json has model_type 'gpt2'.*supported are LLaDA"),
     "no safetensors": (lambda f: (f / "model.safetensors").unlink(),
                        r"has neither model\.safetensors nor model\.safetensors\.index\.json"),
     "truncated safetensors": (_truncate, r"model\.safetensors is not a readable safetensors file"),
@@ -234,8 +234,8 @@ CASES = {
                                                     r"does not exist"),
     "wrong shape": (lambda f: _rewrite_weights(f, lambda t: t.update({"model.transformer.blocks.1.q_proj.weight":
                                                                       torch.zeros(32, 64)})),
-                    r"blocks\.1\.q_proj\.weight has shape \(32, 64\) in the checkpoint but the config implies "
-                    r"\(64, 64\)"),
+                    r"model\.safetensors: tensor 'model\.transformer\.blocks\.1\.q_proj\.weight' has shape \(32, 64\) "
+                    r"but the config implies \(64, 64\)"),
     "missing tensor": (lambda f: _rewrite_weights(f, lambda t: t.pop("model.transformer.blocks.0.ff_norm.weight")),
                        r"lacks 1 tensor\(s\) that the config requires: model\.transformer\.blocks\.0\.ff_norm\.weight"),
     "unexpected tensor": (lambda f: _rewrite_weights(f, lambda t: t.update({"model.transformer.blocks.2.x.weight":
