@@ -227,7 +227,9 @@ class AsyncEngine:
              stream: _Stream, retain: bool, continue_from: str | None) -> str | None:
         ids = self._encode(prompt)
         with self._lock:
-            if stream.done:  # its caller already left: add nothing
+            if stream.done:  # its caller already left: add nothing (counted as received and aborted)
+                self.num_received += 1
+                self.num_aborted += 1
                 return None
             if request_id is None:
                 self._ids += 1

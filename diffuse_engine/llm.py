@@ -19,19 +19,21 @@ class LLM:
 
     ``LLM(model_path, device=None, dtype=None)`` loads a Hugging Face-layout folder (LLaDA or Dream).
     ``device`` defaults to CUDA when available, else CPU; ``dtype`` to the checkpoint's dtype on CUDA and fp32
-    on the CPU. ``LLM.model`` is the ``nn.Module`` (its ``forward(input_ids, attention_mask=None)`` returns
+    on the CPU. Every weight is checked for NaN / inf as it loads (a :class:`~diffuse_engine.errors.CheckpointError`
+    names the tensor); ``check_weights=False`` or ``DIFFUSE_CHECK_WEIGHTS=0`` skips that. ``LLM.model`` is the ``nn.Module`` (its ``forward(input_ids, attention_mask=None)`` returns
     logits ``[batch, seq, vocab]``), ``LLM.tokenizer`` the tokenizer (None for a weights-only folder).
     """
 
     def __init__(self, model_path: str | Path, device: str | torch.device | None = None,
-                 dtype: str | torch.dtype | None = None, engine_config: EngineConfig | None = None) -> None:
+                 dtype: str | torch.dtype | None = None, engine_config: EngineConfig | None = None, *,
+                 check_weights: bool | None = None) -> None:
         from .loader import load_model
 
         if device is None:
             device = "cuda" if torch.cuda.is_available() else "cpu"
         from .loader import read_generation_defaults, resolve_model_path
 
-        model, _, tokenizer = load_model(model_path, device=device, dtype=dtype)
+        model, _, tokenizer = load_model(model_path, device=device, dtype=dtype, check_weights=check_weights)
         self.engine = Engine(model, tokenizer, engine_config)
         self.generation_defaults = read_generation_defaults(resolve_model_path(model_path))
 
@@ -119,10 +121,12 @@ class LLM:
 
     def chat(self, conversations: list[dict[str, str]] | list[list[dict[str, str]]],
              params: SamplingParams | Sequence[SamplingParams] | None = None, **kwargs) -> list[RequestOutput]:
-        """Apply the folder's chat template to one conversation or a list of them, then generate."""
+        """Apply the folder's chat template to one conversation or a list of them, then generate. Special-token
+        text inside a message's content stays text (:meth:`Tokenizer.encode_chat`): only the template's own markers
+        are special tokens."""
         if self.tokenizer is None:
             raise ValueError("this model folder has no tokenizer, so it has no chat template.")
         if conversations and isinstance(conversations[0], dict):
             conversations = [conversations]
-        prompts = [self.tokenizer.apply_chat_template(c, add_generation_prompt=True) for c in conversations]
+        prompts = [self.tokenizer.encode_chat(c, add_generation_prompt=True) for c in conversations]
         return self.generate(prompts, params, **kwargs)

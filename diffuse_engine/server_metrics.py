@@ -44,12 +44,13 @@ def metrics_text(server: "OpenAIServer") -> str:
     """The Prometheus exposition of the engine's counters and gauges."""
     s = server.engine.stats()
     nfe = server.nfe_total / server.nfe_count if server.nfe_count else 0.0
-    failed = s.get("failed", server.failed)  # the engine's count once it keeps one
+    failed = s.get("failed", server.failed)  # the engine's counts once it keeps them
+    received = s.get("received", server.received)
     rows = [
         ("diffuse_requests_waiting", "gauge", "Requests queued for a slot.", s["waiting"]),
         ("diffuse_requests_running", "gauge", "Requests being decoded.", s["running"]),
         ("diffuse_requests_received_total", "counter",
-         "Requests handed to the engine (finished + aborted + failed once none is in flight).", server.received),
+         "Requests handed to the engine (finished + aborted + failed once none is in flight).", received),
         ("diffuse_requests_finished_total", "counter", "Requests finished.", s["finished"]),
         ("diffuse_requests_aborted_total", "counter", "Requests aborted (cancelled or disconnected).", s["aborted"]),
         ("diffuse_requests_failed_total", "counter", "Requests that ended with an error.", failed),
