@@ -196,3 +196,29 @@ def test_installed_script(model_dir, llm):
     assert run.returncode == 0, run.stderr
     assert run.stdout == llm.generate("Hello", PARAMS)[0].text + "\n"  # not a TTY: the text only, no ANSI
     assert "NFE 8" in run.stderr and "\x1b" not in run.stdout + run.stderr
+
+
+@pytest.mark.parametrize("typed, prompt", [("Hello\n", "Hello"), ("Hello\r\n", "Hello"), ("Hello", "Hello"),
+                                           ("Hello\n\n", "Hello\n"), ("two\nlines\n", "two\nlines")])
+def test_prompt_from_stdin_drops_one_trailing_newline(typed, prompt):
+    from diffuse_engine.cli import read_stdin_prompt
+
+    assert read_stdin_prompt(io.StringIO(typed)) == prompt
+
+
+def test_generate_reads_stdin(model_dir, llm, capsys, monkeypatch):
+    monkeypatch.setattr(sys, "stdin", io.StringIO("Hello\n"))  # as `echo Hello | diffuse-engine generate --prompt -`
+    assert main(generate(model_dir, "--json", prompt="-")) == 0
+    record = json.loads(capsys.readouterr().out)
+    assert record["prompt"] == "Hello" and record["prompt_token_ids"] == llm.tokenizer.encode("Hello")
+
+
+def test_json_reports_the_shipped_models_folder(capsys, tmp_path, monkeypatch):
+    from diffuse_engine.zoo import ZOO_DIR
+
+    monkeypatch.chdir(tmp_path)  # a name, not a path: resolved to the shipped folder, not to ./addition
+    assert main(["generate", "--model", "addition", "--prompt", "04821+00379=", "--json", "--device", "cpu"]) == 0
+    record = json.loads(capsys.readouterr().out)
+    path = Path(record["model"]["path"])
+    assert path.is_absolute() and path.is_dir() and path == (ZOO_DIR / "addition").resolve()
+    assert (path / "config.json").is_file() and record["text"].endswith("5200")

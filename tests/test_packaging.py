@@ -103,3 +103,12 @@ def test_package_data_covers_zoo_files():
     assert files
     missing = [f for f in files if not any(fnmatch.fnmatch(f, p) for p in patterns)]
     assert not missing, f"setup.py's package_data leaves out zoo files {missing}"
+
+
+def test_public_names_import_from_the_package():
+    import diffuse_engine
+    from diffuse_engine import AsyncEngine
+    from diffuse_engine.async_engine import AsyncEngine as Defined
+
+    assert AsyncEngine is Defined
+    assert all(hasattr(diffuse_engine, name) for name in diffuse_engine.__all__)
