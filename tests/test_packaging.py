@@ -112,3 +112,12 @@ def test_public_names_import_from_the_package():
 
     assert AsyncEngine is Defined
     assert all(hasattr(diffuse_engine, name) for name in diffuse_engine.__all__)
+
+
+def test_ci_runs_the_readme_test_command_and_the_install_check():
+    readme = (ROOT / "README.md").read_text()
+    ci = (ROOT / ".ci" / "run").read_text().splitlines()
+    command = ci[ci.index("# README: test command") + 1]
+    assert f"```bash\n{command}\n```" in readme, "the README's test command differs from .ci/run's"
+    assert ".ci/check_install.sh" in ci
+    assert (ROOT / ".ci" / "check_install.sh").stat().st_mode & 0o111
