@@ -14,7 +14,11 @@ start=$SECONDS
 step() { echo "check_install [$((SECONDS - start)) s]: $*"; }
 # pip without byte-compiling (torch's and triton's .pyc cost more CPU than the install) and without the notices
 # about index locations of this machine's pip configuration.
-pip_q() { local venv=$1; shift; "$venv/bin/pip" "$@" -q --no-compile 2> >(grep -v "^WARNING: Location" >&2); }
+pip_q() {
+    local venv=$1 cmd=$2; shift 2
+    if [ "$cmd" = install ]; then set -- --no-compile "$@"; fi
+    "$venv/bin/pip" "$cmd" -q "$@" 2> >(grep -v "^WARNING: Location" >&2)
+}
 
 step "sdist"
 "$PY" -m venv "$WORK/build"
