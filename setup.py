@@ -19,7 +19,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from setuptools import Extension, setup
+from setuptools import Extension, find_packages, setup
 from setuptools.command.build_ext import build_ext
 
 ROOT = Path(__file__).parent.resolve()
@@ -116,6 +116,15 @@ class NvccBuildExt(build_ext):
         super().build_extension(ext)
 
 
+# Every package under diffuse_engine/, plus the top-level kernels/ folder installed as diffuse_engine.kernels
+# (its modules import the package's own modules relatively). MANIFEST.in lists the same data for the sdist.
+PACKAGES = sorted(find_packages(include=["diffuse_engine", "diffuse_engine.*"]) + ["diffuse_engine.kernels"])
+PACKAGE_DATA = {
+    "diffuse_engine": ["py.typed", "*.json", "*.jinja"],
+    "diffuse_engine.zoo": ["*/*.json", "*/*.jinja", "*/*.safetensors", "*/*.md", "*/*.csv"],
+}
+
+
 def native_extensions() -> list[Extension]:
     ok, why = want_native()
     if not ok:
@@ -141,10 +150,10 @@ setup(
     long_description=(ROOT / "README.md").read_text() if (ROOT / "README.md").exists() else "",
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
-    packages=["diffuse_engine", "diffuse_engine.engine", "diffuse_engine.kernels", "diffuse_engine.models",
-              "diffuse_engine.ops", "diffuse_engine.policies", "diffuse_engine.tasks", "diffuse_engine.zoo"],
-    package_data={"diffuse_engine.zoo": ["*/*.json", "*/*.safetensors", "*/*.md", "*/*.csv"]},
+    packages=PACKAGES,
     package_dir={"diffuse_engine.kernels": "kernels"},
+    package_data=PACKAGE_DATA,
+    include_package_data=True,
     install_requires=[
         "torch>=2.5,<2.15",
         "triton>=3.0; platform_system == 'Linux'",

@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import RESULTS, bench_main, measure_ceilings, stamp, timed  # noqa: E402
+from common import OUT, bench_main, measure_ceilings, stamp, timed  # noqa: E402
 
 from diffuse_engine import ops  # noqa: E402
 
@@ -139,7 +139,7 @@ def run(device: torch.device, quick: bool) -> list[dict]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    return bench_main(__doc__, run, RESULTS / "attention.csv",
+    return bench_main(__doc__, run, OUT / "attention.csv",
                       ["op", "shape", "provider", "ms", "tflops", "gbps", "pct_floor", "ratio_vs_sdpa"], argv)
 
 

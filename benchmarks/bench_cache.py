@@ -10,7 +10,7 @@ prompts. Workloads (``model:gen_length:block_length``):
   canvas, so its accuracy there is not meaningful: this row measures speed);
 - ``addition:6:6``: the same model on its own canvas, where accuracy is meaningful.
 
-    python benchmarks/bench_cache.py            # CPU, appends to benchmarks/results/cache_cpu.csv
+    python benchmarks/bench_cache.py            # CPU, appends to ./bench-results/cache_cpu.csv
     python benchmarks/bench_cache.py --quick    # seconds; what CI runs
     python benchmarks/bench_cache.py --workloads llada-8b:256:32 --batch 1 --device cuda --init on-device  # GPU
 """
@@ -27,7 +27,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 
-from common import RESULTS, append_csv, print_table, stamp, sync  # noqa: E402
+from common import OUT, append_csv, print_table, stamp, sync  # noqa: E402
 from oracles import llada_generate  # noqa: E402
 
 from diffuse_engine import LLM, SamplingParams  # noqa: E402
@@ -60,7 +60,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--dtype", default=None, choices=sorted(DTYPES), help="default: float32 on CPU, bfloat16 on CUDA")
     ap.add_argument("--init", default="cpu", choices=["cpu", "on-device"], help="where random weights are drawn")
     ap.add_argument("--quick", action="store_true", help="tiny model and lengths (CI smoke run)")
-    ap.add_argument("--out", type=Path, default=None, help="CSV to append to (default benchmarks/results/...)")
+    ap.add_argument("--out", type=Path, default=None, help=f"CSV to append to (default {OUT}/cache_cpu.csv)")
     args = ap.parse_args(argv)
     if args.quick:
         args.workloads, args.batch, args.task_batch, args.prompt_len = "llada-tiny:32:16,addition:12:6", 2, 4, 8
@@ -180,7 +180,7 @@ def run(args: argparse.Namespace) -> list[dict]:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     rows = run(args)
-    out = args.out or RESULTS / ("cache_quick.csv" if args.quick else "cache_cpu.csv")
+    out = args.out or OUT / ("cache_quick.csv" if args.quick else "cache_cpu.csv")
     written = append_csv(out, rows, union=True)
     print_table(rows, COLUMNS)
     print(f"appended {len(rows)} rows to {written}")

@@ -16,7 +16,7 @@ each field's median over those calibrations, so that they see the same machine a
 ``<out>/cost_model_cpu.csv`` (appended, with date, commit, device, command), the plot to
 ``<out>/cost_model_cpu.png`` (log-log, y = x and +-25%).
 
-    python benchmarks/bench_cost_model.py            # ~2 min on one core; benchmarks/results/cost_model/
+    python benchmarks/bench_cost_model.py            # ~2 min on one core; ./bench-results/cost_model/
     python benchmarks/bench_cost_model.py --quick    # seconds; what CI runs
 """
 
@@ -34,7 +34,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import RESULTS, append_csv, print_table, stamp  # noqa: E402
+from common import OUT, append_csv, print_table, stamp  # noqa: E402
 
 from diffuse_engine.engine import cost_model  # noqa: E402
 from diffuse_engine.engine.attention_plan import AttentionPlan, SeqPlan  # noqa: E402
@@ -65,7 +65,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--dtype", default="float32", choices=sorted(DTYPES))
     ap.add_argument("--quick", action="store_true", help="tiny model, few points (CI smoke run)")
-    ap.add_argument("--out", type=Path, default=RESULTS / "cost_model", help="folder of the CSV and the PNG")
+    ap.add_argument("--out", type=Path, default=OUT / "cost_model",
+                    help=f"folder of the CSV and the PNG (default {OUT}/cost_model)")
     args = ap.parse_args(argv)
     if args.quick:
         args.presets, args.batches, args.blocks, args.contexts = "llada-tiny", [1, 4], [8, 32], [0, 64]

@@ -29,7 +29,7 @@ graphs on shows whether its steps gain), so cache ``none`` runs with graphs ``of
 repeat it). An engine without the ``cuda_graphs`` option runs ``off`` as its default and skips ``on``, as does a
 CPU device. A configuration that fails is reported and the others still run (exit status 1).
 
-    python benchmarks/bench_engine.py                       # CPU, writes benchmarks/results/engine_cpu.csv
+    python benchmarks/bench_engine.py                       # CPU, writes ./bench-results/engine_cpu.csv
     python benchmarks/bench_engine.py --quick               # seconds; what CI runs
     python benchmarks/bench_engine.py --preset llada-8b --device cuda --init on-device --ceilings --timing steady \\
         --caches none,prefix,dual --graphs on,off --batches 1,8,32,64 --prompt-len 64 --gen-lengths 256 --out X.csv
@@ -49,7 +49,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 
 from common import (  # noqa: E402
-    RESULTS,
+    OUT,
     append_csv,
     cache_step_tokens,
     engine_config,
@@ -107,7 +107,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                     help="also run the reference loop (batch 1 generation rows only) and compare tokens")
     ap.add_argument("--ceilings", action="store_true", help="measure copy bandwidth and matmul rate for the floor")
     ap.add_argument("--quick", action="store_true", help="tiny model and lengths (CI smoke run)")
-    ap.add_argument("--out", type=Path, default=None, help="CSV to append to (default benchmarks/results/...)")
+    ap.add_argument("--out", type=Path, default=None, help=f"CSV to append to (default {OUT}/engine_<device>.csv)")
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args(argv)
     if args.quick:
@@ -249,7 +249,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
         random_prompts(config, 1, args.prompt_len, 99),
         SamplingParams(gen_length=args.block_length, block_length=args.block_length, steps=2))
     base = stamp(device)
-    out = args.out or (None if args.quick else RESULTS / f"engine_{device.type}.csv")
+    out = args.out or (None if args.quick else OUT / f"engine_{device.type}.csv")
     rows, failures = [], []
     for gen_length, cache, graphs, batch, tps in todo:
         label = f"gen {gen_length} cache {cache} graphs {graphs or 'default'} batch {batch} tokens/step {tps}"

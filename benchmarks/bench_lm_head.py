@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import RESULTS, bench_main, measure_ceilings, result_row, stamp, timed  # noqa: E402
+from common import OUT, bench_main, measure_ceilings, result_row, stamp, timed  # noqa: E402
 
 from diffuse_engine import ops  # noqa: E402
 from diffuse_engine.kernels import reference as ref  # noqa: E402
@@ -68,7 +68,7 @@ def run(device: torch.device, quick: bool) -> list[dict]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    return bench_main(__doc__, run, RESULTS / "sampling.csv",
+    return bench_main(__doc__, run, OUT / "sampling.csv",
                       ["op", "shape", "provider", "ms", "gbps", "tflops", "pct_floor", "baseline", "ratio"], argv)
 
 

@@ -4,7 +4,7 @@ The op writes M x V fp32 values and reads almost nothing, so its floor is store 
 M * V * 4 bytes written. On a GPU, M in {32, 256, 1024} rows of the LLaDA vocabulary (V = 126464), timed with
 triton.testing.do_bench (median, p20, p80), next to a measured device copy (read + write) as the ceiling. On the
 CPU, small shapes, median of time.perf_counter over repeats. Prints a table and appends rows to
-benchmarks/results/noise.csv.
+./bench-results/noise.csv (--csv PATH to choose).
 
     python benchmarks/bench_noise.py            # GPU shapes when a GPU is visible, CPU shapes always
     python benchmarks/bench_noise.py --quick    # fewer repeats and shapes (CPU smoke run)
@@ -27,7 +27,7 @@ from diffuse_engine import native, ops
 from diffuse_engine.kernels import reference as ref
 
 ROOT = Path(__file__).resolve().parent.parent
-CSV_PATH = ROOT / "benchmarks" / "results" / "noise.csv"
+CSV_PATH = Path("bench-results") / "noise.csv"  # under the current folder, not the checkout
 FIELDS = ["device", "commit", "date", "torch", "op", "shape", "provider", "ms", "ms_p20", "ms_p80", "gbps",
           "pct_copy_bw", "ratio_vs_torch"]
 VOCAB = 126464

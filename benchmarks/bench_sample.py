@@ -3,7 +3,7 @@ against the torch path (the engine's reference post-processing: temperature, Gum
 
 The op reads M x V logits once and writes a few numbers per row: its floor is M * V * bytes / the measured copy
 bandwidth (read + write counted, so this is generous to the kernel). Rows share the columns of
-bench_lm_head.py, so both append to benchmarks/results/sampling.csv. GPU: M in {32, 256, 1024} rows of the
+bench_lm_head.py, so both append to sampling.csv (default ./bench-results/). GPU: M in {32, 256, 1024} rows of the
 LLaDA vocabulary (V = 126464), bf16 logits, triton.testing.do_bench medians. CPU: the C++ twin and the torch path
 on small shapes, median of repeats, as a ratio.
 
@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import RESULTS, bench_main, measure_ceilings, result_row, stamp, timed  # noqa: E402
+from common import OUT, bench_main, measure_ceilings, result_row, stamp, timed  # noqa: E402
 
 from diffuse_engine import ops  # noqa: E402
 from diffuse_engine.kernels import reference as ref  # noqa: E402
@@ -125,7 +125,7 @@ def run(device: torch.device, quick: bool) -> list[dict]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    return bench_main(__doc__, run, RESULTS / "sampling.csv",
+    return bench_main(__doc__, run, OUT / "sampling.csv",
                       ["op", "shape", "provider", "ms", "gbps", "pct_floor", "baseline", "ratio"], argv)
 
 

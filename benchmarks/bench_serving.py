@@ -15,7 +15,7 @@ count is drawn from ``--steps``, e.g. 6,3,2: one, two or three tokens per step),
 arrival to last finish), p50 / p99 latency (arrival to finish), mean batch (sequences per step), accuracy (task
 models), and whether both modes gave every request the same tokens (batch invariance).
 
-    python benchmarks/bench_serving.py             # ~30 s on the CPU; appends to benchmarks/results/serving_cpu.csv
+    python benchmarks/bench_serving.py             # ~30 s on the CPU; appends to ./bench-results/serving_cpu.csv
     python benchmarks/bench_serving.py --quick     # seconds; what CI runs
 """
 
@@ -32,7 +32,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import RESULTS, append_csv, print_table, stamp  # noqa: E402
+from common import OUT, append_csv, print_table, stamp  # noqa: E402
 
 from diffuse_engine import LLM, SamplingParams  # noqa: E402
 from diffuse_engine.engine import EngineConfig  # noqa: E402
@@ -67,7 +67,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     ap.add_argument("--quick", action="store_true", help="few requests (CI smoke run)")
-    ap.add_argument("--out", type=Path, default=RESULTS, help="folder of serving_cpu.csv")
+    ap.add_argument("--out", type=Path, default=OUT, help=f"folder of serving_cpu.csv (default {OUT})")
     args = ap.parse_args(argv)
     if args.quick:
         args.num_requests, args.rate = 24, [200.0]

@@ -16,7 +16,9 @@ from pathlib import Path
 import torch
 
 ROOT = Path(__file__).resolve().parent.parent
-RESULTS = ROOT / "benchmarks" / "results"
+# Where the benchmarks write unless --out / --csv says otherwise: ./bench-results/ under the current folder, never
+# the checkout's committed benchmarks/results/ (runs worth keeping are written there by naming it, then committed).
+OUT = Path("bench-results")
 
 
 def device_name(device: torch.device | str) -> str:
@@ -243,7 +245,7 @@ def bench_main(doc: str, run, default_csv: Path, columns: list[str], argv: list[
     parser = argparse.ArgumentParser(description=doc.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="fewer shapes and repeats")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--csv", type=Path, default=default_csv)
+    parser.add_argument("--csv", type=Path, default=default_csv, help=f"CSV to append to (default {default_csv})")
     args = parser.parse_args(argv)
     rows = run(torch.device(args.device), args.quick)
     print_table(rows, columns)

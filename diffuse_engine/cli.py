@@ -19,7 +19,7 @@ import time
 from collections.abc import Sequence
 from importlib import metadata
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import Any, NoReturn, TextIO
 
 from .sampling_params import CACHES, POLICIES, REMASKING, REMDM_VARIANTS, REVISIONS, SamplingParams
 from .version import __version__
@@ -156,14 +156,22 @@ def _check_device(device: str | None) -> str | None:
     return device
 
 
+def read_stdin_prompt(stream: TextIO) -> str:
+    """The prompt given as ``--prompt -``: all of ``stream`` but one trailing newline (``\\n`` or ``\\r\\n``), the
+    one that ``echo`` or a text editor adds."""
+    text = stream.read()
+    return text[:-2] if text.endswith("\r\n") else text[:-1] if text.endswith("\n") else text
+
+
 def cmd_generate(args: argparse.Namespace) -> int:
     """``generate``: load the folder, decode one prompt, print the answer (or JSON)."""
     if args.chat and args.prompt_ids is not None:
         raise UsageError("--chat applies to a --prompt text, not to --prompt-ids.")
     device = _check_device(args.device)
-    prompt = user_prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
+    prompt = user_prompt = read_stdin_prompt(sys.stdin) if args.prompt == "-" else args.prompt
     from .cli_view import LiveView, print_result
     from .llm import LLM
+    from .loader import resolve_model_path
 
     llm = LLM(args.model, device=device, dtype=args.dtype)
     params = sampling_params_from_args(args, llm)
@@ -192,7 +200,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
             "prompt": user_prompt, "prompt_token_ids": out.prompt_token_ids, "token_ids": out.token_ids,
             "text": out.text, "nfe": out.nfe, "tokens_per_forward": out.tokens_per_forward,
             "finish_reason": out.finish_reason, "seed": out.seed, "seconds": seconds,
-            "params": dataclasses.asdict(params), "model": {"path": str(Path(args.model).resolve()), "arch": cfg.arch},
+            "params": dataclasses.asdict(params),
+            "model": {"path": str(resolve_model_path(args.model).resolve()), "arch": cfg.arch},
             "device": str(weight.device), "dtype": str(weight.dtype).removeprefix("torch."),
         }
         print(json.dumps(record, ensure_ascii=False))

@@ -5,16 +5,63 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import datetime as _dt
 import json
 import shlex
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, TextIO
 
 from .tasks import CORPORA, TASKS
 
-DEFAULT_SWEEP_DIR = "benchmarks/results/quality"
+# The sweep writes under the current folder unless --out names one (never into the package or a checkout's
+# committed results): diffuse-results/sweep-<UTC date and time>/.
+DEFAULT_SWEEP_ROOT = "diffuse-results"
+
+
+def default_sweep_dir(now: _dt.datetime | None = None) -> Path:
+    """``./diffuse-results/sweep-YYYYmmdd-HHMMSS`` (UTC): a new folder per run."""
+    now = now or _dt.datetime.now(_dt.timezone.utc)
+    return Path(DEFAULT_SWEEP_ROOT) / f"sweep-{now.strftime('%Y%m%d-%H%M%S')}"
+
+
+class Progress:
+    """A progress line on ``stream`` (stderr): ``<label>: 120/200 <unit>, 3.1 s``, rewritten in place with ``\\r``
+    on a terminal, else printed as a line at every further 10% (and at the end). Call it with ``(done, total)``;
+    :meth:`close` ends the line."""
+
+    def __init__(self, label: str, unit: str, stream: TextIO | None = None, *, enabled: bool = True) -> None:
+        self.label, self.unit, self.enabled = label, unit, enabled
+        self.stream = stream if stream is not None else sys.stderr
+        self.tty = bool(getattr(self.stream, "isatty", lambda: False)())
+        self.start = time.perf_counter()
+        self.next_tenth, self.width = 1, 0
+
+    def __call__(self, done: int, total: int) -> None:
+        if not self.enabled or total <= 0:
+            return
+        line = f"{self.label}: {done}/{total} {self.unit}, {time.perf_counter() - self.start:.1f} s"
+        if self.tty:
+            self.stream.write("\r" + line.ljust(self.width))
+            self.width = max(self.width, len(line))
+        elif done >= total or 10 * done >= self.next_tenth * total:
+            self.stream.write(line + "\n")
+            self.next_tenth = 10 * done // total + 1
+        self.stream.flush()
+
+    def clear(self) -> None:
+        """Erase the line on a terminal (before other output shows there); the next call redraws it."""
+        if self.enabled and self.tty and self.width:
+            self.stream.write("\r" + " " * self.width + "\r")
+            self.stream.flush()
+            self.width = 0
+
+    def close(self) -> None:
+        if self.enabled and self.tty and self.width:
+            self.stream.write("\n")
+            self.stream.flush()
+            self.width = 0
 
 
 def _int_list(text: str) -> list[int]:
@@ -66,6 +113,7 @@ def add_quality_commands(sub: argparse._SubParsersAction) -> None:
         p.add_argument("--limit", type=int, metavar="K", help="first K examples of the test set")
         p.add_argument("--device", help="cpu, cuda or cuda:N (default: cuda when available)")
         p.add_argument("--dtype", help="float32, bfloat16, float16")
+        p.add_argument("--quiet", action="store_true", help="no progress line on stderr")
         if name == "eval":
             p.add_argument("--policy", default="low_confidence", choices=list(POLICIES))
             p.add_argument("--steps", type=int, help="denoising steps (default: one token per step)")
@@ -81,10 +129,11 @@ def add_quality_commands(sub: argparse._SubParsersAction) -> None:
             p.add_argument("--block-lengths", type=_int_list, help="comma-separated (default: canvas and half)")
             p.add_argument("--caches", type=_str_list, default=["none"],
                            help=f"comma-separated KV caches among {','.join(CACHES)} (default none)")
-            p.add_argument("--out", default=DEFAULT_SWEEP_DIR, metavar="DIR",
-                           help=f"folder for the CSV and PNGs (default {DEFAULT_SWEEP_DIR})")
+            p.add_argument("--out", metavar="DIR",
+                           help=f"folder for the CSV (rows appended) and PNGs (default: a new folder "
+                                f"./{DEFAULT_SWEEP_ROOT}/sweep-<date>-<time>)")
             p.add_argument("--name", help="file stem (default: <model>_<task>)")
-            p.add_argument("--no-plot", action="store_true", help="write the CSV only")
+            p.add_argument("--no-plot", action="store_true", help="write the CSV only (no matplotlib needed)")
         p.set_defaults(func=func)
 
 
@@ -112,6 +161,22 @@ def _llm(args: argparse.Namespace):
     return LLM(args.model, device=_check_device(args.device), dtype=args.dtype)
 
 
+def _model_path(model: str) -> str:
+    """The absolute folder that ``--model`` names (a shipped model's name resolves into the package)."""
+    from .loader import resolve_model_path
+
+    return str(resolve_model_path(model).resolve())
+
+
+def _require_matplotlib() -> None:
+    """The sweep's plots need matplotlib: fail before the run, not after it."""
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        raise ValueError("the sweep draws its plots with matplotlib, which is not installed: pip install matplotlib "
+                         "(or pip install 'diffuse-engine[eval]'), or pass --no-plot to write the CSV only.") from None
+
+
 def cmd_eval(args: argparse.Namespace) -> int:
     from .evaluate import elbo_bits, evaluate_task
     from .tasks import TextCorpus, get_task
@@ -120,8 +185,13 @@ def cmd_eval(args: argparse.Namespace) -> int:
     llm = _llm(args)
     if isinstance(task, TextCorpus):
         t0 = time.perf_counter()
-        r: dict[str, Any] = {"task": task.name, **elbo_bits(llm.model, llm.tokenizer, task.held_out_text(),
-                                                            max_windows=args.limit)}
+        progress = Progress("eval", "windows", enabled=not args.quiet)
+        try:
+            bits = elbo_bits(llm.model, llm.tokenizer, task.held_out_text(), max_windows=args.limit,
+                             progress=progress)
+        finally:
+            progress.close()
+        r: dict[str, Any] = {"task": task.name, **bits, "model": _model_path(args.model)}
         r["wall_s"] = round(time.perf_counter() - t0, 3)
         if args.json:
             print(json.dumps(r))
@@ -131,10 +201,14 @@ def cmd_eval(args: argparse.Namespace) -> int:
         return 0
     knobs = {k: v for k, v in (("threshold", args.threshold), ("factor", args.factor), ("eb_gamma", args.eb_gamma))
              if v is not None}
-    res = evaluate_task(llm, task, args.policy, steps=args.steps, block_length=args.block_length, limit=args.limit,
-                        cache=args.cache, **knobs)
+    progress = Progress("eval", "examples", enabled=not args.quiet)
+    try:
+        res = evaluate_task(llm, task, args.policy, steps=args.steps, block_length=args.block_length,
+                            limit=args.limit, cache=args.cache, progress=progress, **knobs)
+    finally:
+        progress.close()
     if args.json:
-        print(json.dumps(res.as_dict()))
+        print(json.dumps({**res.as_dict(), "model": _model_path(args.model)}))
         return 0
     setting = ", ".join(f"{k} {v:g}" for k, v in knobs.items()) or f"{res.steps} steps"
     print(f"{task.name} [{res.policy}, {setting}, block {res.block_length}, gen {res.gen_length}, cache {args.cache}]: "
@@ -150,6 +224,9 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     from .tasks import get_task
 
     task = get_task(args.task)
+    if not args.no_plot:
+        _require_matplotlib()
+    out = Path(args.out) if args.out else default_sweep_dir()
     llm = _llm(args)
     model_name = Path(args.model).name or str(args.model)
     stem = args.name or f"{model_name}_{task.name}"
@@ -160,10 +237,18 @@ def cmd_sweep(args: argparse.Namespace) -> int:
               f"accuracy {100 * row['accuracy']:6.2f}%  NFE {row['nfe']:6.2f}  TPF {row['tokens_per_forward']:5.2f}  "
               f"{row['wall_s']:.2f} s", flush=True)
 
-    rows = run_sweep(llm, task, model_name=model_name, policies=args.policies, steps=args.steps,
-                     block_lengths=args.block_lengths, caches=args.caches, limit=args.limit, command=_command(args),
-                     progress=show)
-    out = Path(args.out)
+    progress = Progress("sweep", "settings", enabled=not args.quiet)
+
+    def show_and_count(row: dict[str, Any]) -> None:
+        progress.clear()  # on a terminal the row takes the progress line's place; the line is redrawn below it
+        show(row)
+
+    try:
+        rows = run_sweep(llm, task, model_name=model_name, policies=args.policies, steps=args.steps,
+                         block_lengths=args.block_lengths, caches=args.caches, limit=args.limit,
+                         command=_command(args), progress=show_and_count, on_setting=progress)
+    finally:
+        progress.close()
     csv_path = write_csv(rows, out / f"{stem}.csv")
     print(f"appended {len(rows)} rows to {csv_path}")
     if not args.no_plot:

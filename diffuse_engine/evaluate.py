@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -20,6 +21,9 @@ from .models import DiffusionLM
 from .sampling_params import REMASKING, SamplingParams
 from .tasks import Task, TextCorpus
 from .tokenizer import Tokenizer
+
+# progress(done, total): called as examples (or ELBO windows) finish.
+ProgressFn = Callable[[int, int], None]
 
 # Decoding settings the evaluation knows, by name -> SamplingParams fields: every confidence ordering with fixed
 # steps, the adaptive policies, and fixed steps with each revision policy. The sweep covers all of them by
@@ -82,9 +86,10 @@ class EvalResult:
 
 def evaluate_task(llm: LLM, task: Task, policy: str = "low_confidence", *, steps: int | None = None,
                   block_length: int | None = None, limit: int | None = None, examples=None,
-                  max_failures: int = 5, **params: Any) -> EvalResult:
+                  max_failures: int = 5, progress: ProgressFn | None = None, **params: Any) -> EvalResult:
     """Generate the answers of ``task``'s test set (its first ``limit`` examples, or ``examples``) in one
-    batch run and check them. ``steps`` defaults to one token per step; ``block_length`` to the task's."""
+    batch run and check them. ``steps`` defaults to one token per step; ``block_length`` to the task's.
+    ``progress(done, total)`` is called whenever requests finish."""
     if isinstance(task, TextCorpus):
         raise ValueError(f"{task.name!r} is a text corpus, not a task with a checker: use evaluate_text.")
     if limit is not None and limit < 1:
@@ -94,8 +99,18 @@ def evaluate_task(llm: LLM, task: Task, policy: str = "low_confidence", *, steps
     steps = steps or g
     sp = policy_params(policy, gen_length=g, block_length=block_length, steps=steps, **params)
     data = list(examples) if examples is not None else task.test_set(limit)
+    on_step = None
+    if progress is not None:
+        done = [0]
+
+        def on_step(step) -> None:
+            finished = sum(1 for out in step if out.finished)
+            if finished:
+                done[0] += finished
+                progress(done[0], len(data))
+
     t0 = time.perf_counter()
-    outs = llm.generate([ex.prompt for ex in data], sp)
+    outs = llm.generate([ex.prompt for ex in data], sp, on_step=on_step)
     wall = time.perf_counter() - t0
     correct, failures = 0, []
     for ex, out in zip(data, outs, strict=True):
@@ -112,7 +127,8 @@ def evaluate_task(llm: LLM, task: Task, policy: str = "low_confidence", *, steps
 
 @torch.no_grad()
 def elbo_bits(model: DiffusionLM, tokenizer: Tokenizer, text: str, *, seq_len: int = 128, samples: int = 8,
-              seed: int = 0, max_windows: int | None = None, batch_size: int = 64) -> dict[str, float]:
+              seed: int = 0, max_windows: int | None = None, batch_size: int = 64,
+              progress: ProgressFn | None = None) -> dict[str, float]:
     """Held-out bits per byte and per character of ``text`` under the model: the ELBO bound of masked
     diffusion estimated by Monte Carlo (LLaDA's estimator: l ~ U{1..L} positions masked uniformly, the masked
     cross-entropy weighted by L / l), over consecutive ``seq_len``-token windows, ``samples`` draws each."""
@@ -138,6 +154,8 @@ def elbo_bits(model: DiffusionLM, tokenizer: Tokenizer, text: str, *, seq_len: i
         ce = torch.nn.functional.cross_entropy(logits[masked], x[masked], reduction="none").double()
         per_row = torch.zeros(b, dtype=torch.float64).index_add_(0, masked.nonzero()[:, 0], ce)
         total_nats += float((per_row * seq_len / num_masked.double()).sum())
+        if progress is not None:
+            progress((start + b) // samples, n_windows)
     used = ids[:n_windows * seq_len]
     n_bytes = used.numel() * samples
     n_chars = len(tokenizer.decode(used.tolist())) * samples

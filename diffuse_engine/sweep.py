@@ -45,10 +45,11 @@ def default_block_lengths(gen_length: int) -> list[int]:
 def run_sweep(llm: LLM, task: Task, *, model_name: str, policies: Sequence[str] | None = None,
               steps: Sequence[int] | None = None, block_lengths: Sequence[int] | None = None,
               caches: Sequence[str] = ("none",), limit: int | None = 200, command: str = "",
-              progress=None) -> list[dict[str, Any]]:
+              progress=None, on_setting=None) -> list[dict[str, Any]]:
     """Evaluate every (cache, policy, block length, steps) combination that the engine accepts; returns CSV rows.
     A combination whose steps are not a multiple of its number of blocks is skipped. Adaptive policies
-    (:data:`KNOBS`) run once per value of their parameter instead of once per step count (``knob`` column)."""
+    (:data:`KNOBS`) run once per value of their parameter instead of once per step count (``knob`` column).
+    ``progress(row)`` sees each row as it is measured; ``on_setting(done, total)`` counts the settings."""
     for c in caches:
         if c not in CACHES:
             raise ValueError(f"unknown cache {c!r}; available: {', '.join(CACHES)}.")
@@ -70,7 +71,7 @@ def run_sweep(llm: LLM, task: Task, *, model_name: str, policies: Sequence[str] 
     stamp = {"date": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"), "commit": git_commit(),
              "device": device_name(llm.model.device), "dtype": str(llm.model.dtype).removeprefix("torch."),
              "threads": torch.get_num_threads(), "command": command, "model": model_name}
-    rows = []
+    plan = []
     for block in block_lengths:
         blocks = g // block
         grid = [s for s in (steps or default_steps(g, block)) if s % blocks == 0 and s >= blocks]
@@ -81,19 +82,22 @@ def run_sweep(llm: LLM, task: Task, *, model_name: str, policies: Sequence[str] 
                     points = [(g, {name: v}, f"{name}={v:g}") for v in values]
                 else:
                     points = [(s, {}, "") for s in grid]
-                for s, extra, knob in points:
-                    r = evaluate_task(llm, task, policy, steps=s, block_length=block, limit=limit, cache=cache,
-                                      **extra)
-                    row = {**stamp, "task": task.name, "policy": policy, "cache": cache, "knob": knob,
-                           "block_length": block, "steps": s if not knob else "", "gen_length": g, "n": r.n,
-                           "accuracy": round(r.accuracy, 4), "nfe": round(r.nfe, 3),
-                           "tokens_per_forward": round(r.tokens_per_forward, 3),
-                           "tokens_per_s": round(r.tokens_per_s, 1), "wall_s": round(r.wall_s, 3)}
-                    rows.append(row)
-                    if progress is not None:
-                        progress(row)
-    if not rows:
+                plan += [(block, cache, policy, s, extra, knob) for s, extra, knob in points]
+    if not plan:
         raise ValueError("no (policy, block length, steps) combination is valid for this task.")
+    rows = []
+    for block, cache, policy, s, extra, knob in plan:
+        r = evaluate_task(llm, task, policy, steps=s, block_length=block, limit=limit, cache=cache, **extra)
+        row = {**stamp, "task": task.name, "policy": policy, "cache": cache, "knob": knob,
+               "block_length": block, "steps": s if not knob else "", "gen_length": g, "n": r.n,
+               "accuracy": round(r.accuracy, 4), "nfe": round(r.nfe, 3),
+               "tokens_per_forward": round(r.tokens_per_forward, 3),
+               "tokens_per_s": round(r.tokens_per_s, 1), "wall_s": round(r.wall_s, 3)}
+        rows.append(row)
+        if progress is not None:
+            progress(row)
+        if on_setting is not None:
+            on_setting(len(rows), len(plan))
     return rows
 
 

@@ -196,3 +196,99 @@ def test_installed_script(model_dir, llm):
     assert run.returncode == 0, run.stderr
     assert run.stdout == llm.generate("Hello", PARAMS)[0].text + "\n"  # not a TTY: the text only, no ANSI
     assert "NFE 8" in run.stderr and "\x1b" not in run.stdout + run.stderr
+
+
+@pytest.mark.parametrize("typed, prompt", [("Hello\n", "Hello"), ("Hello\r\n", "Hello"), ("Hello", "Hello"),
+                                           ("Hello\n\n", "Hello\n"), ("two\nlines\n", "two\nlines")])
+def test_prompt_from_stdin_drops_one_trailing_newline(typed, prompt):
+    from diffuse_engine.cli import read_stdin_prompt
+
+    assert read_stdin_prompt(io.StringIO(typed)) == prompt
+
+
+def test_generate_reads_stdin(model_dir, llm, capsys, monkeypatch):
+    monkeypatch.setattr(sys, "stdin", io.StringIO("Hello\n"))  # as `echo Hello | diffuse-engine generate --prompt -`
+    assert main(generate(model_dir, "--json", prompt="-")) == 0
+    record = json.loads(capsys.readouterr().out)
+    assert record["prompt"] == "Hello" and record["prompt_token_ids"] == llm.tokenizer.encode("Hello")
+
+
+def test_json_reports_the_shipped_models_folder(capsys, tmp_path, monkeypatch):
+    from diffuse_engine.zoo import ZOO_DIR
+
+    monkeypatch.chdir(tmp_path)  # a name, not a path: resolved to the shipped folder, not to ./addition
+    assert main(["generate", "--model", "addition", "--prompt", "04821+00379=", "--json", "--device", "cpu"]) == 0
+    record = json.loads(capsys.readouterr().out)
+    path = Path(record["model"]["path"])
+    assert path.is_absolute() and path.is_dir() and path == (ZOO_DIR / "addition").resolve()
+    assert (path / "config.json").is_file() and record["text"].endswith("5200")
+
+
+def test_eval_progress_on_stderr_and_quiet(capsys):
+    args = ["eval", "--model", "addition", "--task", "addition", "--limit", "20", "--device", "cpu", "--json"]
+    assert main(args) == 0
+    out, err = capsys.readouterr()
+    record = json.loads(out)
+    assert record["n"] == 20 and Path(record["model"]).is_dir()
+    lines = err.splitlines()  # not a terminal: a line per further 10%, the last one at the end
+    assert lines and lines[-1].startswith("eval: 20/20 examples, ") and lines[-1].endswith(" s")
+    assert main([*args, "--quiet"]) == 0
+    assert capsys.readouterr().err == ""
+
+
+def test_progress_line_on_a_terminal():
+    from diffuse_engine.cli_quality import Progress
+
+    class Tty(io.StringIO):
+        def isatty(self) -> bool:
+            return True
+
+    stream = Tty()
+    progress = Progress("eval", "examples", stream)
+    for done in (1, 2, 3):
+        progress(done, 3)
+    progress.close()
+    text = stream.getvalue()
+    assert text.count("\r") == 3 and text.endswith("\n") and text.count("\n") == 1
+    assert "eval: 3/3 examples, " in text
+    stream = io.StringIO()
+    progress = Progress("sweep", "settings", stream)
+    for done in range(1, 101):
+        progress(done, 100)
+    assert len(stream.getvalue().splitlines()) == 10  # not a terminal: every 10%
+
+
+def test_sweep_writes_under_the_working_folder(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    args = ["sweep", "--model", "addition", "--task", "addition", "--limit", "4", "--policies", "low_confidence",
+            "--steps", "6", "--block-lengths", "6", "--device", "cpu", "--no-plot", "--quiet"]
+    assert main(args) == 0
+    assert capsys.readouterr().err == ""
+    (folder,) = (tmp_path / "diffuse-results").iterdir()
+    assert folder.name.startswith("sweep-") and (folder / "addition_addition.csv").is_file()
+    assert (folder / "addition_addition.csv").stat().st_mode & 0o777 == 0o666 & ~_umask()
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def test_sweep_without_matplotlib_fails_before_running(tmp_path, monkeypatch, capsys):
+    import builtins
+
+    real_import = builtins.__import__
+
+    def no_matplotlib(name, *args, **kwargs):
+        if name.split(".")[0] == "matplotlib":
+            raise ImportError("No module named 'matplotlib'")
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(builtins, "__import__", no_matplotlib)
+    monkeypatch.setattr("diffuse_engine.llm.LLM.__init__", lambda *a, **k: pytest.fail("the model was loaded"))
+    assert main(["sweep", "--model", "addition", "--task", "addition", "--limit", "2"]) == 2
+    err = capsys.readouterr().err
+    assert "matplotlib" in err and "--no-plot" in err and "pip install" in err
+    assert not any(tmp_path.iterdir())
