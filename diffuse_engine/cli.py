@@ -179,8 +179,9 @@ def cmd_generate(args: argparse.Namespace) -> int:
     if args.chat:
         if tok is None or not tok.has_chat_template:
             raise UsageError(f"--chat needs a chat template, and {args.model} has none.")
-        prompt = tok.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True)
-    prompt_ids = llm.encode(prompt if args.prompt_ids is None else args.prompt_ids)
+        prompt_ids = tok.encode_chat([{"role": "user", "content": prompt}], add_generation_prompt=True)
+    else:
+        prompt_ids = llm.encode(prompt if args.prompt_ids is None else args.prompt_ids)
     live = args.live if args.live is not None else sys.stdout.isatty() and os.environ.get("TERM") != "dumb"
     view, stops = None, {cfg.eos_token_id} | ({cfg.eot_token_id} if cfg.eot_token_id is not None else set())
     if live and not args.json:

@@ -19,9 +19,11 @@ class LLM:
 
     ``LLM(model_path, device=None, dtype=None)`` loads a Hugging Face-layout folder (LLaDA or Dream).
     ``device`` defaults to CUDA when available, else CPU; ``dtype`` to the checkpoint's dtype on CUDA and fp32
-    on the CPU. Every weight is checked for NaN / inf as it loads (a :class:`~diffuse_engine.errors.CheckpointError`
-    names the tensor); ``check_weights=False`` or ``DIFFUSE_CHECK_WEIGHTS=0`` skips that. ``LLM.model`` is the ``nn.Module`` (its ``forward(input_ids, attention_mask=None)`` returns
-    logits ``[batch, seq, vocab]``), ``LLM.tokenizer`` the tokenizer (None for a weights-only folder).
+    on the CPU. Every weight is checked for NaN / inf as it loads (a
+    :class:`~diffuse_engine.errors.CheckpointError` names the tensor); ``check_weights=False`` or
+    ``DIFFUSE_CHECK_WEIGHTS=0`` skips that. ``LLM.model`` is the ``nn.Module`` (its ``forward(input_ids,
+    attention_mask=None)`` returns logits ``[batch, seq, vocab]``), ``LLM.tokenizer`` the tokenizer (None for a
+    weights-only folder).
     """
 
     def __init__(self, model_path: str | Path, device: str | torch.device | None = None,
@@ -128,5 +130,26 @@ class LLM:
             raise ValueError("this model folder has no tokenizer, so it has no chat template.")
         if conversations and isinstance(conversations[0], dict):
             conversations = [conversations]
+        if not conversations:
+            raise ValueError("no conversations given.")
+        for c, conversation in enumerate(conversations):
+            _check_conversation(conversation, f"conversations[{c}]" if len(conversations) > 1 else "messages")
         prompts = [self.tokenizer.encode_chat(c, add_generation_prompt=True) for c in conversations]
         return self.generate(prompts, params, **kwargs)
+
+
+CHAT_ROLES = ("system", "user", "assistant", "tool")
+
+
+def _check_conversation(messages: object, where: str) -> None:
+    """A conversation is a non-empty list of {"role": one of CHAT_ROLES, "content": str} (ValueError naming the
+    bad field otherwise)."""
+    if not isinstance(messages, list) or not messages:
+        raise ValueError(f"{where} must be a non-empty list of messages; got {type(messages).__name__}.")
+    for i, m in enumerate(messages):
+        if not isinstance(m, dict):
+            raise ValueError(f"{where}[{i}] must be a dict with 'role' and 'content'; got {type(m).__name__}.")
+        if m.get("role") not in CHAT_ROLES:
+            raise ValueError(f"{where}[{i}].role must be one of {', '.join(CHAT_ROLES)}; got {m.get('role')!r}.")
+        if not isinstance(m.get("content"), str):
+            raise ValueError(f"{where}[{i}].content must be a string; got {type(m.get('content')).__name__}.")

@@ -209,7 +209,7 @@ class Tokenizer:
         ids: list[int] = []
         start = 0  # the start of the text not yet encoded
         for lo, hi in [(0, spans[0][0] if spans else len(text)), *(
-                (a[1], b[0]) for a, b in zip(spans, [*spans[1:], (len(text), len(text))], strict=True))]:
+                (a[1], b[0]) for a, b in zip(spans, [*spans[1:], (len(text), len(text))], strict=False))]:
             for match in self._special_re.finditer(text, lo, hi):  # the template's own markers
                 if match.start() > start:
                     ids += self.encode(text[start:match.start()], special=False)
