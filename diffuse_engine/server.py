@@ -38,9 +38,11 @@ from .server_input import (
     DEFAULT_REQUEST_TIMEOUT,
     ApiError,
     ClientGone,
+    bool_field,
     brief,
     check_api_key,
     check_content_type,
+    int_field,
     parse_json,
     parse_messages,
     parse_prompt,
@@ -79,20 +81,6 @@ def _param_of(exc: Exception) -> str | None:
     return "max_tokens" if "gen_length" in message else word if word in ("prompt", "stop") else None
 
 
-def _int_or_none(body: dict[str, Any], name: str) -> int | None:
-    value = body.get(name)
-    if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
-        raise ApiError(f"{name} must be an integer >= 1; got {brief(value)}.", name)
-    return value
-
-
-def _bool(body: dict[str, Any], name: str) -> bool:
-    value = body.get(name)
-    if value is not None and not isinstance(value, bool):
-        raise ApiError(f"{name} must be a boolean; got {brief(value)}.", name)
-    return bool(value)
-
-
 class OpenAIServer:
     """The state behind the routes: the engine, the served model name and request counters. ``received``:
     requests handed to the engine (less those it refused at once); ``failed``: those that ended with an error
@@ -120,10 +108,10 @@ class OpenAIServer:
         if model is not None and model != self.model_name:
             raise ApiError(f"The model {brief(model)} does not exist; this server serves `{self.model_name}`.",
                            "model", status=404)
-        if _int_or_none(body, "n") not in (None, 1):
+        if int_field(body, "n") not in (None, 1):
             raise ApiError(f"n > 1 is not supported; got n={body['n']}.", "n")
         for name in ("stream", "stream_canvas"):
-            _bool(body, name)
+            bool_field(body, name)
         if body.get("logprobs") not in (None, False, 0) or body.get("top_logprobs") not in (None, 0):
             raise ApiError("logprobs are not supported.", "logprobs")
         for name, fine in (("echo", (None, False)), ("best_of", (None, 1)), ("suffix", (None, ""))):
@@ -134,7 +122,7 @@ class OpenAIServer:
         """SamplingParams from the request: the model folder's defaults, overridden by the given fields."""
         overrides = {name: body[name] for name in SAMPLING_FIELDS if body.get(name) is not None}
         for name in (("max_completion_tokens",) if chat else ()) + ("max_tokens",):
-            if (value := _int_or_none(body, name)) is not None:
+            if (value := int_field(body, name)) is not None:
                 overrides["gen_length"] = value
                 break
         stop = [body["stop"]] if isinstance(body.get("stop"), str) else body.get("stop")
@@ -212,7 +200,7 @@ class OpenAIServer:
                      body: dict[str, Any], params: SamplingParams) -> AsyncIterator[str]:
         """The SSE events of a streamed request; closing this generator aborts the request. Text that may begin a
         stop string is held back until the request finishes (the final text is cut before the stop string)."""
-        created, sent, stops, show_canvas = int(time.time()), "", params.stop or [], _bool(body, "stream_canvas")
+        created, sent, stops, show_canvas = int(time.time()), "", params.stop or [], bool_field(body, "stream_canvas")
         options = body.get("stream_options")
         include_usage = isinstance(options, dict) and options.get("include_usage") is True
         kind = "chat.completion.chunk" if chat else "text_completion"
@@ -361,6 +349,13 @@ def build_app(engine: "AsyncEngine", model_name: str, *, api_key: str | None = N
     async def _api_error(_request: Request, exc: ApiError) -> Response:
         return JSONResponse(exc.body(), status_code=exc.status, headers=exc.headers)
 
+    @app.exception_handler(Exception)
+    async def _unexpected(request: Request, exc: Exception) -> Response:
+        logger.exception("%s %s failed", request.method, request.url.path)  # the server's log keeps the details
+        error = ApiError(scrub(f"internal server error ({type(exc).__name__}).", server.roots), status=500,
+                         kind="server_error")
+        return JSONResponse(error.body(), status_code=500)
+
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(request: Request, exc: StarletteHTTPException) -> Response:
         error = ApiError(f"{exc.detail}: {request.method} {request.url.path}", status=exc.status_code)
@@ -376,7 +371,7 @@ def build_app(engine: "AsyncEngine", model_name: str, *, api_key: str | None = N
             messages = parse_messages(body.get("messages")) if chat else None
             raw_prompt = None if chat else parse_prompt(body.get("prompt"))
             params = server.sampling_params(body, chat)
-            stream = _bool(body, "stream")
+            stream = bool_field(body, "stream")
             # tokenizing (a template render, a long prompt) runs on a worker thread while this task listens
             prompt = await until_disconnect(request.receive, server.chat_ids(messages) if chat else
                                             server.prompt_ids(raw_prompt))

@@ -54,6 +54,22 @@ def scrub(message: str, roots: tuple[str, ...] = ()) -> str:
     return _PATH.sub("<path>", message)
 
 
+def int_field(body: dict[str, Any], name: str) -> int | None:
+    """``body[name]``: absent (None) or an integer >= 1 (400 naming the field otherwise)."""
+    value = body.get(name)
+    if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
+        raise ApiError(f"{name} must be an integer >= 1; got {brief(value)}.", name)
+    return value
+
+
+def bool_field(body: dict[str, Any], name: str) -> bool:
+    """``body[name]``: absent (False) or a boolean (400 naming the field otherwise)."""
+    value = body.get(name)
+    if value is not None and not isinstance(value, bool):
+        raise ApiError(f"{name} must be a boolean; got {brief(value)}.", name)
+    return bool(value)
+
+
 def check_api_key(request: "Request", key: bytes | None) -> None:
     """401 unless the request carries ``Authorization: Bearer <key>`` (no check when ``key`` is None)."""
     if key is None:

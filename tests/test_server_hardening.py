@@ -283,6 +283,33 @@ def test_a_disconnect_at_any_stage_aborts_quietly(app, engine, monkeypatch, capl
 
 
 # ------------------------------------------------------------------------------------------- API key
+def test_an_unexpected_server_error_is_an_openai_style_500_without_details(engine, monkeypatch, caplog):
+    """A bug anywhere in a route gives a JSON 500 (never plain text), with no path or traceback in the body; the
+    log keeps the traceback; the next request is served normally."""
+    app = build_app(engine, MODEL)
+    server = app.state.server
+
+    def broken(*_args, **_kwargs):
+        raise KeyError(str(Path(__file__).resolve()))
+
+    monkeypatch.setattr(server, "sampling_params", broken)
+    transport = httpx.ASGITransport(app=app, raise_app_exceptions=False)
+
+    async def call():
+        async with httpx.AsyncClient(transport=transport, base_url="http://t", timeout=30) as c:
+            return await c.post("/v1/completions", json=GOOD)
+
+    with caplog.at_level(logging.ERROR):
+        resp = _run(call())
+    err = _error(resp)
+    assert resp.status_code == 500 and err["type"] == "server_error" and "KeyError" in err["message"]
+    assert "/" not in err["message"] and "Traceback" not in resp.text
+    assert any(r.exc_info for r in caplog.records)
+    monkeypatch.undo()
+    [ok] = _run(_client_calls(app, lambda c: c.post("/v1/completions", json=GOOD)))
+    assert ok.status_code == 200 and ok.json()["choices"][0]["text"] == "005200"
+
+
 def test_api_key_guards_every_route_but_health(engine, monkeypatch):
     keyed = build_app(engine, MODEL, api_key="s3cret")
     auth = {"authorization": "Bearer s3cret"}
