@@ -25,6 +25,7 @@ from collections import OrderedDict, deque
 import numpy as np
 import torch
 
+from ..errors import BackendUnavailableError
 from ..models import DiffusionLM
 from ..policies import decoding_policy
 from ..sampling_params import SamplingParams
@@ -296,13 +297,18 @@ class Engine:
         A failure is pinned to the request that caused it: non-finite logits are detected per request on the
         device; an exception from the batched step reruns the step for each request alone, and only a request
         whose own step fails finishes (``finish_reason="error"``, with the reason in ``RequestOutput.error``).
-        The others' tokens equal running alone (the batch does not change them)."""
+        The others' tokens equal running alone (the batch does not change them). An explicitly requested setting
+        that cannot run (:class:`~diffuse_engine.errors.BackendUnavailableError`) is no request's fault: it is
+        raised, and the step can be retried."""
         self._admit()
         if not self.running:
             return []
         t0 = time.perf_counter()
         try:
             plan, result = self._run_step()
+        except BackendUnavailableError:  # an explicit engine setting that cannot run: no request's fault
+            self._recover(self.running)
+            raise
         except Exception as exc:  # noqa: BLE001 - pinned to its request(s) below; the engine stays usable
             self.last_step_error = f"{type(exc).__name__}: {exc}"
             self.num_failed_steps += 1

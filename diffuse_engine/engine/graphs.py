@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from ..errors import BackendUnavailableError
 from ..kernels.reference import COMMIT_TOPK
 from ..models import TokenLayout
 from ..policies.base import COUNT_NONE
@@ -123,8 +124,9 @@ class StepGraphs:
             try:
                 graph = self._capture(static, store, plan)
             except Exception as exc:  # noqa: BLE001 - eager steps are always available
-                if self.setting:
-                    raise
+                if self.setting:  # asked for explicitly: a setting of the engine that cannot run
+                    raise BackendUnavailableError(f"CUDA graph capture (EngineConfig(cuda_graphs=True)) failed: "
+                                                  f"{type(exc).__name__}: {exc}") from exc
                 self.failure = f"{type(exc).__name__}: {exc}"
                 warnings.warn(f"CUDA graph capture failed ({self.failure}); the engine steps eagerly from now on. "
                               f"EngineConfig(cuda_graphs=True) raises the error instead.", RuntimeWarning,

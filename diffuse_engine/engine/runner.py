@@ -14,6 +14,7 @@ from collections.abc import Callable
 
 import torch
 
+from ..errors import BackendUnavailableError
 from ..models import DiffusionLM
 from . import step as device_step
 from .canvas import CanvasStore
@@ -65,8 +66,9 @@ class ModelRunner:
         except ValueError:
             raise
         except Exception as exc:  # noqa: BLE001 - automatic choice must not fail where the unfused head runs
-            if self.fused_head:
-                raise
+            if self.fused_head:  # asked for explicitly: a setting of the engine that cannot run
+                raise BackendUnavailableError(f"the fused LM head (EngineConfig(fused_head=True)) failed: "
+                                              f"{type(exc).__name__}: {exc}") from exc
             self.fused_head = False
             warnings.warn(f"the fused LM head failed ({type(exc).__name__}: {exc}); using the unfused head from now "
                           f"on. EngineConfig(fused_head=True) raises the error instead.", RuntimeWarning, stacklevel=3)
