@@ -27,12 +27,12 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from . import presets
-from .checkpoint import save_model_folder
-from .config import ModelConfig
-from .models import DiffusionLM, build_model
+from .. import presets
+from ..checkpoint import save_model_folder
+from ..config import ModelConfig
+from ..models import DiffusionLM, build_model
+from ..tokenizer import Tokenizer, build_byte_tokenizer
 from .tasks import Task, TextCorpus, get_task
-from .tokenizer import Tokenizer, build_byte_tokenizer
 
 BASE_PRESET = "llada-tiny"  # byte-level vocabulary of 320 with LLaDA's special tokens at 256+
 LOG_FILE = "train_log.csv"
@@ -324,7 +324,7 @@ def generation_defaults(task: Task | TextCorpus) -> dict[str, Any]:
 
 
 def write_generation_defaults(folder: str | Path, task: Task | TextCorpus) -> Path:
-    from .loader import GENERATION_DEFAULTS_FILE
+    from ..loader import GENERATION_DEFAULTS_FILE
 
     path = Path(folder) / GENERATION_DEFAULTS_FILE
     path.write_text(json.dumps(generation_defaults(task), indent=2) + "\n")

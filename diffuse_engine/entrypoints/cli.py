@@ -1,5 +1,5 @@
 """The ``diffuse-engine`` command: ``generate``, ``info``, ``presets``, ``init-random``, and the quality tools
-``train``, ``eval`` and ``sweep`` (in :mod:`diffuse_engine.cli_quality`), and ``serve`` (:mod:`diffuse_engine.server`).
+``train``, ``eval`` and ``sweep`` (in :mod:`.cli_quality`), and ``serve`` (:mod:`.server`).
 
 Exit status: 0 on success, 2 for bad input (arguments, sampling parameters, a missing or broken model folder:
 anything raising ``ValueError``), 1 for other failures, 130 when interrupted. Errors are printed as
@@ -21,8 +21,8 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any, NoReturn, TextIO
 
-from .sampling_params import CACHES, POLICIES, REMASKING, REMDM_VARIANTS, REVISIONS, SamplingParams
-from .version import __version__
+from ..sampling_params import CACHES, POLICIES, REMASKING, REMDM_VARIANTS, REVISIONS, SamplingParams
+from ..version import __version__
 
 PROG = "diffuse-engine"
 
@@ -169,9 +169,9 @@ def cmd_generate(args: argparse.Namespace) -> int:
         raise UsageError("--chat applies to a --prompt text, not to --prompt-ids.")
     device = _check_device(args.device)
     prompt = user_prompt = read_stdin_prompt(sys.stdin) if args.prompt == "-" else args.prompt
+    from ..loader import resolve_model_path
     from .cli_view import LiveView, print_result
     from .llm import LLM
-    from .loader import resolve_model_path
 
     llm = LLM(args.model, device=device, dtype=args.dtype)
     params = sampling_params_from_args(args, llm)
@@ -235,7 +235,7 @@ def info_record() -> dict[str, Any]:
     """Everything ``info`` reports, as a JSON-ready dict."""
     import torch
 
-    from .ops import ATTENTION_ENV, BACKEND_ENV, attention_report, backend_report, requested_backend
+    from ..ops import ATTENTION_ENV, BACKEND_ENV, attention_report, backend_report, requested_backend
 
     triton = next((v for v in map(_dist_version, ("triton", "pytorch-triton")) if v), None)
     cuda: dict[str, Any] = {"available": torch.cuda.is_available(), "torch_cuda_version": torch.version.cuda,
@@ -297,7 +297,7 @@ def _count(n: int) -> str:
 
 def cmd_presets(args: argparse.Namespace) -> int:
     """``presets``: the named model configurations with their parameter counts."""
-    from .presets import PRESETS
+    from ..presets import PRESETS
 
     rows = []
     for p in PRESETS.values():
@@ -317,8 +317,8 @@ def cmd_presets(args: argparse.Namespace) -> int:
 
 def cmd_init_random(args: argparse.Namespace) -> int:
     """``init-random``: write a random-weight checkpoint folder of a preset."""
-    from .checkpoint import write_random_checkpoint
-    from .presets import from_name
+    from ..checkpoint import write_random_checkpoint
+    from ..presets import from_name
 
     preset, out = from_name(args.preset), Path(args.out)
     if out.is_dir() and any(out.iterdir()) and not args.overwrite:

@@ -32,7 +32,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
-from .sampling_params import SamplingParams
+from ..sampling_params import SamplingParams
 from .server_input import (
     DEFAULT_MAX_REQUEST_BYTES,
     DEFAULT_REQUEST_TIMEOUT,
@@ -461,9 +461,9 @@ def serve(args: argparse.Namespace) -> int:
         import uvicorn
     except ImportError as exc:
         raise RuntimeError(f"serve needs fastapi and uvicorn ({exc}); pip install 'diffuse-engine[serve]'") from None
+    from ..engine import EngineConfig
     from .async_engine import AsyncEngine
     from .cli import UsageError, _check_device
-    from .engine import EngineConfig
 
     if not 0 <= args.port <= 65535:
         raise UsageError(f"--port must be in 0..65535; got {args.port}.")
