@@ -155,10 +155,10 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def _llm(args: argparse.Namespace):
-    from .cli import _check_device
+    from .common import check_device
     from .llm import LLM
 
-    return LLM(args.model, device=_check_device(args.device), dtype=args.dtype)
+    return LLM(args.model, device=check_device(args.device), dtype=args.dtype)
 
 
 def _model_path(model: str) -> str:

@@ -1,4 +1,5 @@
-"""``diffuse-engine serve``: an OpenAI-compatible HTTP server on top of :class:`AsyncEngine`.
+"""The OpenAI-compatible HTTP server on top of :class:`AsyncEngine` (run by ``diffuse-engine serve``:
+:mod:`.server_cli`).
 
 Endpoints: ``POST /v1/completions`` and ``POST /v1/chat/completions`` (``stream: true``: server-sent events),
 ``GET /v1/models``, ``GET /health``, ``GET /metrics`` (Prometheus). Besides the OpenAI fields (``model``,
@@ -15,22 +16,18 @@ Hardening (:mod:`.server_input`): an optional API key (``Authorization: Bearer``
 and body read timeout (408), JSON checks (400, also for deeply nested JSON), chat roles and content types checked
 by field, chat templates rendered and prompts tokenized on worker threads, special-token strings in message
 contents tokenized as text (:meth:`Tokenizer.encode_chat`), and error bodies that name no server file.
-``/health`` and ``/metrics``: :mod:`.server_metrics`.
+``/health`` and ``/metrics``: :mod:`.server_metrics`; streams: :mod:`.server_stream`.
 fastapi and uvicorn are imported only when a server is built (``pip install "diffuse-engine[serve]"``).
 """
 
-import argparse
 import asyncio
 import contextlib
 import dataclasses
-import json
 import logging
-import os
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
-from pathlib import Path
-from typing import TYPE_CHECKING, Any, TypeVar
+from collections.abc import AsyncIterator
+from typing import TYPE_CHECKING, Any
 
 from ..sampling_params import SamplingParams
 from .server_input import (
@@ -50,26 +47,25 @@ from .server_input import (
     scrub,
 )
 from .server_metrics import health_status, metrics_text, note_failure
+from .server_stream import (
+    FINISH_REASONS,
+    cancelling,
+    closing_streaming_response,
+    failure,
+    stream_events,
+    until_disconnect,
+)
 
 if TYPE_CHECKING:  # fastapi is optional: imported by build_app
-    from fastapi import FastAPI, Request
+    from fastapi import FastAPI, Request, Response
 
     from .async_engine import AsyncEngine, StreamOutput
 
-T = TypeVar("T")
-__all__ = ["ApiError", "OpenAIServer", "add_serve_command", "build_app", "parse_messages", "parse_prompt", "serve"]
+__all__ = ["ApiError", "OpenAIServer", "build_app", "parse_messages", "parse_prompt"]
 logger = logging.getLogger("diffuse_engine.server")
-API_KEY_ENV = "DIFFUSE_API_KEY"
 DEFAULT_GEN_LENGTH = 128
-FINISH_REASONS = {"eos": "stop", "stop": "stop", "length": "length"}
 # SamplingParams fields a request may set by name (gen_length comes from max_tokens, stop is checked here).
 SAMPLING_FIELDS = tuple(f.name for f in dataclasses.fields(SamplingParams) if f.name not in ("gen_length", "stop"))
-
-
-def _failure(exc: BaseException, status: int, roots: tuple[str, ...] = ()) -> ApiError:
-    """The error of a request that the engine accepted but could not finish (shut down, step failed, aborted)."""
-    return ApiError(scrub(f"the request failed: {exc or type(exc).__name__}", roots), status=status,
-                    kind="server_error")
 
 
 def _param_of(exc: Exception) -> str | None:
@@ -196,154 +192,50 @@ class OpenAIServer:
         prompt, completion = len(out.output.prompt_token_ids), len(out.output.token_ids)
         return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
 
-    async def stream(self, agen: AsyncIterator["StreamOutput"], first: "StreamOutput", rid: str, chat: bool,
-                     body: dict[str, Any], params: SamplingParams) -> AsyncIterator[str]:
-        """The SSE events of a streamed request; closing this generator aborts the request. Text that may begin a
-        stop string is held back until the request finishes (the final text is cut before the stop string)."""
-        created, sent, stops, show_canvas = int(time.time()), "", params.stop or [], bool_field(body, "stream_canvas")
-        options = body.get("stream_options")
-        include_usage = isinstance(options, dict) and options.get("include_usage") is True
-        kind = "chat.completion.chunk" if chat else "text_completion"
 
-        def event(choice: dict[str, Any] | None, **extra: Any) -> str:
-            chunk = {"id": rid, "object": kind, "created": created, "model": self.model_name,
-                     "choices": [choice] if choice is not None else [], **extra}
-            return f"data: {json.dumps(chunk, ensure_ascii=False)}\n\n"
+async def complete(server: OpenAIServer, request: "Request", chat: bool, limits: tuple[int, float]) -> "Response":
+    """Answer a completions (``chat``: chat completions) request; ``limits``: the body's size and read timeout."""
+    from fastapi.responses import JSONResponse, Response
 
-        def choice(text: str | None, finish: str | None) -> dict[str, Any]:
-            if chat:
-                delta = {} if text is None else {"content": text}
-                return {"index": 0, "delta": delta, "finish_reason": finish, "logprobs": None}
-            return {"index": 0, "text": text or "", "finish_reason": finish, "logprobs": None}
-
-        try:
-            if chat:
-                yield event({"index": 0, "delta": {"role": "assistant"}, "finish_reason": None, "logprobs": None})
-            out = first
-            while True:
-                extra = {"canvas": canvas_json(out.canvas)} if show_canvas and out.canvas is not None else {}
-                end = len(out.text) if out.finished else _safe_end(out.text, stops)
-                delta = out.text[len(sent):end] if out.text.startswith(sent) else ""
-                sent += delta
-                if out.finished:
-                    self.record(out)
-                    finish = FINISH_REASONS.get(out.finish_reason, out.finish_reason)
-                    if chat:
-                        if delta or extra:
-                            yield event(choice(delta, None), **extra)
-                        yield event(choice(None, finish), nfe=out.output.nfe)
-                    else:
-                        yield event(choice(delta, finish), nfe=out.output.nfe, **extra)
-                    if include_usage:
-                        yield event(None, usage=self.usage(out))
-                    break
-                if delta or extra:
-                    yield event(choice(delta, None), **extra)
-                out = await agen.__anext__()
-        except (ValueError, RuntimeError, asyncio.CancelledError) as exc:
-            if isinstance(exc, asyncio.CancelledError) and _cancelling():
-                raise
-            if not isinstance(exc, asyncio.CancelledError):  # an abort counts as aborted
-                self.failed += 1
-                note_failure(self)
-            yield f"data: {json.dumps(_failure(exc, 500, self.roots).body())}\n\n"
-        finally:
-            await agen.aclose()
-        yield "data: [DONE]\n\n"
-
-
-def _safe_end(text: str, stops: list[str]) -> int:
-    """How much of ``text`` may be streamed: up to a stop string or a tail that could begin one."""
-    end = len(text)
-    for stop in stops:
-        found = text.find(stop)
-        tails = [len(text) - k for k in range(1, len(stop)) if text.endswith(stop[:k])]
-        end = min([end, *tails] + ([found] if found >= 0 else []))
-    return end
-
-
-def canvas_json(canvas: Any) -> dict[str, Any]:
-    """A :class:`CanvasSnapshot` as the JSON ``canvas`` object of a chunk."""
-    return {"step": canvas.step, "block": canvas.block, "tokens": canvas.tokens, "masked": canvas.masked,
-            "confidences": canvas.confidences, "committed": canvas.committed,
-            "revised": [list(r) for r in canvas.revised]}
-
-
-async def _wait_disconnect(receive: Callable[[], Awaitable[dict[str, Any]]]) -> None:
-    while (await receive())["type"] != "http.disconnect":
-        pass
-
-
-async def until_disconnect(receive: Callable[[], Awaitable[dict[str, Any]]], awaitable: Awaitable[T]) -> T:
-    """Await ``awaitable``; if the client disconnects first (ASGI ``receive`` says so), cancel it and raise
-    :class:`ClientGone`."""
-    task = asyncio.ensure_future(awaitable)
-    listener = asyncio.ensure_future(_wait_disconnect(receive))
+    rid = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
     try:
-        await asyncio.wait({task, listener}, return_when=asyncio.FIRST_COMPLETED)
-    finally:  # also when this coroutine is cancelled (server shutdown)
-        listener.cancel()
-        finished = task.done()
-        task.cancel()  # a no-op when it finished
-    if finished:
-        return task.result()
-    with contextlib.suppress(asyncio.CancelledError, Exception):
-        await task
-    raise ClientGone()
+        body = parse_json(await read_body(request, *limits))
+        server.check_common(body, chat)
+        messages = parse_messages(body.get("messages")) if chat else None
+        raw_prompt = None if chat else parse_prompt(body.get("prompt"))
+        params = server.sampling_params(body, chat)
+        stream = bool_field(body, "stream")
+        # tokenizing (a template render, a long prompt) runs on a worker thread while this task listens
+        prompt = await until_disconnect(request.receive, server.chat_ids(messages) if chat else
+                                        server.prompt_ids(raw_prompt))
+        agen, first = await server.start(prompt, params, rid, stream, request)
+        if stream:
+            return closing_streaming_response()(stream_events(server, agen, first, rid, chat, body, params),
+                                                agen.aclose)
+        last = await until_disconnect(request.receive, server.collect(agen, first))
+    except ClientGone:
+        logger.info("%s: the client disconnected before the answer", rid)
+        return Response(status_code=499)  # nobody reads it
+    except (RuntimeError, asyncio.CancelledError) as exc:
+        if cancelling():
+            raise
+        if isinstance(exc, RuntimeError):  # an abort counts as aborted
+            server.failed += 1
+            note_failure(server)
+        raise failure(exc, 500, server.roots) from None
+    text = {"message": {"role": "assistant", "content": last.text}} if chat else {"text": last.text}
+    choice = {"index": 0, **text, "finish_reason": FINISH_REASONS.get(last.finish_reason, last.finish_reason),
+              "logprobs": None}
+    return JSONResponse({"id": rid, "object": "chat.completion" if chat else "text_completion",
+                         "created": int(time.time()), "model": server.model_name, "choices": [choice],
+                         "usage": server.usage(last), "nfe": last.output.nfe})
 
 
-def _cancelling() -> bool:
-    """Whether the current task is being cancelled (as opposed to an aborted request's CancelledError)."""
-    task = asyncio.current_task()
-    return task is not None and bool(getattr(task, "cancelling", lambda: 0)())
-
-
-def build_app(engine: "AsyncEngine", model_name: str, *, api_key: str | None = None,
-              max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES,
-              request_timeout: float = DEFAULT_REQUEST_TIMEOUT) -> "FastAPI":
-    """The FastAPI app serving ``engine`` as ``model_name``. Its lifespan starts the engine's stepping thread
-    and shuts the engine down. ``api_key``: every route but ``/health`` requires ``Authorization: Bearer
-    <api_key>``; ``max_request_bytes`` / ``request_timeout``: a larger body is refused with 413, a body not
-    received within that many seconds with 408."""
-    from fastapi import FastAPI, Request
-    from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
+def _add_error_handlers(app: "FastAPI", server: OpenAIServer) -> None:
+    """OpenAI-style JSON bodies for refused requests, unknown routes and unexpected failures."""
+    from fastapi import Request
+    from fastapi.responses import JSONResponse, Response
     from starlette.exceptions import HTTPException as StarletteHTTPException
-
-    if not isinstance(max_request_bytes, int) or max_request_bytes < 1:
-        raise ValueError(f"max_request_bytes must be an integer >= 1; got {max_request_bytes!r}.")
-    if not request_timeout > 0:
-        raise ValueError(f"request_timeout must be > 0 seconds; got {request_timeout!r}.")
-    if api_key is not None and not api_key:
-        raise ValueError("api_key must not be empty (None: no key).")
-    key = api_key.encode("utf-8") if api_key is not None else None
-    server = OpenAIServer(engine, model_name)
-
-    @contextlib.asynccontextmanager
-    async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
-        engine.start()
-        try:
-            yield
-        finally:
-            await asyncio.to_thread(engine.shutdown)
-
-    app = FastAPI(title="diffuse-engine", lifespan=lifespan)
-    app.state.server = server
-
-    class ClosingStreamingResponse(StreamingResponse):
-        """Streams until the client disconnects, then closes the body (which aborts the engine request)."""
-
-        def __init__(self, content: AsyncIterator[str], closer: Callable[[], Awaitable[None]]) -> None:
-            super().__init__(content, media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
-            self.closer = closer
-
-        async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
-            try:
-                await until_disconnect(receive, self.stream_response(send))
-            except (ClientGone, OSError):  # the client went away
-                logger.info("%s: the client disconnected during the stream", scope.get("path"))
-            finally:
-                await self.body_iterator.aclose()
-                await self.closer()  # also when the body never started
 
     @app.exception_handler(ApiError)
     async def _api_error(_request: Request, exc: ApiError) -> Response:
@@ -361,48 +253,50 @@ def build_app(engine: "AsyncEngine", model_name: str, *, api_key: str | None = N
         error = ApiError(f"{exc.detail}: {request.method} {request.url.path}", status=exc.status_code)
         return JSONResponse(error.body(), status_code=exc.status_code)
 
-    async def complete(request: Request, chat: bool) -> Response:
-        check_api_key(request, key)  # before reading a byte of the body
-        check_content_type(request)
-        rid = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
+
+def build_app(engine: "AsyncEngine", model_name: str, *, api_key: str | None = None,
+              max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES,
+              request_timeout: float = DEFAULT_REQUEST_TIMEOUT) -> "FastAPI":
+    """The FastAPI app serving ``engine`` as ``model_name``. Its lifespan starts the engine's stepping thread
+    and shuts the engine down. ``api_key``: every route but ``/health`` requires ``Authorization: Bearer
+    <api_key>``; ``max_request_bytes`` / ``request_timeout``: a larger body is refused with 413, a body not
+    received within that many seconds with 408."""
+    from fastapi import FastAPI, Request
+    from fastapi.responses import JSONResponse, PlainTextResponse, Response
+
+    if not isinstance(max_request_bytes, int) or max_request_bytes < 1:
+        raise ValueError(f"max_request_bytes must be an integer >= 1; got {max_request_bytes!r}.")
+    if not request_timeout > 0:
+        raise ValueError(f"request_timeout must be > 0 seconds; got {request_timeout!r}.")
+    if api_key is not None and not api_key:
+        raise ValueError("api_key must not be empty (None: no key).")
+    key = api_key.encode("utf-8") if api_key is not None else None
+    server = OpenAIServer(engine, model_name)
+    limits = (max_request_bytes, request_timeout)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
+        engine.start()
         try:
-            body = parse_json(await read_body(request, max_request_bytes, request_timeout))
-            server.check_common(body, chat)
-            messages = parse_messages(body.get("messages")) if chat else None
-            raw_prompt = None if chat else parse_prompt(body.get("prompt"))
-            params = server.sampling_params(body, chat)
-            stream = bool_field(body, "stream")
-            # tokenizing (a template render, a long prompt) runs on a worker thread while this task listens
-            prompt = await until_disconnect(request.receive, server.chat_ids(messages) if chat else
-                                            server.prompt_ids(raw_prompt))
-            agen, first = await server.start(prompt, params, rid, stream, request)
-            if stream:
-                return ClosingStreamingResponse(server.stream(agen, first, rid, chat, body, params), agen.aclose)
-            last = await until_disconnect(request.receive, server.collect(agen, first))
-        except ClientGone:
-            logger.info("%s: the client disconnected before the answer", rid)
-            return Response(status_code=499)  # nobody reads it
-        except (RuntimeError, asyncio.CancelledError) as exc:
-            if _cancelling():
-                raise
-            if isinstance(exc, RuntimeError):  # an abort counts as aborted
-                server.failed += 1
-                note_failure(server)
-            raise _failure(exc, 500, server.roots) from None
-        text = {"message": {"role": "assistant", "content": last.text}} if chat else {"text": last.text}
-        choice = {"index": 0, **text, "finish_reason": FINISH_REASONS.get(last.finish_reason, last.finish_reason),
-                  "logprobs": None}
-        return JSONResponse({"id": rid, "object": "chat.completion" if chat else "text_completion",
-                             "created": int(time.time()), "model": model_name, "choices": [choice],
-                             "usage": server.usage(last), "nfe": last.output.nfe})
+            yield
+        finally:
+            await asyncio.to_thread(engine.shutdown)
+
+    app = FastAPI(title="diffuse-engine", lifespan=lifespan)
+    app.state.server = server
+    _add_error_handlers(app, server)
 
     @app.post("/v1/completions")
     async def completions(request: Request) -> Response:
-        return await complete(request, chat=False)
+        check_api_key(request, key)  # before reading a byte of the body
+        check_content_type(request)
+        return await complete(server, request, False, limits)
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request) -> Response:
-        return await complete(request, chat=True)
+        check_api_key(request, key)
+        check_content_type(request)
+        return await complete(server, request, True, limits)
 
     @app.get("/v1/models")
     async def models(request: Request) -> dict[str, Any]:
@@ -422,72 +316,3 @@ def build_app(engine: "AsyncEngine", model_name: str, *, api_key: str | None = N
         return PlainTextResponse(text, media_type="text/plain; version=0.0.4")
 
     return app
-
-
-def add_serve_command(sub: argparse._SubParsersAction) -> None:
-    """Register ``diffuse-engine serve``."""
-    cmd = sub.add_parser("serve", help="serve a model over an OpenAI-compatible HTTP API",
-                         description="Serve a model over an OpenAI-compatible HTTP API (/v1/completions, "
-                                     "/v1/chat/completions, /v1/models, /health, /metrics).")
-    cmd.add_argument("--model", required=True, metavar="DIR", help="model folder (Hugging Face layout) or zoo name")
-    cmd.add_argument("--served-model-name", metavar="NAME", help="the model id of the API (default: folder name)")
-    cmd.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
-    cmd.add_argument("--port", type=int, default=8000, help="port (default 8000)")
-    cmd.add_argument("--device", help="cpu, cuda or cuda:N (default: cuda when available)")
-    cmd.add_argument("--dtype", help="float32, bfloat16, float16 (default: the checkpoint's on CUDA, fp32 on CPU)")
-    cmd.add_argument("--max-num-seqs", type=int, help="requests decoded per step (default 64)")
-    cmd.add_argument("--kv-cache-tokens", type=int, help="token slots of the paged KV cache (default 16384)")
-    cmd.add_argument("--api-key", metavar="KEY",
-                     help=f"require 'Authorization: Bearer KEY' on every route but /health (default: the "
-                          f"{API_KEY_ENV} environment variable; no key when neither is set)")
-    cmd.add_argument("--max-request-bytes", type=int, default=DEFAULT_MAX_REQUEST_BYTES, metavar="N",
-                     help=f"largest request body; a larger one gets 413 (default {DEFAULT_MAX_REQUEST_BYTES})")
-    cmd.add_argument("--request-timeout", type=float, default=DEFAULT_REQUEST_TIMEOUT, metavar="S",
-                     help="seconds a client has to send a request body once its headers arrived; then 408 and "
-                          f"the connection closes (default {DEFAULT_REQUEST_TIMEOUT:g})")
-    cmd.add_argument("--keep-alive-timeout", type=float, default=5.0, metavar="S",
-                     help="seconds an idle keep-alive connection stays open (default 5)")
-    cmd.add_argument("--threads", type=int, metavar="N",
-                     help="CPU threads of torch (torch.set_num_threads; default: torch's own choice, one per "
-                          "core). On a machine with few cores shared with other work, set it, e.g. --threads 2")
-    cmd.add_argument("--log-level", default="info", help="uvicorn log level (default info)")
-    cmd.set_defaults(func=serve)
-
-
-def serve(args: argparse.Namespace) -> int:
-    """``serve``: load the model and run uvicorn until interrupted."""
-    try:
-        import fastapi  # noqa: F401
-        import uvicorn
-    except ImportError as exc:
-        raise RuntimeError(f"serve needs fastapi and uvicorn ({exc}); pip install 'diffuse-engine[serve]'") from None
-    from ..engine import EngineConfig
-    from .async_engine import AsyncEngine
-    from .cli import UsageError, _check_device
-
-    if not 0 <= args.port <= 65535:
-        raise UsageError(f"--port must be in 0..65535; got {args.port}.")
-    if args.max_request_bytes < 1:
-        raise UsageError(f"--max-request-bytes must be >= 1; got {args.max_request_bytes}.")
-    for flag in ("request_timeout", "keep_alive_timeout"):
-        if not getattr(args, flag) > 0:  # also NaN
-            raise UsageError(f"--{flag.replace('_', '-')} must be > 0 seconds; got {getattr(args, flag)}.")
-    if args.threads is not None and args.threads < 1:
-        raise UsageError(f"--threads must be an integer >= 1; got {args.threads}.")
-    if args.api_key == "":
-        raise UsageError("--api-key must not be empty.")
-    api_key = args.api_key if args.api_key is not None else os.environ.get(API_KEY_ENV) or None
-    if args.threads is not None:
-        import torch
-
-        torch.set_num_threads(args.threads)  # before the model loads and the engine starts stepping
-    limits = {k: getattr(args, k) for k in ("max_num_seqs", "kv_cache_tokens") if getattr(args, k) is not None}
-    engine = AsyncEngine.from_pretrained(args.model, device=_check_device(args.device), dtype=args.dtype,
-                                         engine_config=EngineConfig(**limits))
-    app = build_app(engine, args.served_model_name or Path(str(args.model).rstrip("/")).name, api_key=api_key,
-                    max_request_bytes=args.max_request_bytes, request_timeout=args.request_timeout)
-    config = uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level,
-                            timeout_keep_alive=args.keep_alive_timeout)
-    with contextlib.suppress(KeyboardInterrupt):  # uvicorn re-raises the Ctrl-C it shut down gracefully on
-        uvicorn.Server(config).run()
-    return 0
