@@ -1,11 +1,11 @@
-"""Model configuration: one dataclass for every supported architecture, read from and written to the exact
-``config.json`` layouts of GSAI-ML/LLaDA-8B-Instruct, Dream-org/Dream-v0-Instruct-7B and JetLM/SDAR-*-Chat."""
+"""``config.json`` of LLaDA, Dream and SDAR checkpoints: reading it into a :class:`~.config.ModelConfig` (every
+value checked under its key) and writing one back with the keys of the published checkpoints. This module builds
+the config through the class it is given and so imports nothing of the package."""
 
 from __future__ import annotations
 
-import dataclasses
 import math
-from dataclasses import dataclass, field
+from collections.abc import Callable
 from typing import Any
 
 ARCHITECTURES = ("llada", "dream", "sdar")
@@ -18,154 +18,22 @@ SDAR_DEFAULT_BLOCK_SIZE = 4
 SDAR_MASK_TOKEN_ID = 151669
 
 
-@dataclass(slots=True)
-class ModelConfig:
-    """Architecture of a masked-diffusion LM.
-
-    ``arch`` is ``"llada"`` (bidirectional Llama, no GQA, no biases), ``"dream"`` (Qwen2.5 layout: GQA,
-    q/k/v biases, shifted logits: the prediction for position i is read from the logits at i - 1) or ``"sdar"``
-    (Qwen3 layout: GQA, per-head RMSNorm of q and k before RoPE, an explicit head dim, unshifted logits, and
-    block-causal attention over blocks of ``block_size`` tokens).
-    ``vocab_size`` is the number of embedding rows and logits columns. ``eot_token_id`` is the
-    end-of-turn token of the chat format (LLaDA ``<|eot_id|>``, Dream and SDAR ``<|im_end|>``); it is not part
-    of the published config files and is resolved from the tokenizer when absent.
-    ``qkv_bias``: q/k/v projection biases; for SDAR it is Qwen3's ``attention_bias``, which also gives the
-    output projection a bias. ``explicit_head_dim``: the per-head width when it is not
-    ``hidden_size // num_heads`` (SDAR only; an SDAR config always holds it, filled from the quotient when
-    not given). ``block_size``: SDAR's diffusion block (default :data:`SDAR_DEFAULT_BLOCK_SIZE`); None for the
-    bidirectional families.
-    """
-
-    arch: str
-    hidden_size: int
-    num_layers: int
-    num_heads: int
-    num_kv_heads: int
-    intermediate_size: int
-    vocab_size: int
-    mask_token_id: int
-    eos_token_id: int
-    max_position_embeddings: int = 4096
-    rms_norm_eps: float = 1e-5
-    rope_theta: float = 10000.0
-    qkv_bias: bool = False
-    tie_word_embeddings: bool = False
-    pad_token_id: int | None = None
-    bos_token_id: int | None = None
-    eot_token_id: int | None = None
-    torch_dtype: str = "bfloat16"
-    explicit_head_dim: int | None = None
-    block_size: int | None = None
-    extra: dict[str, Any] = field(default_factory=dict)
-
-    def __post_init__(self) -> None:
-        if self.arch not in ARCHITECTURES:
-            raise ValueError(f"arch must be one of {ARCHITECTURES}, got {self.arch!r}.")
-        for name in ("hidden_size", "num_layers", "num_heads", "num_kv_heads", "intermediate_size", "vocab_size",
-                     "max_position_embeddings"):
-            value = getattr(self, name)
-            if not _positive_int(value):
-                raise ValueError(f"{name} must be a positive integer, got {value!r}.")
-        self._check_sdar_fields()
-        if self.num_heads % self.num_kv_heads:
-            raise ValueError(f"num_heads ({self.num_heads}) must be divisible by num_kv_heads ({self.num_kv_heads}).")
-        if self.head_dim % 2:
-            raise ValueError(f"head_dim ({self.head_dim}) must be even for rotary embeddings.")
-        for name in ("mask_token_id", "eos_token_id", "pad_token_id", "bos_token_id", "eot_token_id"):
-            value = getattr(self, name)
-            if value is None and name in ("pad_token_id", "bos_token_id", "eot_token_id"):
-                continue
-            if not isinstance(value, int) or not 0 <= value < self.vocab_size:
-                raise ValueError(f"{name} must be a token id in [0, {self.vocab_size}), got {value!r}.")
-        for name in ("rms_norm_eps", "rope_theta"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < math.inf:
-                raise ValueError(f"{name} must be a finite positive number, got {value!r}.")
-
-    def _check_sdar_fields(self) -> None:
-        """Validate ``explicit_head_dim`` and ``block_size``, filling SDAR's defaults in place."""
-        sdar = self.arch == "sdar"
-        for name in ("explicit_head_dim", "block_size"):
-            value = getattr(self, name)
-            if value is None:
-                continue
-            if not sdar:
-                raise ValueError(f"{name} is only supported for arch 'sdar', but arch {self.arch!r} sets it to "
-                                 f"{value!r}; leave it None.")
-            if not _positive_int(value):
-                raise ValueError(f"{name} must be a positive integer, got {value!r}.")
-        if self.explicit_head_dim is None and self.hidden_size % self.num_heads:
-            raise ValueError(f"hidden_size ({self.hidden_size}) must be divisible by num_heads ({self.num_heads}).")
-        if sdar:
-            if self.explicit_head_dim is None:
-                self.explicit_head_dim = self.hidden_size // self.num_heads
-            if self.block_size is None:
-                self.block_size = SDAR_DEFAULT_BLOCK_SIZE
-
-    @property
-    def head_dim(self) -> int:
-        """Width of one attention head: ``explicit_head_dim`` when set, else ``hidden_size // num_heads``."""
-        if self.explicit_head_dim is not None:
-            return self.explicit_head_dim
-        return self.hidden_size // self.num_heads
-
-    @property
-    def shifted_logits(self) -> bool:
-        """Dream predicts token i from the logits at position i - 1 (LLaDA and SDAR read row i)."""
-        return self.arch == "dream"
-
-    @property
-    def qk_norm(self) -> bool:
-        """SDAR (Qwen3) RMS-normalises every head of q and k before RoPE."""
-        return self.arch == "sdar"
-
-    def num_parameters(self) -> int:
-        d, h, kv, hd = self.hidden_size, self.num_heads, self.num_kv_heads, self.head_dim
-        attn = d * h * hd + 2 * d * kv * hd + h * hd * d
-        if self.qkv_bias:
-            attn += h * hd + 2 * kv * hd
-            if self.arch == "sdar":  # Qwen3's attention_bias also covers o_proj
-                attn += d
-        if self.qk_norm:
-            attn += 2 * hd
-        per_layer = attn + 3 * d * self.intermediate_size + 2 * d
-        head = 0 if self.tie_word_embeddings else self.vocab_size * d
-        return self.vocab_size * d + self.num_layers * per_layer + d + head
-
-    def replace(self, **changes: Any) -> ModelConfig:
-        return dataclasses.replace(self, **changes)
-
-    # ------------------------------------------------------------------ Hugging Face layout
-    @classmethod
-    def from_hf(cls, raw: dict[str, Any]) -> ModelConfig:
-        """Parse a ``config.json`` dict of a LLaDA, Dream or SDAR checkpoint.
-
-        Every value is checked under its ``config.json`` key before the config is built: sizes are positive
-        integers (an integral float such as ``4.0`` is accepted; ``true``, ``4.5`` or ``"4"`` are not), token ids
-        lie in ``[0, vocab_size)``, ``rms_norm_eps`` and ``rope_theta`` are finite and positive, flags are
-        booleans, and the head counts divide. A violation raises a ValueError that names the key."""
-        if not isinstance(raw, dict):
-            raise ValueError("config.json must hold a JSON object.")
-        model_type = str(raw.get("model_type", "")).lower()
-        archs = raw.get("architectures") or []
-        archs = [str(a).lower() for a in archs] if isinstance(archs, list) else [str(archs).lower()]
-        if model_type == "llada" or any("llada" in a for a in archs):
-            return _llada_from_hf(_Keys(raw))
-        if model_type == "dream" or any("dream" in a for a in archs):
-            return _dream_from_hf(_Keys(raw))
-        if model_type == "sdar" or any("sdar" in a for a in archs):
-            return _sdar_from_hf(_Keys(raw))
-        raise ValueError(f"config.json has model_type {raw.get('model_type')!r} and architectures "
-                         f"{raw.get('architectures')!r}; supported are LLaDA (model_type 'llada'), Dream "
-                         f"(model_type 'Dream') and SDAR (model_type 'sdar').")
-
-    def to_hf(self) -> dict[str, Any]:
-        """The ``config.json`` dict, with the keys of the published checkpoints."""
-        return {"llada": _llada_to_hf, "dream": _dream_to_hf, "sdar": _sdar_to_hf}[self.arch](self)
-
-
-def _positive_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool) and value > 0
+def from_hf(raw: dict[str, Any], cls: type) -> Any:
+    """The ``cls`` (:class:`~.config.ModelConfig`) of a ``config.json`` dict: see :meth:`ModelConfig.from_hf`."""
+    if not isinstance(raw, dict):
+        raise ValueError("config.json must hold a JSON object.")
+    model_type = str(raw.get("model_type", "")).lower()
+    archs = raw.get("architectures") or []
+    archs = [str(a).lower() for a in archs] if isinstance(archs, list) else [str(archs).lower()]
+    if model_type == "llada" or any("llada" in a for a in archs):
+        return _llada_from_hf(_Keys(raw, cls))
+    if model_type == "dream" or any("dream" in a for a in archs):
+        return _dream_from_hf(_Keys(raw, cls))
+    if model_type == "sdar" or any("sdar" in a for a in archs):
+        return _sdar_from_hf(_Keys(raw, cls))
+    raise ValueError(f"config.json has model_type {raw.get('model_type')!r} and architectures "
+                     f"{raw.get('architectures')!r}; supported are LLaDA (model_type 'llada'), Dream "
+                     f"(model_type 'Dream') and SDAR (model_type 'sdar').")
 
 
 _REQUIRED = object()
@@ -175,8 +43,9 @@ class _Keys:
     """Typed reads of ``config.json`` values; every error names the key. ``source`` records which key gave each
     ModelConfig field, so that the cross-field checks of :func:`_build` can name keys too."""
 
-    def __init__(self, raw: dict[str, Any]) -> None:
+    def __init__(self, raw: dict[str, Any], cls: type) -> None:
         self.raw = raw
+        self.cls = cls  # the config class to build
         self.source: dict[str, str] = {}
 
     def _value(self, field_name: str | None, key: str, default: Any) -> tuple[Any, bool]:
@@ -235,7 +104,7 @@ def _token_ids(keys: _Keys, defaults: dict[str, Any]) -> dict[str, int | None]:
     return {f: keys.read_int(f, f, defaults.get(f), minimum=0) for f in _TOKEN_FIELDS}
 
 
-def _build(keys: _Keys, **fields: Any) -> ModelConfig:
+def _build(keys: _Keys, **fields: Any) -> Any:
     """The cross-field checks of every family, naming the ``config.json`` keys, then the ModelConfig."""
     src = keys.source
     heads, kv, hidden = fields["num_heads"], fields["num_kv_heads"], fields["hidden_size"]
@@ -256,12 +125,12 @@ def _build(keys: _Keys, **fields: Any) -> ModelConfig:
             raise ValueError(f"config.json: {src.get(name, name)} ({value}) is not a token id below "
                              f"{src['vocab_size']} ({vocab}).")
     try:
-        return ModelConfig(**fields)
+        return keys.cls(**fields)
     except ValueError as exc:  # a check the dataclass makes and the keys above do not (field names = keys)
         raise ValueError(f"config.json: {exc}") from None
 
 
-def _llada_from_hf(keys: _Keys) -> ModelConfig:
+def _llada_from_hf(keys: _Keys) -> Any:
     raw = keys.raw
     keys.require("block_type", "llama", "a block type other than 'llama'")
     keys.require("layer_norm_type", "rms", "a norm other than RMSNorm")
@@ -291,10 +160,7 @@ def _llada_from_hf(keys: _Keys) -> ModelConfig:
         vocab = keys.read_int("vocab_size", "embedding_size")
     else:
         vocab = keys.read_int("vocab_size", "vocab_size")
-    known = set(_LLADA_DEFAULTS) | {"d_model", "n_heads", "n_kv_heads", "n_layers", "mlp_hidden_size", "mlp_ratio",
-                                    "embedding_size", "vocab_size", "rms_norm_eps", "rope_theta",
-                                    "max_sequence_length", "include_qkv_bias", "weight_tying", "mask_token_id",
-                                    "eos_token_id", "pad_token_id", "bos_token_id", "eot_token_id", "torch_dtype"}
+    known = _known_keys("llada")
     return _build(
         keys,
         arch="llada",
@@ -345,11 +211,8 @@ def _qwen_fields(keys: _Keys, max_len: int, rms_eps: float, theta: float) -> dic
     )
 
 
-def _dream_from_hf(keys: _Keys) -> ModelConfig:
-    known = set(_DREAM_DEFAULTS) | {"hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
-                                    "intermediate_size", "vocab_size", "rms_norm_eps", "rope_theta",
-                                    "max_position_embeddings", "tie_word_embeddings", "mask_token_id",
-                                    "eos_token_id", "pad_token_id", "bos_token_id", "eot_token_id", "torch_dtype"}
+def _dream_from_hf(keys: _Keys) -> Any:
+    known = _known_keys("dream")
     return _build(
         keys,
         arch="dream",
@@ -360,12 +223,8 @@ def _dream_from_hf(keys: _Keys) -> ModelConfig:
     )
 
 
-def _sdar_from_hf(keys: _Keys) -> ModelConfig:
-    known = set(_SDAR_DEFAULTS) | {"hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
-                                   "head_dim", "intermediate_size", "vocab_size", "rms_norm_eps", "rope_theta",
-                                   "max_position_embeddings", "attention_bias", "tie_word_embeddings",
-                                   "mask_token_id", "eos_token_id", "pad_token_id", "bos_token_id", "eot_token_id",
-                                   "torch_dtype", "block_size"}
+def _sdar_from_hf(keys: _Keys) -> Any:
+    known = _known_keys("sdar")
     return _build(
         keys,
         arch="sdar",
@@ -412,56 +271,47 @@ _SDAR_DEFAULTS: dict[str, Any] = {
 }
 
 
-def _llada_to_hf(c: ModelConfig) -> dict[str, Any]:
-    out = dict(_LLADA_DEFAULTS)
-    out.update(c.extra)
-    out.update({
-        "d_model": c.hidden_size, "n_layers": c.num_layers, "n_heads": c.num_heads, "n_kv_heads": c.num_kv_heads,
-        "mlp_hidden_size": c.intermediate_size, "mlp_ratio": max(1, c.intermediate_size // c.hidden_size),
-        "embedding_size": c.vocab_size, "vocab_size": c.vocab_size, "rms_norm_eps": c.rms_norm_eps,
-        "rope_theta": c.rope_theta, "max_sequence_length": c.max_position_embeddings,
-        "include_qkv_bias": c.qkv_bias, "weight_tying": c.tie_word_embeddings, "mask_token_id": c.mask_token_id,
-        "eos_token_id": c.eos_token_id,
-        "pad_token_id": c.pad_token_id if c.pad_token_id is not None else c.eos_token_id,
-        "torch_dtype": c.torch_dtype,
-    })
-    if c.bos_token_id is not None:
-        out["bos_token_id"] = c.bos_token_id
-    if c.eot_token_id is not None:
-        out["eot_token_id"] = c.eot_token_id
-    return dict(sorted(out.items()))
+def _or_eos(name: str) -> Callable[[Any], int | None]:
+    """The token id ``name``, or the EOS id when it is None (what the published configs hold then)."""
+    return lambda c: getattr(c, name) if getattr(c, name) is not None else c.eos_token_id
 
 
-def _dream_to_hf(c: ModelConfig) -> dict[str, Any]:
-    out = dict(_DREAM_DEFAULTS)
-    out.update(c.extra)
-    out.update({
-        "hidden_size": c.hidden_size, "num_hidden_layers": c.num_layers, "num_attention_heads": c.num_heads,
-        "num_key_value_heads": c.num_kv_heads, "intermediate_size": c.intermediate_size, "vocab_size": c.vocab_size,
-        "rms_norm_eps": c.rms_norm_eps, "rope_theta": c.rope_theta,
-        "max_position_embeddings": c.max_position_embeddings,
-        "tie_word_embeddings": c.tie_word_embeddings, "mask_token_id": c.mask_token_id, "eos_token_id": c.eos_token_id,
-        "pad_token_id": c.pad_token_id if c.pad_token_id is not None else c.eos_token_id,
-        "bos_token_id": c.bos_token_id if c.bos_token_id is not None else c.eos_token_id,
-        "torch_dtype": c.torch_dtype,
-    })
-    if c.eot_token_id is not None:
-        out["eot_token_id"] = c.eot_token_id
-    return dict(sorted(out.items()))
+# The config.json keys each family writes: key -> the ModelConfig field it holds (or a function of the config),
+# and the token-id keys written only when set. Reading accepts these keys and the published defaults above.
+_QWEN_KEYS: dict[str, Any] = {
+    "hidden_size": "hidden_size", "num_hidden_layers": "num_layers", "num_attention_heads": "num_heads",
+    "num_key_value_heads": "num_kv_heads", "intermediate_size": "intermediate_size", "vocab_size": "vocab_size",
+    "rms_norm_eps": "rms_norm_eps", "rope_theta": "rope_theta", "max_position_embeddings": "max_position_embeddings",
+    "tie_word_embeddings": "tie_word_embeddings", "mask_token_id": "mask_token_id", "eos_token_id": "eos_token_id",
+    "torch_dtype": "torch_dtype",
+}
+_HF_LAYOUT: dict[str, tuple[dict[str, Any], dict[str, Any], tuple[str, ...]]] = {
+    "llada": (_LLADA_DEFAULTS, {
+        "d_model": "hidden_size", "n_layers": "num_layers", "n_heads": "num_heads", "n_kv_heads": "num_kv_heads",
+        "mlp_hidden_size": "intermediate_size",
+        "mlp_ratio": lambda c: max(1, c.intermediate_size // c.hidden_size),
+        "embedding_size": "vocab_size", "vocab_size": "vocab_size", "rms_norm_eps": "rms_norm_eps",
+        "rope_theta": "rope_theta", "max_sequence_length": "max_position_embeddings", "include_qkv_bias": "qkv_bias",
+        "weight_tying": "tie_word_embeddings", "mask_token_id": "mask_token_id", "eos_token_id": "eos_token_id",
+        "pad_token_id": _or_eos("pad_token_id"), "torch_dtype": "torch_dtype",
+    }, ("bos_token_id", "eot_token_id")),
+    "dream": (_DREAM_DEFAULTS, {**_QWEN_KEYS, "pad_token_id": _or_eos("pad_token_id"),
+                                "bos_token_id": _or_eos("bos_token_id")}, ("eot_token_id",)),
+    "sdar": (_SDAR_DEFAULTS, {**_QWEN_KEYS, "head_dim": "head_dim", "attention_bias": "qkv_bias",
+                              "block_size": "block_size"}, ("pad_token_id", "bos_token_id", "eot_token_id")),
+}
 
 
-def _sdar_to_hf(c: ModelConfig) -> dict[str, Any]:
-    out = dict(_SDAR_DEFAULTS)
-    out.update(c.extra)
-    out.update({
-        "hidden_size": c.hidden_size, "num_hidden_layers": c.num_layers, "num_attention_heads": c.num_heads,
-        "num_key_value_heads": c.num_kv_heads, "head_dim": c.head_dim, "intermediate_size": c.intermediate_size,
-        "vocab_size": c.vocab_size, "rms_norm_eps": c.rms_norm_eps, "rope_theta": c.rope_theta,
-        "max_position_embeddings": c.max_position_embeddings, "attention_bias": c.qkv_bias,
-        "tie_word_embeddings": c.tie_word_embeddings, "mask_token_id": c.mask_token_id,
-        "eos_token_id": c.eos_token_id, "block_size": c.block_size, "torch_dtype": c.torch_dtype,
-    })
-    for key in ("pad_token_id", "bos_token_id", "eot_token_id"):
-        if getattr(c, key) is not None:
-            out[key] = getattr(c, key)
+def _known_keys(arch: str) -> set[str]:
+    defaults, keys, optional = _HF_LAYOUT[arch]
+    return set(defaults) | set(keys) | set(optional)
+
+
+def to_hf(c: Any) -> dict[str, Any]:
+    """The ``config.json`` dict of the config ``c``, with the keys of the published checkpoints (sorted): the
+    family's published defaults, then the keys the config did not recognise, then its own values."""
+    defaults, keys, optional = _HF_LAYOUT[c.arch]
+    out = {**defaults, **c.extra}
+    out.update({key: get(c) if callable(get) else getattr(c, get) for key, get in keys.items()})
+    out.update({key: getattr(c, key) for key in optional if getattr(c, key) is not None})
     return dict(sorted(out.items()))
