@@ -121,7 +121,7 @@ class NvccBuildExt(build_ext):
 PACKAGES = sorted(find_packages(include=["diffuse_engine", "diffuse_engine.*"]) + ["diffuse_engine.kernels"])
 PACKAGE_DATA = {
     "diffuse_engine": ["py.typed", "*.json", "*.jinja"],
-    "diffuse_engine.zoo": ["*/*.json", "*/*.jinja", "*/*.safetensors", "*/*.md", "*/*.csv"],
+    "diffuse_engine.quality.zoo": ["*/*.json", "*/*.jinja", "*/*.safetensors", "*/*.md", "*/*.csv"],
 }
 
 
@@ -169,7 +169,7 @@ setup(
         "flash": ["flash-attn"],
         "serve": ["fastapi", "uvicorn"],
     },
-    entry_points={"console_scripts": ["diffuse-engine=diffuse_engine.cli:main"]},
+    entry_points={"console_scripts": ["diffuse-engine=diffuse_engine.entrypoints.cli:main"]},
     ext_modules=native_extensions(),
     cmdclass={"build_ext": NvccBuildExt},
     zip_safe=False,

@@ -33,7 +33,7 @@ from oracles import llada_generate  # noqa: E402
 from diffuse_engine import LLM, SamplingParams  # noqa: E402
 from diffuse_engine.models import build_model  # noqa: E402
 from diffuse_engine.presets import from_name  # noqa: E402
-from diffuse_engine.tasks import get_task  # noqa: E402
+from diffuse_engine.quality.tasks import get_task  # noqa: E402
 
 SETTINGS = [  # (name, SamplingParams fields)
     ("none/fixed", {}),

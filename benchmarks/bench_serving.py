@@ -38,7 +38,7 @@ from diffuse_engine import LLM, SamplingParams  # noqa: E402
 from diffuse_engine.engine import EngineConfig  # noqa: E402
 from diffuse_engine.models import build_model  # noqa: E402
 from diffuse_engine.presets import PRESETS, from_name  # noqa: E402
-from diffuse_engine.tasks import get_task  # noqa: E402
+from diffuse_engine.quality.tasks import get_task  # noqa: E402
 
 MODES = ("continuous", "static")
 COLUMNS = ["target_rate_rps", "mode", "requests", "rate_rps", "duration_s", "tokens_per_s", "p50_s", "p99_s",

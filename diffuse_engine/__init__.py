@@ -1,9 +1,9 @@
 """diffuse-engine: an inference engine for masked-diffusion language models (LLaDA, Dream)."""
 
-from .async_engine import AsyncEngine
 from .config import ModelConfig
 from .engine import Engine, EngineConfig, RequestOutput, StepOutput
-from .llm import LLM
+from .entrypoints.async_engine import AsyncEngine
+from .entrypoints.llm import LLM
 from .sampling_params import REMASKING, SamplingParams
 from .version import __version__
 

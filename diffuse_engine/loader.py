@@ -225,11 +225,22 @@ def _default_dtype(device: torch.device, config: ModelConfig, raw: dict) -> torc
 GENERATION_DEFAULTS_FILE = "generation_defaults.json"
 
 
-def resolve_model_path(path: str | Path) -> Path:
-    """The folder of ``path``: itself, or the shipped model of that name (see :mod:`diffuse_engine.zoo`)."""
-    from .zoo import resolve_model_path as _resolve
+# The trained tiny models shipped with the package (:mod:`diffuse_engine.quality.zoo`): one folder each.
+ZOO_DIR = Path(__file__).resolve().parent / "quality" / "zoo"
 
-    return _resolve(path)
+
+def shipped_models() -> dict[str, Path]:
+    """Name -> folder of every shipped model."""
+    return {p.name: p for p in sorted(ZOO_DIR.iterdir()) if (p / "config.json").is_file()}
+
+
+def resolve_model_path(path: str | Path) -> Path:
+    """The folder of ``path``: itself when it exists; otherwise the shipped model of that name, if there is one
+    (see :mod:`diffuse_engine.quality.zoo`)."""
+    folder = Path(path)
+    if folder.exists() or not isinstance(path, str) or "/" in path or "\\" in path:
+        return folder
+    return shipped_models().get(path, folder)
 
 
 def read_generation_defaults(folder: str | Path) -> dict[str, Any]:
@@ -265,15 +276,13 @@ def load_model(path: str | Path, *, device: str | torch.device = "cpu", dtype: t
     when the folder has no ``tokenizer.json`` (a weights-only folder is valid). ``dtype`` None means the
     config's ``torch_dtype`` on accelerators and float32 on the CPU. Weights are read one tensor at a time,
     cast to ``dtype`` and moved to ``device``; the model is first built on the meta device so that nothing is
-    allocated twice. ``path`` may also be the name of a shipped model (see :mod:`diffuse_engine.zoo`).
+    allocated twice. ``path`` may also be the name of a shipped model (see :mod:`diffuse_engine.quality.zoo`).
 
     ``check_weights``: refuse a checkpoint whose weights hold NaN or inf (a :class:`CheckpointError` naming the
     file and the tensor), also after a cast to float16 that overflows. Each tensor is checked once as it is
     read, which adds a few percent to the load time. None (the default) follows the environment variable
     ``DIFFUSE_CHECK_WEIGHTS``: the check runs unless it is ``0``; True or False decides regardless of it.
     """
-    from .zoo import shipped_models
-
     folder = resolve_model_path(path)
     if not folder.is_dir():
         names = ", ".join(shipped_models()) or "none"

@@ -8,9 +8,9 @@ import asyncio
 import pytest
 
 from diffuse_engine import LLM, SamplingParams
-from diffuse_engine.async_engine import AsyncEngine
 from diffuse_engine.engine import EngineConfig
-from diffuse_engine.tasks import get_task
+from diffuse_engine.entrypoints.async_engine import AsyncEngine
+from diffuse_engine.quality.tasks import get_task
 
 TASK = get_task("addition")
 PROMPTS = [ex.prompt for ex in TASK.test_set(40)]

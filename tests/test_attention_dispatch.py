@@ -12,7 +12,7 @@ import torch
 
 from diffuse_engine import LLM, ops
 from diffuse_engine.models.layers import TokenLayout
-from diffuse_engine.tasks import get_task
+from diffuse_engine.quality.tasks import get_task
 
 HAS_TRITON = importlib.util.find_spec("triton") is not None
 

@@ -39,7 +39,7 @@ def good(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 
 
 def _tokens(folder: Path) -> list[list[int]]:
-    from diffuse_engine.llm import LLM
+    from diffuse_engine.entrypoints.llm import LLM
 
     llm = LLM(folder, device="cpu")
     params = SamplingParams(gen_length=16, block_length=8, steps=8)

@@ -13,9 +13,9 @@ pytest.importorskip("fastapi")
 httpx = pytest.importorskip("httpx")
 
 from diffuse_engine import LLM  # noqa: E402
-from diffuse_engine.async_engine import AsyncEngine  # noqa: E402
 from diffuse_engine.engine import EngineConfig  # noqa: E402
-from diffuse_engine.server import build_app  # noqa: E402
+from diffuse_engine.entrypoints.async_engine import AsyncEngine  # noqa: E402
+from diffuse_engine.entrypoints.server import build_app  # noqa: E402
 
 MODEL = "addition"
 KEY = "k3y"

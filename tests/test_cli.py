@@ -16,9 +16,9 @@ import torch
 
 from diffuse_engine import LLM, SamplingParams
 from diffuse_engine.checkpoint import write_random_checkpoint
-from diffuse_engine.cli import main
-from diffuse_engine.cli_view import LiveView, printable
 from diffuse_engine.engine import StepOutput
+from diffuse_engine.entrypoints.cli import main
+from diffuse_engine.entrypoints.cli_view import LiveView, printable
 from diffuse_engine.presets import PRESETS
 
 GEN = ["--gen-length", "16", "--block-length", "8", "--steps", "8", "--seed", "5", "--device", "cpu"]
@@ -201,7 +201,7 @@ def test_installed_script(model_dir, llm):
 @pytest.mark.parametrize("typed, prompt", [("Hello\n", "Hello"), ("Hello\r\n", "Hello"), ("Hello", "Hello"),
                                            ("Hello\n\n", "Hello\n"), ("two\nlines\n", "two\nlines")])
 def test_prompt_from_stdin_drops_one_trailing_newline(typed, prompt):
-    from diffuse_engine.cli import read_stdin_prompt
+    from diffuse_engine.entrypoints.cli import read_stdin_prompt
 
     assert read_stdin_prompt(io.StringIO(typed)) == prompt
 
@@ -214,7 +214,7 @@ def test_generate_reads_stdin(model_dir, llm, capsys, monkeypatch):
 
 
 def test_json_reports_the_shipped_models_folder(capsys, tmp_path, monkeypatch):
-    from diffuse_engine.zoo import ZOO_DIR
+    from diffuse_engine.quality.zoo import ZOO_DIR
 
     monkeypatch.chdir(tmp_path)  # a name, not a path: resolved to the shipped folder, not to ./addition
     assert main(["generate", "--model", "addition", "--prompt", "04821+00379=", "--json", "--device", "cpu"]) == 0
@@ -237,7 +237,7 @@ def test_eval_progress_on_stderr_and_quiet(capsys):
 
 
 def test_progress_line_on_a_terminal():
-    from diffuse_engine.cli_quality import Progress
+    from diffuse_engine.entrypoints.cli_quality import Progress
 
     class Tty(io.StringIO):
         def isatty(self) -> bool:
@@ -287,7 +287,8 @@ def test_sweep_without_matplotlib_fails_before_running(tmp_path, monkeypatch, ca
 
     monkeypatch.chdir(tmp_path)
     monkeypatch.setattr(builtins, "__import__", no_matplotlib)
-    monkeypatch.setattr("diffuse_engine.llm.LLM.__init__", lambda *a, **k: pytest.fail("the model was loaded"))
+    monkeypatch.setattr("diffuse_engine.entrypoints.llm.LLM.__init__",
+                        lambda *a, **k: pytest.fail("the model was loaded"))
     assert main(["sweep", "--model", "addition", "--task", "addition", "--limit", "2"]) == 2
     err = capsys.readouterr().err
     assert "matplotlib" in err and "--no-plot" in err and "pip install" in err

@@ -12,6 +12,7 @@ import os
 
 import pytest
 import torch
+from commit_checks import assert_same
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")  # read when the kernels are decorated: before their import
@@ -84,14 +85,6 @@ def run_both(args: dict, **kw) -> tuple:
     ref = commit_reference(CommitBatch(mask_id=MASK, **ref_args))
     out = commit(CommitBatch(mask_id=MASK, **ker_args), **kw)
     return (ker_args["canvas"], *out), (ref_args["canvas"], *ref)
-
-
-def assert_same(got: tuple, want: tuple) -> None:
-    for name, g, w in zip(("canvas", "committed", "counters"), got, want, strict=True):
-        assert g.dtype == w.dtype and g.shape == w.shape, f"{name}: {g.dtype} {tuple(g.shape)} vs {w.dtype}"
-        bad = (g != w).nonzero()
-        assert bad.numel() == 0, f"{name} differs at {bad[:8].tolist()}: got {g[tuple(bad[:8].T)].tolist()}, " \
-                                 f"want {w[tuple(bad[:8].T)].tolist()}"
 
 
 @pytest.mark.parametrize("revise", [False, True])

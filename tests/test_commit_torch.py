@@ -13,6 +13,7 @@ import importlib
 
 import pytest
 import torch
+from commit_checks import assert_same
 
 from diffuse_engine import ops
 from diffuse_engine.commit_batch import CommitBatch
@@ -90,14 +91,6 @@ def run_both(args: dict, fn=commit_torch, **kw) -> tuple[tuple, tuple]:
     got = fn(CommitBatch(mask_id=MASK, **got_args), **kw)
     want = commit_reference(CommitBatch(mask_id=MASK, **want_args))
     return (got_args["canvas"], *got), (want_args["canvas"], *want)
-
-
-def assert_same(got: tuple, want: tuple) -> None:
-    for name, g, w in zip(("canvas", "committed", "counters"), got, want, strict=True):
-        assert g.dtype == w.dtype and g.shape == w.shape, f"{name}: {g.dtype} {tuple(g.shape)} vs {w.dtype}"
-        bad = (g != w).nonzero()
-        assert bad.numel() == 0, f"{name} differs at {bad[:8].tolist()}: got {g[tuple(bad[:8].T)].tolist()}, " \
-                                 f"want {w[tuple(bad[:8].T)].tolist()}"
 
 
 @pytest.mark.parametrize("mode", [*MODES, None], ids=["topk", "threshold", "factor", "entropy", "mixed"])

@@ -8,57 +8,30 @@ position sampling (ORDER) are keyed by the request seed, its forward index and t
 
 from __future__ import annotations
 
-import functools
-
 import pytest
 import torch
+from exactness import Family
 from oracles import KeyedNoise, dream_generate
 
-from diffuse_engine import LLM, SamplingParams
-from diffuse_engine.models import build_model
-from diffuse_engine.presets import from_name
+from diffuse_engine import SamplingParams
 
-CONFIG = from_name("dream-tiny").config
 MODEL_SEEDS = (0, 1)
 ORDERINGS = ("maskgit_plus", "topk_margin", "entropy")
 SHAPES = [(32, 32), (32, 8), (24, 5), (40, 7), (16, 1)]  # (gen_length, steps)
 
 
-def _prompt(length: int, seed: int) -> list[int]:
-    g = torch.Generator().manual_seed(2000 + seed)
-    return torch.randint(0, 256, (length,), generator=g).tolist()
-
-
-PROMPT = _prompt(7, 0)
-BATCH_PROMPTS = [_prompt(n, i) for i, n in enumerate((1, 5, 11, 18, 26))]
-
-
-@functools.cache
-def _model(seed: int, dtype: torch.dtype = torch.float64):
-    return build_model(CONFIG, dtype=dtype).init_random_(seed).eval()
-
-
-@functools.cache
-def _llm(seed: int, dtype: torch.dtype = torch.float64) -> LLM:
-    return LLM.from_model(_model(seed, dtype))
-
-
-def _oracle(model, prompt: list[int], p: SamplingParams, seed: int) -> list[int]:
+def _dream(model, prompt: list[int], p: SamplingParams, seed: int, config) -> list[int]:
     assert p.block_length == p.gen_length
     out = dream_generate(model, torch.tensor([prompt]), p.gen_length, p.steps, eps=p.eps,
                          alg=p.remasking or "maskgit_plus", alg_temp=p.alg_temp, temperature=p.temperature,
-                         top_p=p.top_p, top_k=p.top_k, mask_id=CONFIG.mask_token_id, noise=KeyedNoise(seed))
+                         top_p=p.top_p, top_k=p.top_k, mask_id=config.mask_token_id, noise=KeyedNoise(seed))
     return out[0, len(prompt):].tolist()
 
 
-def _check(model_seed: int, params: SamplingParams, prompt: list[int] = PROMPT,
-           dtype: torch.dtype = torch.float64) -> list[int]:
-    got = _llm(model_seed, dtype).generate([prompt], params)[0].token_ids
-    want = _oracle(_model(model_seed, dtype), prompt, params, params.seed)
-    diff = [i for i, (a, b) in enumerate(zip(got, want, strict=True)) if a != b]
-    assert not diff, (f"engine != Dream diffusion_generate at canvas positions {diff}\n engine {got}\n"
-                      f" oracle {want}\n params {params}")
-    return got
+DREAM = Family("dream-tiny", "Dream diffusion_generate", _dream, prompt_seed=2000, prompt_length=7,
+               batch_lengths=(1, 5, 11, 18, 26))
+CONFIG, PROMPT, BATCH_PROMPTS = DREAM.config, DREAM.prompt, DREAM.batch_prompts
+_model, _llm, _oracle, _check = DREAM.model, DREAM.llm, DREAM.oracle, DREAM.check
 
 
 def _shape_id(s):
@@ -133,11 +106,7 @@ def test_eps(eps):
     dict(gen_length=20, steps=5, remasking="origin", temperature=0.5),
 ], ids=["greedy", "margin-sampled", "entropy-alg_temp", "origin"])
 def test_batch_of_five_equals_each_alone(model_seed, setting):
-    params = [SamplingParams(**setting, seed=300 + i) for i in range(len(BATCH_PROMPTS))]
-    outs = _llm(model_seed).generate(BATCH_PROMPTS, params)
-    for prompt, p, out in zip(BATCH_PROMPTS, params, outs, strict=True):
-        want = _oracle(_model(model_seed), prompt, p, p.seed)
-        assert out.token_ids == want, f"prompt of {len(prompt)} tokens: engine {out.token_ids} != oracle {want}"
+    DREAM.check_batch(model_seed, [SamplingParams(**setting, seed=300 + i) for i in range(len(BATCH_PROMPTS))])
 
 
 def test_batch_with_mixed_settings():
@@ -148,26 +117,12 @@ def test_batch_with_mixed_settings():
         dict(gen_length=16, steps=16, remasking="origin", temperature=1.0, top_p=0.9),
         dict(gen_length=20, steps=4, remasking="maskgit_plus", temperature=0.75, eps=0.05),
     ]
-    params = [SamplingParams(**s, seed=60 + i) for i, s in enumerate(settings)]
-    outs = _llm(1).generate(BATCH_PROMPTS, params)
-    for prompt, p, out in zip(BATCH_PROMPTS, params, outs, strict=True):
-        assert out.token_ids == _oracle(_model(1), prompt, p, p.seed), p
+    DREAM.check_batch(1, [SamplingParams(**s, seed=60 + i) for i, s in enumerate(settings)], detail=False)
 
 
 def test_float32_model_matches_oracle_at_temperature_0():
     """A float32 model against the oracle on the same model; counts flipped tokens (near-ties may legitimately
     flip; on these models and settings none do)."""
-    flipped, total, cases = 0, 0, []
-    for model_seed in MODEL_SEEDS:
-        for alg in ORDERINGS:
-            for g, s in [(32, 32), (24, 6)]:
-                for prompt in (PROMPT, BATCH_PROMPTS[3]):
-                    p = SamplingParams(gen_length=g, steps=s, remasking=alg, seed=0)
-                    got = _llm(model_seed, torch.float32).generate([prompt], p)[0].token_ids
-                    want = _oracle(_model(model_seed, torch.float32), prompt, p, 0)
-                    n = sum(a != b for a, b in zip(got, want, strict=True))
-                    flipped += n
-                    total += len(got)
-                    if n:
-                        cases.append((model_seed, alg, g, s, len(prompt), n))
-    assert flipped == 0, f"fp32: {flipped}/{total} tokens differ from the oracle ({flipped / total:.2%}): {cases}"
+    DREAM.float32_flips((model_seed, SamplingParams(gen_length=g, steps=s, remasking=alg, seed=0), prompt, (alg, g, s))
+                        for model_seed in MODEL_SEEDS for alg in ORDERINGS for g, s in [(32, 32), (24, 6)]
+                        for prompt in (PROMPT, BATCH_PROMPTS[3]))

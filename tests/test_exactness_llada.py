@@ -11,17 +11,14 @@ positions; see DESIGN.md section 4).
 from __future__ import annotations
 
 import dataclasses
-import functools
 
 import pytest
 import torch
+from exactness import Family
 from oracles import KeyedNoise, llada_generate
 
-from diffuse_engine import LLM, SamplingParams
-from diffuse_engine.models import build_model
-from diffuse_engine.presets import from_name
+from diffuse_engine import SamplingParams
 
-CONFIG = from_name("llada-tiny").config
 MODEL_SEEDS = (0, 1)
 SHAPES = [  # (gen_length, block_length, steps)
     (32, 32, 32),  # one token per step, one block
@@ -36,56 +33,21 @@ SHAPES = [  # (gen_length, block_length, steps)
 ]
 
 
-def _prompt(length: int, seed: int) -> list[int]:
-    g = torch.Generator().manual_seed(1000 + seed)
-    return torch.randint(0, 256, (length,), generator=g).tolist()  # byte tokens: no special ids
-
-
-PROMPT = _prompt(6, 0)
-BATCH_PROMPTS = [_prompt(n, i) for i, n in enumerate((1, 4, 9, 15, 23))]
-EOS, EOT = CONFIG.eos_token_id, CONFIG.eot_token_id
-
-
-@functools.cache
-def _model(seed: int, dtype: torch.dtype = torch.float64, heavy: tuple[int, ...] = ()):
-    """A random tiny LLaDA. ``heavy``: special token ids made frequent predictions (a random model almost never
-    predicts EOS / EOT, which would leave the EOS options unexercised): the i-th id's LM-head row becomes 1.1x
-    the row of the model's i-th most frequent prediction on a masked canvas."""
-    model = build_model(CONFIG, dtype=dtype).init_random_(seed).eval()
-    if heavy:
-        with torch.no_grad():
-            x = torch.tensor([PROMPT + [CONFIG.mask_token_id] * 32])
-            counts = torch.bincount(model(x)[0, len(PROMPT):].argmax(-1), minlength=CONFIG.vocab_size)
-            common = counts.argsort(descending=True, stable=True)
-            head = model.lm_head_weight()
-            for i, tok in enumerate(heavy):
-                head[tok] = head[common[i]] * 1.1
-    return model
-
-
-@functools.cache
-def _llm(seed: int, dtype: torch.dtype = torch.float64, heavy: tuple[int, ...] = ()) -> LLM:
-    return LLM.from_model(_model(seed, dtype, heavy))
-
-
-def _oracle(model, prompt: list[int], p: SamplingParams, seed: int) -> list[int]:
+def _llada(model, prompt: list[int], p: SamplingParams, seed: int, config) -> list[int]:
     out = llada_generate(
         model, torch.tensor([prompt]), steps=p.steps, gen_length=p.gen_length, block_length=p.block_length,
         temperature=p.temperature, cfg_scale=p.cfg_scale, remasking=p.remasking or "low_confidence",
-        mask_id=CONFIG.mask_token_id, logits_eos_inf=p.logits_eos_inf,
-        confidence_eos_eot_inf=p.confidence_eos_eot_inf, eos_id=CONFIG.eos_token_id, eot_id=CONFIG.eot_token_id,
+        mask_id=config.mask_token_id, logits_eos_inf=p.logits_eos_inf,
+        confidence_eos_eot_inf=p.confidence_eos_eot_inf, eos_id=config.eos_token_id, eot_id=config.eot_token_id,
         noise=KeyedNoise(seed))
     return out[0, len(prompt):].tolist()
 
 
-def _check(model_seed: int, params: SamplingParams, prompt: list[int] = PROMPT, *, dtype=torch.float64,
-           heavy: tuple[int, ...] = ()) -> list[int]:
-    got = _llm(model_seed, dtype, heavy).generate([prompt], params)[0].token_ids
-    want = _oracle(_model(model_seed, dtype, heavy), prompt, params, params.seed)
-    diff = [i for i, (a, b) in enumerate(zip(got, want, strict=True)) if a != b]
-    assert not diff, (f"engine != LLaDA generate() at canvas positions {diff}\n engine {got}\n oracle {want}\n"
-                      f" params {params}")
-    return got
+LLADA = Family("llada-tiny", "LLaDA generate()", _llada, prompt_seed=1000, prompt_length=6,
+               batch_lengths=(1, 4, 9, 15, 23))
+CONFIG, PROMPT, BATCH_PROMPTS = LLADA.config, LLADA.prompt, LLADA.batch_prompts
+EOS, EOT = CONFIG.eos_token_id, CONFIG.eot_token_id
+_model, _llm, _oracle, _check = LLADA.model, LLADA.llm, LLADA.oracle, LLADA.check
 
 
 @pytest.mark.parametrize("model_seed", MODEL_SEEDS)
@@ -186,11 +148,7 @@ def test_both_eos_options_with_cfg(temperature):
     dict(gen_length=16, block_length=8, steps=8, cfg_scale=1.5, temperature=0.5),
 ], ids=["greedy", "sampled", "random", "cfg"])
 def test_batch_of_five_equals_each_alone(model_seed, setting):
-    params = [SamplingParams(**setting, seed=100 + i) for i in range(len(BATCH_PROMPTS))]
-    outs = _llm(model_seed).generate(BATCH_PROMPTS, params)
-    for prompt, p, out in zip(BATCH_PROMPTS, params, outs, strict=True):
-        want = _oracle(_model(model_seed), prompt, p, p.seed)
-        assert out.token_ids == want, f"prompt of {len(prompt)} tokens: engine {out.token_ids} != oracle {want}"
+    LLADA.check_batch(model_seed, [SamplingParams(**setting, seed=100 + i) for i in range(len(BATCH_PROMPTS))])
 
 
 def test_batch_with_mixed_settings():
@@ -202,10 +160,7 @@ def test_batch_with_mixed_settings():
         dict(gen_length=16, block_length=8, steps=8, confidence_eos_eot_inf=True, logits_eos_inf=True,
              temperature=1.0),
     ]
-    params = [SamplingParams(**s, seed=50 + i) for i, s in enumerate(settings)]
-    outs = _llm(0).generate(BATCH_PROMPTS, params)
-    for prompt, p, out in zip(BATCH_PROMPTS, params, outs, strict=True):
-        assert out.token_ids == _oracle(_model(0), prompt, p, p.seed), p
+    LLADA.check_batch(0, [SamplingParams(**s, seed=50 + i) for i, s in enumerate(settings)], detail=False)
 
 
 def test_nfe_is_steps():
@@ -225,17 +180,6 @@ def test_float32_model_matches_oracle_at_temperature_0():
     """A float32 model: the engine (fp32 softmax, packed forward) against the oracle on the same model (its
     logits from the plain forward, softmax in fp64). Decisions may legitimately differ at near-ties, so the
     comparison counts flipped tokens; on these models and settings none flip."""
-    flipped, total, cases = 0, 0, []
-    for model_seed in MODEL_SEEDS:
-        llm, model = _llm(model_seed, torch.float32), _model(model_seed, torch.float32)
-        for setting in FP32_SETTINGS:
-            for prompt in (PROMPT, BATCH_PROMPTS[2], BATCH_PROMPTS[4]):
-                p = SamplingParams(**setting, seed=0)
-                got = llm.generate([prompt], p)[0].token_ids
-                want = _oracle(model, prompt, p, 0)
-                n = sum(a != b for a, b in zip(got, want, strict=True))
-                flipped += n
-                total += len(got)
-                if n:
-                    cases.append((model_seed, setting, len(prompt), n))
-    assert flipped == 0, f"fp32: {flipped}/{total} tokens differ from the oracle ({flipped / total:.2%}): {cases}"
+    LLADA.float32_flips((model_seed, SamplingParams(**setting, seed=0), prompt, setting)
+                        for model_seed in MODEL_SEEDS for setting in FP32_SETTINGS
+                        for prompt in (PROMPT, BATCH_PROMPTS[2], BATCH_PROMPTS[4]))

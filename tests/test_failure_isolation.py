@@ -22,8 +22,8 @@ import pytest
 import torch
 
 from diffuse_engine import LLM, SamplingParams
-from diffuse_engine.async_engine import AsyncEngine
 from diffuse_engine.engine import EngineConfig
+from diffuse_engine.entrypoints.async_engine import AsyncEngine
 from diffuse_engine.models import build_model
 from diffuse_engine.presets import from_name
 

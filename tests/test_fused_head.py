@@ -11,7 +11,7 @@ import torch
 from diffuse_engine import LLM, SamplingParams, ops
 from diffuse_engine.engine import EngineConfig
 from diffuse_engine.loader import load_model
-from diffuse_engine.tasks import get_task
+from diffuse_engine.quality.tasks import get_task
 
 HAS_TRITON = importlib.util.find_spec("triton") is not None
 

@@ -97,8 +97,8 @@ def test_manifest_covers_sources_and_data():
 def test_package_data_covers_zoo_files():
     """Wheels carry package data from setup.py's package_data: every shipped model file must match it."""
     text = (ROOT / "setup.py").read_text()
-    patterns = ast.literal_eval(re.search(r'"diffuse_engine\.zoo": (\[[^\]]*\])', text).group(1))
-    zoo = ROOT / "diffuse_engine" / "zoo"
+    patterns = ast.literal_eval(re.search(r'"diffuse_engine\.quality\.zoo": (\[[^\]]*\])', text).group(1))
+    zoo = ROOT / "diffuse_engine" / "quality" / "zoo"
     files = [p.relative_to(zoo).as_posix() for p in zoo.glob("*/*")
              if p.is_file() and "__pycache__" not in p.parts]  # bytecode of a local run is not shipped
     assert files
@@ -109,7 +109,7 @@ def test_package_data_covers_zoo_files():
 def test_public_names_import_from_the_package():
     import diffuse_engine
     from diffuse_engine import AsyncEngine
-    from diffuse_engine.async_engine import AsyncEngine as Defined
+    from diffuse_engine.entrypoints.async_engine import AsyncEngine as Defined
 
     assert AsyncEngine is Defined
     assert all(hasattr(diffuse_engine, name) for name in diffuse_engine.__all__)

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from diffuse_engine.cli import main
+from diffuse_engine.entrypoints.cli import main
 
 ROOT = Path(__file__).resolve().parent.parent
 # Commands of the README's bash blocks that write files a later Python block reads.

@@ -15,8 +15,8 @@ from safetensors.torch import load_file, save_file
 
 from diffuse_engine import LLM, SamplingParams, presets
 from diffuse_engine.checkpoint import write_random_checkpoint
-from diffuse_engine.cli import main
 from diffuse_engine.config import ModelConfig
+from diffuse_engine.entrypoints.cli import main
 from diffuse_engine.loader import load_model
 from diffuse_engine.models import SDARModel, TokenLayout, build_model
 from diffuse_engine.models.sdar import SDARLayer

@@ -25,11 +25,11 @@ openai = pytest.importorskip("openai")
 uvicorn = pytest.importorskip("uvicorn")
 
 from diffuse_engine import LLM  # noqa: E402
-from diffuse_engine.async_engine import AsyncEngine  # noqa: E402
-from diffuse_engine.cli import main as cli_main  # noqa: E402
 from diffuse_engine.engine import EngineConfig  # noqa: E402
-from diffuse_engine.server import build_app  # noqa: E402
-from diffuse_engine.tasks import get_task  # noqa: E402
+from diffuse_engine.entrypoints.async_engine import AsyncEngine  # noqa: E402
+from diffuse_engine.entrypoints.cli import main as cli_main  # noqa: E402
+from diffuse_engine.entrypoints.server import build_app  # noqa: E402
+from diffuse_engine.quality.tasks import get_task  # noqa: E402
 
 PROMPTS = [ex.prompt for ex in get_task("addition").test_set(40)]
 MODEL = "addition"
@@ -353,14 +353,15 @@ def _free_port() -> int:
 def test_serve_command_checks_its_arguments_and_imports_fastapi_lazily(capsys):
     assert cli_main(["serve", "--model", MODEL, "--port", "70000"]) == 2
     assert "--port" in capsys.readouterr().err
-    code = "import sys, diffuse_engine.cli, diffuse_engine.server; assert 'fastapi' not in sys.modules"
+    code = ("import sys, diffuse_engine.entrypoints.cli, diffuse_engine.entrypoints.server; "
+            "assert 'fastapi' not in sys.modules")
     assert subprocess.run([sys.executable, "-c", code], timeout=60).returncode == 0
 
 
 def test_serve_command_serves_until_interrupted():
     port = _free_port()
-    cmd = [sys.executable, "-m", "diffuse_engine.cli", "serve", "--model", MODEL, "--port", str(port), "--device",
-           "cpu", "--max-num-seqs", "4", "--kv-cache-tokens", "256", "--log-level", "warning"]
+    cmd = [sys.executable, "-m", "diffuse_engine.entrypoints.cli", "serve", "--model", MODEL, "--port", str(port),
+           "--device", "cpu", "--max-num-seqs", "4", "--kv-cache-tokens", "256", "--log-level", "warning"]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         deadline = time.monotonic() + 60

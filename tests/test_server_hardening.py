@@ -29,11 +29,11 @@ uvicorn = pytest.importorskip("uvicorn")
 
 import tokenizers  # noqa: E402
 
-from diffuse_engine.async_engine import AsyncEngine  # noqa: E402
 from diffuse_engine.checkpoint import write_random_checkpoint  # noqa: E402
-from diffuse_engine.cli import main as cli_main  # noqa: E402
 from diffuse_engine.engine import EngineConfig  # noqa: E402
-from diffuse_engine.server import build_app  # noqa: E402
+from diffuse_engine.entrypoints.async_engine import AsyncEngine  # noqa: E402
+from diffuse_engine.entrypoints.cli import main as cli_main  # noqa: E402
+from diffuse_engine.entrypoints.server import build_app  # noqa: E402
 from diffuse_engine.tokenizer import Tokenizer  # noqa: E402
 
 MODEL = "addition"

@@ -24,9 +24,9 @@ httpx = pytest.importorskip("httpx")
 uvicorn = pytest.importorskip("uvicorn")
 
 from diffuse_engine import LLM  # noqa: E402
-from diffuse_engine.async_engine import AsyncEngine  # noqa: E402
 from diffuse_engine.engine import EngineConfig  # noqa: E402
-from diffuse_engine.server import build_app  # noqa: E402
+from diffuse_engine.entrypoints.async_engine import AsyncEngine  # noqa: E402
+from diffuse_engine.entrypoints.server import build_app  # noqa: E402
 
 MODEL = "addition"
 TOTAL, CONCURRENCY = 500, 32

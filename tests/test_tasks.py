@@ -7,7 +7,7 @@ import random
 
 import pytest
 
-from diffuse_engine.tasks import (
+from diffuse_engine.quality.tasks import (
     CORPORA,
     TASKS,
     TEST_SEED,
@@ -19,8 +19,8 @@ from diffuse_engine.tasks import (
     TextCorpus,
     get_task,
 )
-from diffuse_engine.tasks.countdown import evaluate
-from diffuse_engine.tasks.sudoku import all_grids, is_valid_grid, solutions
+from diffuse_engine.quality.tasks.countdown import evaluate
+from diffuse_engine.quality.tasks.sudoku import all_grids, is_valid_grid, solutions
 
 TASK_NAMES = list(TASKS)
 

@@ -12,16 +12,16 @@ import pytest
 import torch
 
 from diffuse_engine import presets
-from diffuse_engine.cli import main
-from diffuse_engine.evaluate import KNOBS, POLICIES, elbo_bits, evaluate_task
-from diffuse_engine.llm import LLM
+from diffuse_engine.entrypoints.cli import main
+from diffuse_engine.entrypoints.llm import LLM
 from diffuse_engine.loader import load_model
 from diffuse_engine.models import build_model
+from diffuse_engine.quality.evaluate import KNOBS, POLICIES, elbo_bits, evaluate_task
+from diffuse_engine.quality.sweep import default_steps, run_sweep
+from diffuse_engine.quality.tasks import Addition, Example, Sorting, TextCorpus
+from diffuse_engine.quality.train import Batch, TrainConfig, diffusion_loss, sample_mask, task_batch, train
 from diffuse_engine.sampling_params import REMASKING, SamplingParams
-from diffuse_engine.sweep import default_steps, run_sweep
-from diffuse_engine.tasks import Addition, Example, Sorting, TextCorpus
 from diffuse_engine.tokenizer import Tokenizer, build_byte_tokenizer
-from diffuse_engine.train import Batch, TrainConfig, diffusion_loss, sample_mask, task_batch, train
 
 PRESET = presets.from_name("llada-tiny")
 EOS, MASK = PRESET.config.eos_token_id, PRESET.config.mask_token_id

@@ -9,10 +9,10 @@ import pytest
 
 from diffuse_engine import LLM
 from diffuse_engine.errors import CheckpointError
-from diffuse_engine.evaluate import elbo_bits, evaluate_task
 from diffuse_engine.loader import load_model, read_generation_defaults
-from diffuse_engine.tasks import get_task
-from diffuse_engine.zoo import ZOO_DIR, shipped_models
+from diffuse_engine.quality.evaluate import elbo_bits, evaluate_task
+from diffuse_engine.quality.tasks import get_task
+from diffuse_engine.quality.zoo import ZOO_DIR, shipped_models
 
 REQUIRED = ("addition", "sudoku4x4", "text-char")
 

@@ -13,7 +13,7 @@ import time
 from pathlib import Path
 from typing import Any, TextIO
 
-from .tasks import CORPORA, TASKS
+from ..quality.tasks import CORPORA, TASKS
 
 # The sweep writes under the current folder unless --out names one (never into the package or a checkout's
 # committed results): diffuse-results/sweep-<UTC date and time>/.
@@ -82,9 +82,9 @@ def _str_list(text: str) -> list[str]:
 
 
 def add_quality_commands(sub: argparse._SubParsersAction) -> None:
-    from .evaluate import POLICIES
-    from .sampling_params import CACHES
-    from .train import TrainConfig
+    from ..quality.evaluate import POLICIES
+    from ..quality.train import TrainConfig
+    from ..sampling_params import CACHES
 
     names = [*TASKS, *CORPORA]
     defaults = TrainConfig(task="addition", out="")
@@ -143,7 +143,7 @@ def _command(args: argparse.Namespace) -> str:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from .train import TrainConfig, train
+    from ..quality.train import TrainConfig, train
 
     fields = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)}
     result = train(TrainConfig(**fields), command=_command(args), progress=not args.quiet)
@@ -155,15 +155,15 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def _llm(args: argparse.Namespace):
-    from .cli import _check_device
+    from .common import check_device
     from .llm import LLM
 
-    return LLM(args.model, device=_check_device(args.device), dtype=args.dtype)
+    return LLM(args.model, device=check_device(args.device), dtype=args.dtype)
 
 
 def _model_path(model: str) -> str:
     """The absolute folder that ``--model`` names (a shipped model's name resolves into the package)."""
-    from .loader import resolve_model_path
+    from ..loader import resolve_model_path
 
     return str(resolve_model_path(model).resolve())
 
@@ -178,8 +178,8 @@ def _require_matplotlib() -> None:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from .evaluate import elbo_bits, evaluate_task
-    from .tasks import TextCorpus, get_task
+    from ..quality.evaluate import elbo_bits, evaluate_task
+    from ..quality.tasks import TextCorpus, get_task
 
     task = get_task(args.task)
     llm = _llm(args)
@@ -220,8 +220,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 
 def cmd_sweep(args: argparse.Namespace) -> int:
-    from .sweep import plot, run_sweep, write_csv
-    from .tasks import get_task
+    from ..quality.sweep import plot, run_sweep, write_csv
+    from ..quality.tasks import get_task
 
     task = get_task(args.task)
     if not args.no_plot:

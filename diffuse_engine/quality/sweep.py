@@ -13,9 +13,9 @@ from typing import Any
 
 import torch
 
+from ..entrypoints.llm import LLM
+from ..sampling_params import CACHES
 from .evaluate import KNOBS, POLICIES, evaluate_task
-from .llm import LLM
-from .sampling_params import CACHES
 from .tasks import Task, TextCorpus
 
 CSV_FIELDS = ["date", "commit", "model", "task", "policy", "cache", "knob", "block_length", "steps", "gen_length", "n",

@@ -7,9 +7,9 @@ from pathlib import Path
 
 import torch
 
-from .engine import Engine, EngineConfig, RequestOutput, StepOutput
-from .models import DiffusionLM
-from .sampling_params import SamplingParams
+from ..engine import Engine, EngineConfig, RequestOutput, StepOutput
+from ..models import DiffusionLM
+from ..sampling_params import SamplingParams
 
 Prompt = str | Sequence[int]
 
@@ -29,11 +29,11 @@ class LLM:
     def __init__(self, model_path: str | Path, device: str | torch.device | None = None,
                  dtype: str | torch.dtype | None = None, engine_config: EngineConfig | None = None, *,
                  check_weights: bool | None = None) -> None:
-        from .loader import load_model
+        from ..loader import load_model
 
         if device is None:
             device = "cuda" if torch.cuda.is_available() else "cpu"
-        from .loader import read_generation_defaults, resolve_model_path
+        from ..loader import read_generation_defaults, resolve_model_path
 
         model, _, tokenizer = load_model(model_path, device=device, dtype=dtype, check_weights=check_weights)
         self.engine = Engine(model, tokenizer, engine_config)

@@ -19,8 +19,8 @@ import time
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
 
-from .engine import Engine, EngineConfig, RequestOutput, StepOutput
-from .sampling_params import SamplingParams
+from ..engine import Engine, EngineConfig, RequestOutput, StepOutput
+from ..sampling_params import SamplingParams
 
 OUTPUT_KINDS = ("delta", "canvas")
 

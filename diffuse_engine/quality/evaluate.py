@@ -16,11 +16,11 @@ from typing import Any
 
 import torch
 
-from .llm import LLM
-from .models import DiffusionLM
-from .sampling_params import REMASKING, SamplingParams
+from ..entrypoints.llm import LLM
+from ..models import DiffusionLM
+from ..sampling_params import REMASKING, SamplingParams
+from ..tokenizer import Tokenizer
 from .tasks import Task, TextCorpus
-from .tokenizer import Tokenizer
 
 # progress(done, total): called as examples (or ELBO windows) finish.
 ProgressFn = Callable[[int, int], None]

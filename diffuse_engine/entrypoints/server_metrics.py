@@ -2,18 +2,26 @@
 ``/metrics`` (Prometheus text of the engine's counters and gauges and the server's request counts)."""
 
 import weakref
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 from .server_input import scrub
 
-if TYPE_CHECKING:
-    from .server import OpenAIServer
+
+class ServerState(Protocol):
+    """What these reports read of an :class:`~.server.OpenAIServer` (typed here without importing the server)."""
+
+    engine: Any
+    roots: tuple[str, ...]
+    nfe_total: int
+    nfe_count: int
+    received: int
+    failed: int
 
 # For an AsyncEngine without `healthy`: its last step error and the count of successful steps when it was seen.
 _ERRORS_SEEN: "weakref.WeakKeyDictionary[Any, tuple[BaseException, int]]" = weakref.WeakKeyDictionary()
 
 
-def note_failure(server: "OpenAIServer") -> tuple[BaseException, int] | None:
+def note_failure(server: "ServerState") -> tuple[BaseException, int] | None:
     """Remember when the engine's last step error was first seen (by the number of successful steps), for
     ``/health`` of an AsyncEngine that does not report ``healthy`` itself."""
     error = getattr(server.engine, "error", None)
@@ -23,7 +31,7 @@ def note_failure(server: "OpenAIServer") -> tuple[BaseException, int] | None:
     return seen
 
 
-def health_status(server: "OpenAIServer") -> tuple[int, dict[str, str]]:
+def health_status(server: "ServerState") -> tuple[int, dict[str, str]]:
     """``/health``: 200 ``ok``; 503 ``degraded`` while engine steps fail (it recovers with the next step that
     succeeds) and 503 ``error`` when the stepping thread is not running."""
     engine = server.engine
@@ -40,7 +48,7 @@ def health_status(server: "OpenAIServer") -> tuple[int, dict[str, str]]:
     return 503, {"status": "degraded", "message": scrub(f"engine steps are failing{why}", server.roots)}
 
 
-def metrics_text(server: "OpenAIServer") -> str:
+def metrics_text(server: "ServerState") -> str:
     """The Prometheus exposition of the engine's counters and gauges."""
     s = server.engine.stats()
     nfe = server.nfe_total / server.nfe_count if server.nfe_count else 0.0

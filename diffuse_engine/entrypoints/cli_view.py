@@ -17,7 +17,7 @@ import unicodedata
 from collections.abc import Collection, Sequence
 from typing import Any, TextIO
 
-from .engine import RequestOutput, StepOutput
+from ..engine import RequestOutput, StepOutput
 
 ESC = "\x1b["
 RESET = ESC + "0m"

@@ -1,5 +1,5 @@
 """The ``diffuse-engine`` command: ``generate``, ``info``, ``presets``, ``init-random``, and the quality tools
-``train``, ``eval`` and ``sweep`` (in :mod:`diffuse_engine.cli_quality`), and ``serve`` (:mod:`diffuse_engine.server`).
+``train``, ``eval`` and ``sweep`` (in :mod:`.cli_quality`), and ``serve`` (:mod:`.server_cli`).
 
 Exit status: 0 on success, 2 for bad input (arguments, sampling parameters, a missing or broken model folder:
 anything raising ``ValueError``), 1 for other failures, 130 when interrupted. Errors are printed as
@@ -21,14 +21,11 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any, NoReturn, TextIO
 
-from .sampling_params import CACHES, POLICIES, REMASKING, REMDM_VARIANTS, REVISIONS, SamplingParams
-from .version import __version__
+from ..sampling_params import CACHES, POLICIES, REMASKING, REMDM_VARIANTS, REVISIONS, SamplingParams
+from ..version import __version__
+from .common import UsageError, check_device, cuda_reason
 
 PROG = "diffuse-engine"
-
-
-class UsageError(Exception):
-    """Bad command-line input; reported with exit status 2."""
 
 
 class _Parser(argparse.ArgumentParser):
@@ -106,7 +103,7 @@ def build_parser() -> argparse.ArgumentParser:
     rnd.set_defaults(func=cmd_init_random)
 
     from .cli_quality import add_quality_commands
-    from .server import add_serve_command
+    from .server_cli import add_serve_command
 
     add_quality_commands(sub)
     add_serve_command(sub)
@@ -145,17 +142,6 @@ def sampling_params_from_args(args: argparse.Namespace, llm=None) -> SamplingPar
         raise UsageError(f"invalid sampling parameters: {exc}") from None
 
 
-def _check_device(device: str | None) -> str | None:
-    if device is not None and not re.fullmatch(r"cpu|cuda(:\d+)?", device):
-        raise UsageError(f"--device must be cpu, cuda or cuda:N; got {device!r}.")
-    if device is not None and device.startswith("cuda"):
-        import torch
-
-        if not torch.cuda.is_available():
-            raise UsageError(f"--device {device} was given but CUDA is not available ({_cuda_reason()}).")
-    return device
-
-
 def read_stdin_prompt(stream: TextIO) -> str:
     """The prompt given as ``--prompt -``: all of ``stream`` but one trailing newline (``\\n`` or ``\\r\\n``), the
     one that ``echo`` or a text editor adds."""
@@ -167,11 +153,11 @@ def cmd_generate(args: argparse.Namespace) -> int:
     """``generate``: load the folder, decode one prompt, print the answer (or JSON)."""
     if args.chat and args.prompt_ids is not None:
         raise UsageError("--chat applies to a --prompt text, not to --prompt-ids.")
-    device = _check_device(args.device)
+    device = check_device(args.device)
     prompt = user_prompt = read_stdin_prompt(sys.stdin) if args.prompt == "-" else args.prompt
+    from ..loader import resolve_model_path
     from .cli_view import LiveView, print_result
     from .llm import LLM
-    from .loader import resolve_model_path
 
     llm = LLM(args.model, device=device, dtype=args.dtype)
     params = sampling_params_from_args(args, llm)
@@ -212,18 +198,6 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 
 # ----------------------------------------------------------------------------------------------------- info
-def _cuda_reason() -> str:
-    import torch
-
-    if torch.version.cuda is None:
-        return "torch is a CPU-only build"
-    try:
-        torch.cuda.init()
-    except Exception as exc:  # noqa: BLE001 - the reason is what torch says
-        return str(exc).strip().splitlines()[0]
-    return "no CUDA device is visible"
-
-
 def _dist_version(name: str) -> str | None:
     try:
         return metadata.version(name)
@@ -235,7 +209,7 @@ def info_record() -> dict[str, Any]:
     """Everything ``info`` reports, as a JSON-ready dict."""
     import torch
 
-    from .ops import ATTENTION_ENV, BACKEND_ENV, attention_report, backend_report, requested_backend
+    from ..ops import ATTENTION_ENV, BACKEND_ENV, attention_report, backend_report, requested_backend
 
     triton = next((v for v in map(_dist_version, ("triton", "pytorch-triton")) if v), None)
     cuda: dict[str, Any] = {"available": torch.cuda.is_available(), "torch_cuda_version": torch.version.cuda,
@@ -246,7 +220,7 @@ def info_record() -> dict[str, Any]:
             cuda["devices"].append({"index": i, "name": props.name, "capability": f"{props.major}.{props.minor}",
                                     "memory_gib": round(props.total_memory / 1024 ** 3, 1)})
     else:
-        cuda["reason"] = _cuda_reason()
+        cuda["reason"] = cuda_reason()
     env = os.environ.get(BACKEND_ENV)
     try:
         forced, env_error = requested_backend(), None
@@ -297,7 +271,7 @@ def _count(n: int) -> str:
 
 def cmd_presets(args: argparse.Namespace) -> int:
     """``presets``: the named model configurations with their parameter counts."""
-    from .presets import PRESETS
+    from ..presets import PRESETS
 
     rows = []
     for p in PRESETS.values():
@@ -317,8 +291,8 @@ def cmd_presets(args: argparse.Namespace) -> int:
 
 def cmd_init_random(args: argparse.Namespace) -> int:
     """``init-random``: write a random-weight checkpoint folder of a preset."""
-    from .checkpoint import write_random_checkpoint
-    from .presets import from_name
+    from ..checkpoint import write_random_checkpoint
+    from ..presets import from_name
 
     preset, out = from_name(args.preset), Path(args.out)
     if out.is_dir() and any(out.iterdir()) and not args.overwrite:

@@ -27,12 +27,13 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from . import presets
-from .checkpoint import save_model_folder
-from .config import ModelConfig
-from .models import DiffusionLM, build_model
+from .. import presets
+from ..checkpoint import save_model_folder
+from ..config import ModelConfig
+from ..models import DiffusionLM, build_model
+from ..tokenizer import Tokenizer, build_byte_tokenizer
 from .tasks import Task, TextCorpus, get_task
-from .tokenizer import Tokenizer, build_byte_tokenizer
+from .train_card import data_sizes, model_card, write_generation_defaults
 
 BASE_PRESET = "llada-tiny"  # byte-level vocabulary of 320 with LLaDA's special tokens at 256+
 LOG_FILE = "train_log.csv"
@@ -202,24 +203,23 @@ class TrainResult:
     metrics: dict[str, Any] = field(default_factory=dict)
 
 
-def train(cfg: TrainConfig, *, command: str | None = None, progress: bool = True,
-          evaluate_fn: Callable[..., dict[str, Any]] | None = None) -> TrainResult:
-    """Train a model for ``cfg`` and write it (with ``train_log.csv``, ``training.json`` and a model card) to
-    ``cfg.out``. ``command`` is recorded in the card (default: this process's command line)."""
-    from . import evaluate as ev
+@dataclass
+class _Setup:
+    """What a training run works with, made from the config and its seed (in this order: data, model, optimiser)."""
+    task: Task | TextCorpus
+    preset: Any
+    tokenizer: Tokenizer
+    gen: torch.Generator
+    data: torch.Tensor | None
+    stream: Any
+    model: DiffusionLM
+    opt: torch.optim.Optimizer
 
-    cfg.validate()
-    out = Path(cfg.out)
-    if out.exists() and any(out.iterdir()) and not cfg.overwrite:
-        raise ValueError(f"output folder {out} is not empty; pass overwrite to replace the checkpoint in it.")
-    if cfg.threads is not None:
-        torch.set_num_threads(cfg.threads)
+
+def _setup(cfg: TrainConfig) -> _Setup:
     task = get_task(cfg.task)
     preset = presets.from_name(BASE_PRESET)
-    specials = preset.special_tokens
-    tokenizer = Tokenizer(build_byte_tokenizer(preset.config.vocab_size, specials))
-    eos_id, mask_id = preset.config.eos_token_id, preset.config.mask_token_id
-
+    tokenizer = Tokenizer(build_byte_tokenizer(preset.config.vocab_size, preset.special_tokens))
     rng = random.Random(cfg.seed)
     gen = torch.Generator().manual_seed(rng.getrandbits(63))
     if isinstance(task, TextCorpus):
@@ -238,57 +238,79 @@ def train(cfg: TrainConfig, *, command: str | None = None, progress: bool = True
     no_decay = [p for n, p in model.named_parameters() if p.ndim != 2]
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
                              {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr, betas=(0.9, 0.98))
+    return _Setup(task, preset, tokenizer, gen, data, stream, model, opt)
 
-    out.mkdir(parents=True, exist_ok=True)
-    log_path = out / LOG_FILE
-    log = open(log_path, "w", newline="")  # noqa: SIM115 - closed in finally
-    writer = csv.writer(log)
-    writer.writerow(["step", "loss", "lr", "tokens_seen", "elapsed_s", "val_metric", "val_value"])
+
+def _step(cfg: TrainConfig, s: _Setup, step: int) -> tuple[float, Batch]:
+    """One optimiser step; returns its loss and batch."""
+    s.model.train()
+    if s.stream is not None:
+        examples = [next(s.stream) for _ in range(cfg.batch_size)]
+        batch = task_batch(s.task, examples, s.tokenizer, s.preset.config.eos_token_id)
+    else:
+        batch = text_batch(s.data, cfg.batch_size, cfg.seq_len, s.gen)
+    for group in s.opt.param_groups:
+        group["lr"] = lr_at(cfg, step - 1)
+    loss = diffusion_loss(s.model, batch, s.preset.config.mask_token_id, cfg.eps, s.gen)
+    s.opt.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(s.model.parameters(), cfg.grad_clip)
+    s.opt.step()
+    value = float(loss.detach())
+    if not math.isfinite(value):
+        raise RuntimeError(f"training diverged at step {step} (loss {value}); lower lr.")
+    return value, batch
+
+
+def _run_steps(cfg: TrainConfig, s: _Setup, log_path: Path, progress: bool, validate: Callable) -> tuple:
+    """Every step, logged to ``log_path`` (with the validation metric every ``eval_every`` steps); returns
+    (loss EMA, tokens seen, sequences seen, seconds)."""
     bar = Progress(cfg.steps) if progress else None
     tokens_seen = examples_seen = 0
     ema = None
-    t0 = time.perf_counter()
-    val_name, val_value = "", ""
-    try:
+    with open(log_path, "w", newline="") as log:
+        writer = csv.writer(log)
+        writer.writerow(["step", "loss", "lr", "tokens_seen", "elapsed_s", "val_metric", "val_value"])
+        t0 = time.perf_counter()
         for step in range(1, cfg.steps + 1):
-            model.train()
-            if stream is not None:
-                examples = [next(stream) for _ in range(cfg.batch_size)]
-                batch = task_batch(task, examples, tokenizer, eos_id)
-            else:
-                batch = text_batch(data, cfg.batch_size, cfg.seq_len, gen)
-            for group in opt.param_groups:
-                group["lr"] = lr_at(cfg, step - 1)
-            loss = diffusion_loss(model, batch, mask_id, cfg.eps, gen)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-            opt.step()
-            value = float(loss.detach())
-            if not math.isfinite(value):
-                raise RuntimeError(f"training diverged at step {step} (loss {value}); lower lr.")
+            value, batch = _step(cfg, s, step)
             ema = value if ema is None else 0.98 * ema + 0.02 * value
             tokens_seen += int(batch.ids.numel())
             examples_seen += batch.ids.shape[0]
             elapsed = time.perf_counter() - t0
             val_name, val_value = "", ""
             if step % cfg.eval_every == 0 or step == cfg.steps:
-                model.eval()
-                val_name, val_value = ev.validation_metric(model, tokenizer, task, cfg.eval_limit)
+                s.model.eval()
+                val_name, val_value = validate(s.model, s.tokenizer, s.task, cfg.eval_limit)
                 if bar is not None:
                     bar.message(f"step {step}: validation {val_name} = {val_value:.4f}")
             writer.writerow([step, f"{value:.5f}", f"{lr_at(cfg, step - 1):.3g}", tokens_seen, f"{elapsed:.1f}",
                              val_name, f"{val_value:.5f}" if val_name else ""])
             if bar is not None:
                 bar.update(step, ema, tokens_seen / max(elapsed, 1e-9))
-    finally:
-        log.close()
-    wall = time.perf_counter() - t0
-    model.eval().requires_grad_(False)
-    save_model_folder(out, model, special_tokens=specials, chat_template=preset.chat_template,
+    return ema, tokens_seen, examples_seen, time.perf_counter() - t0
+
+
+def train(cfg: TrainConfig, *, command: str | None = None, progress: bool = True,
+          evaluate_fn: Callable[..., dict[str, Any]] | None = None) -> TrainResult:
+    """Train a model for ``cfg`` and write it (with ``train_log.csv``, ``training.json`` and a model card) to
+    ``cfg.out``. ``command`` is recorded in the card (default: this process's command line)."""
+    from . import evaluate as ev
+
+    cfg.validate()
+    out = Path(cfg.out)
+    if out.exists() and any(out.iterdir()) and not cfg.overwrite:
+        raise ValueError(f"output folder {out} is not empty; pass overwrite to replace the checkpoint in it.")
+    if cfg.threads is not None:
+        torch.set_num_threads(cfg.threads)
+    s = _setup(cfg)
+    out.mkdir(parents=True, exist_ok=True)
+    ema, tokens_seen, examples_seen, wall = _run_steps(cfg, s, out / LOG_FILE, progress, ev.validation_metric)
+    model, task, preset = s.model.eval().requires_grad_(False), s.task, s.preset
+    save_model_folder(out, model, special_tokens=preset.special_tokens, chat_template=preset.chat_template,
                       bos_token=preset.bos_token, eos_token=preset.eos_token, dtype=cfg.save_dtype, overwrite=True)
     write_generation_defaults(out, task)
-    metrics = (evaluate_fn or ev.final_metrics)(model, tokenizer, task, cfg.test_limit)
+    metrics = (evaluate_fn or ev.final_metrics)(model, s.tokenizer, task, cfg.test_limit)
     result = TrainResult(out, cfg.steps, wall, tokens_seen, examples_seen, ema or float("nan"), metrics)
     summary = {"config": dataclasses.asdict(cfg), "command": command or " ".join(["diffuse-engine", *sys.argv[1:]]),
                "wall_s": round(wall, 1), "tokens_seen": tokens_seen, "examples_seen": examples_seen,
@@ -311,64 +333,3 @@ def _init_for_training_(model: DiffusionLM, gen: torch.Generator) -> None:
         std = scale if name.endswith(("attn_out.weight", ".ff_out.weight", "o_proj.weight", "down_proj.weight")) \
             else 0.02
         p.copy_(torch.randn(p.shape, generator=gen) * std)
-
-
-def generation_defaults(task: Task | TextCorpus) -> dict[str, Any]:
-    """The SamplingParams a trained model is used with by default: its task's canvas and block size, one token
-    per step, greedy, LLaDA's confidence ordering. Text: 64 characters in blocks of 16 at temperature 0.8
-    (greedy decoding of a small character model collapses into runs of spaces)."""
-    if isinstance(task, TextCorpus):
-        return {"gen_length": 64, "block_length": 16, "steps": 64, "temperature": 0.8, "remasking": "low_confidence"}
-    g, b = task.gen_length, task.block_length
-    return {"gen_length": g, "block_length": b, "steps": g, "temperature": 0.0, "remasking": "low_confidence"}
-
-
-def write_generation_defaults(folder: str | Path, task: Task | TextCorpus) -> Path:
-    from .loader import GENERATION_DEFAULTS_FILE
-
-    path = Path(folder) / GENERATION_DEFAULTS_FILE
-    path.write_text(json.dumps(generation_defaults(task), indent=2) + "\n")
-    return path
-
-
-def data_sizes(task: Task | TextCorpus) -> dict[str, Any]:
-    if isinstance(task, TextCorpus):
-        return {"train_chars": len(task.train_text()), "held_out_chars": len(task.held_out_text()),
-                "train_topics": len(task.train_topics()), "held_out_topics": task.held_out_topics()}
-    return {"test_examples": len(task.test_set()), "validation_examples": len(task.validation_set()),
-            "gen_length": task.gen_length, "block_length": task.block_length}
-
-
-def model_card(summary: dict[str, Any]) -> str:
-    """The README of a trained checkpoint: how it was made and what it reaches."""
-    cfg = summary["config"]
-    task = get_task(cfg["task"])
-    m = summary["metrics"]
-    lines = [f"# {cfg['task']}: a tiny LLaDA-style masked-diffusion model", "",
-             f"{task.description}.", "",
-             "## How it was trained", "",
-             f"    {summary['command']}", "",
-             f"- LLaDA architecture, byte-level vocabulary of 320: hidden {cfg['hidden_size']}, "
-             f"{cfg['num_layers']} layers, {cfg['num_heads']} heads, MLP {cfg['intermediate_size']} "
-             f"({summary['parameters']:,} parameters), weights stored in {cfg['save_dtype']}.",
-             f"- {cfg['steps']} steps of batch {cfg['batch_size']}, AdamW lr {cfg['lr']} (warm-up {cfg['warmup']}, "
-             f"cosine to {cfg['min_lr_ratio']}x), weight decay {cfg['weight_decay']}, seed {cfg['seed']}.",
-             f"- Wall time {summary['wall_s']:.0f} s on the CPU (torch threads: {summary['threads']}, torch "
-             f"{summary['torch']}); {summary['tokens_seen']:,} tokens, {summary['examples_seen']:,} sequences; "
-             f"final loss (EMA) {summary['final_loss_ema']:.4f}.",
-             f"- Data: {json.dumps(summary['data'])}.", "",
-             "## Results (held-out test data)", ""]
-    for key, value in m.items():
-        if key == "samples":
-            continue
-        lines.append(f"- {key}: {value}")
-    if m.get("samples"):
-        lines += ["", "## Samples", ""]
-        for s in m["samples"]:
-            lines += [f"Prompt: `{s['prompt']!r}` ({s.get('params', '')})", "", "Output:", "", "```", s["output"],
-                      "```", ""]
-    lines += ["", "Files: `config.json`, `model.safetensors`, `tokenizer.json`, `tokenizer_config.json` (the LLaDA "
-              "Hugging Face layout the engine loads), `generation_defaults.json` (the SamplingParams used when none "
-              "are given), `training.json` (this summary as data), `train_log.csv` (loss per step, validation "
-              "metric every few hundred steps).", ""]
-    return "\n".join(lines)
