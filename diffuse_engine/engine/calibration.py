@@ -211,5 +211,5 @@ def engine_ceilings(device: torch.device, dtype: torch.dtype, calibrate: bool | 
             raise
         fallback = CPU if device.type == "cpu" else H100
         warnings.warn(f"no ceilings for {device} ({type(exc).__name__}: {exc}); the scheduler uses the "
-                      f"{fallback.name} preset.", RuntimeWarning, stacklevel=4)
+                      f"{fallback.name} preset.", RuntimeWarning, stacklevel=3)
         return fallback
