@@ -8,7 +8,7 @@ import math
 import pytest
 import torch
 
-from diffuse_engine.engine import cost_model
+from diffuse_engine.engine import calibration
 from diffuse_engine.engine.cost_model import A100, CPU, H100, H200, PRESETS, CostModel, DeviceCeilings
 from diffuse_engine.presets import from_name
 
@@ -95,12 +95,12 @@ def test_row_padding_counts_padded_rows_in_time_not_in_flops():
 
 
 def test_calibrate_writes_and_reuses_its_cache(tmp_path, monkeypatch):
-    monkeypatch.setenv(cost_model.CACHE_ENV, str(tmp_path))
-    first = cost_model.calibrate("cpu", torch.float32)
-    path = tmp_path / cost_model.CACHE_FILE
+    monkeypatch.setenv(calibration.CACHE_ENV, str(tmp_path))
+    first = calibration.calibrate("cpu", torch.float32)
+    path = tmp_path / calibration.CACHE_FILE
     assert path.exists()
     stored = json.loads(path.read_text())
-    key = cost_model.device_key("cpu", torch.float32)
+    key = calibration.device_key("cpu", torch.float32)
     assert key in stored and "float32" in key and torch.__version__ in key
     assert first.source == "calibrated" and first.name == key
     assert first.bandwidth_gbs > 0.1 and first.peak_tflops > 1e-3 and first.overlap == 0.0
@@ -109,16 +109,16 @@ def test_calibrate_writes_and_reuses_its_cache(tmp_path, monkeypatch):
     def no_measuring(*args, **kwargs):
         raise AssertionError("a cached calibration must not measure again")
 
-    monkeypatch.setattr(cost_model, "median_seconds", no_measuring)
-    assert cost_model.calibrate("cpu", torch.float32) == first
-    assert cost_model.ceilings_for("cpu", torch.float32) == first
-    assert cost_model.ceilings_for("cpu", torch.float32, calibrate=False) is CPU
+    monkeypatch.setattr(calibration, "median_seconds", no_measuring)
+    assert calibration.calibrate("cpu", torch.float32) == first
+    assert calibration.ceilings_for("cpu", torch.float32) == first
+    assert calibration.ceilings_for("cpu", torch.float32, calibrate=False) is CPU
     # A corrupt cache file, or an entry that no longer fits the dataclass, is measured over, not trusted.
     monkeypatch.undo()
-    monkeypatch.setenv(cost_model.CACHE_ENV, str(tmp_path))
+    monkeypatch.setenv(calibration.CACHE_ENV, str(tmp_path))
     for bad in ("{not json", json.dumps({key: {"name": key, "bandwidth_gbs": -1}})):
         path.write_text(bad)
-        again = cost_model.calibrate("cpu", torch.float32)
+        again = calibration.calibrate("cpu", torch.float32)
         assert again.source == "calibrated" and json.loads(path.read_text())[key]["bandwidth_gbs"] > 0
 
 
@@ -154,8 +154,8 @@ def test_bad_arguments_raise_value_error():
     with pytest.raises(ValueError, match="head_fraction"):
         CostModel(SMALL, CPU, 4).ridge_tokens(head_fraction=1.5)
     with pytest.raises(ValueError, match="floating-point"):
-        cost_model.calibrate("cpu", torch.int32)
+        calibration.calibrate("cpu", torch.int32)
     with pytest.raises(ValueError, match="no preset"):
-        cost_model.preset_for("meta")
+        calibration.preset_for("meta")
     with pytest.raises(ValueError, match="only 'cpu' and CUDA"):
-        cost_model.calibrate("meta")
+        calibration.calibrate("meta")

@@ -27,9 +27,7 @@ def _prompt(n: int, seed: int) -> list[int]:
 def _engine(ceilings=CPU, **config):
     llm = LLM.from_model(MODEL, engine_config=EngineConfig(**config))
     engine = llm.engine
-    engine.cost_model = CostModel(CONFIG, ceilings, 4)
-    engine.scheduler = Scheduler(engine.cost_model, scheduling=engine.config.scheduling,
-                                 max_step_seconds=engine.config.max_step_seconds)
+    engine.cost_model = engine.scheduler.cost_model = CostModel(CONFIG, ceilings, 4)
     return llm, engine
 
 
@@ -102,18 +100,18 @@ def test_bad_scheduler_settings():
     with pytest.raises(ValueError, match="max_step_seconds"):
         EngineConfig(max_step_seconds=0)
     with pytest.raises(ValueError, match="cost model"):
-        Scheduler(None)
+        Scheduler(EngineConfig(), None, None, None)
     with pytest.raises(ValueError, match="knee"):
-        Scheduler(None, scheduling="fcfs", knee=0)
+        EngineConfig(scheduling="fcfs", knee=0)
 
 
 def test_failed_calibration_falls_back_to_a_preset(monkeypatch):
-    from diffuse_engine.engine import engine as engine_module
+    from diffuse_engine.engine import calibration
 
     def broken(*args, **kwargs):
         raise RuntimeError("no timer")
 
-    monkeypatch.setattr(engine_module, "ceilings_for", broken)
+    monkeypatch.setattr(calibration, "ceilings_for", broken)
     with pytest.warns(RuntimeWarning, match="CPU preset"):
         llm = LLM.from_model(MODEL)
     assert llm.engine.cost_model.ceilings.name == "CPU"

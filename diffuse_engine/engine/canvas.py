@@ -129,3 +129,31 @@ def upload(array: np.ndarray, device: torch.device) -> torch.Tensor:
         return t.pin_memory().to(device, non_blocking=True)
     return t.to(device)
 
+
+class Upload:
+    """Host arrays packed into one int64 buffer, copied to the device once, then viewed with their own dtypes
+    (bool and integers as int64 words, floats as float64 bit patterns)."""
+
+    def __init__(self) -> None:
+        self._parts: list[tuple[str, np.ndarray, torch.dtype, tuple[int, ...]]] = []
+
+    def add(self, name: str, array, dtype: torch.dtype) -> None:
+        a = np.asarray(array)
+        self._parts.append((name, a, dtype, a.shape))
+
+    def finish(self, device: torch.device) -> dict[str, torch.Tensor]:
+        words = []
+        for _, a, dtype, _ in self._parts:
+            if dtype.is_floating_point:
+                words.append(np.ascontiguousarray(a, dtype=np.float64).reshape(-1).view(np.int64))
+            else:
+                words.append(np.ascontiguousarray(a, dtype=np.int64).reshape(-1))
+        flat = upload(np.concatenate(words) if words else np.zeros(0, dtype=np.int64), device)
+        out, at = {}, 0
+        for (name, _, dtype, shape), w in zip(self._parts, words, strict=True):
+            seg = flat[at:at + w.shape[0]]
+            at += w.shape[0]
+            if dtype.is_floating_point:
+                seg = seg.view(torch.float64)
+            out[name] = (seg if seg.dtype == dtype else seg.to(dtype)).view(shape)
+        return out

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .scheduler import SCHEDULING
+SCHEDULING = ("roofline", "fcfs")
 
 
 @dataclass(slots=True)
@@ -21,8 +21,10 @@ class EngineConfig:
     least recently used evicted first (and whenever an admission needs their pages).
     ``scheduling``: ``"roofline"`` (admit while the cost model says another request raises committed tokens
     per second: always below the ridge, up to the knee above it; see :mod:`.scheduler`) or ``"fcfs"``
-    (whatever fits). ``max_step_seconds``: a bound on the predicted step time (None: none). ``calibrate``:
-    measure the device's ceilings once (cached on disk) instead of using its preset; None = on CUDA only.
+    (whatever fits). ``knee``: with roofline scheduling, a request joins a compute-bound batch only while the step
+    time it adds is below ``knee`` times its proportional share of the step (1.0: any throughput gain; lower values
+    trade throughput for shorter steps). ``max_step_seconds``: a bound on the predicted step time (None: none).
+    ``calibrate``: measure the device's ceilings once (cached on disk) instead of using its preset; None = on CUDA only.
     ``cuda_graphs``: replay the cached block step (forward, head and commit) from CUDA graphs captured at bucketed
     batch sizes (:data:`.graphs.GRAPH_BATCH_SIZES`), padding a batch up to its bucket; None = on for CUDA models,
     False = never, True = required (a capture failure raises instead of falling back to eager with a warning). CPU
@@ -38,6 +40,7 @@ class EngineConfig:
     max_step_seconds: float | None = None
     calibrate: bool | None = None
     cuda_graphs: bool | None = None
+    knee: float = 0.98
 
     def __post_init__(self) -> None:
         if self.scheduling not in SCHEDULING:
@@ -46,6 +49,8 @@ class EngineConfig:
                                                   or not isinstance(self.max_step_seconds, (int, float))
                                                   or not self.max_step_seconds > 0):
             raise ValueError(f"max_step_seconds must be a positive number or None; got {self.max_step_seconds!r}.")
+        if isinstance(self.knee, bool) or not isinstance(self.knee, (int, float)) or not 0 < self.knee <= 1:
+            raise ValueError(f"knee must be a number in (0, 1]; got {self.knee!r}.")
         if self.cuda_graphs is not None and not isinstance(self.cuda_graphs, bool):
             raise ValueError(f"cuda_graphs must be True, False or None; got {self.cuda_graphs!r}.")
         for name in ("max_num_seqs", "max_num_batched_tokens", "page_size", "kv_cache_tokens", "max_retained"):

@@ -3,9 +3,10 @@
 A request's phase is what decides its step's shapes: its block, whether this step refreshes its cache, what its
 exact block cache holds, its window (the positions it may commit), whether a revision policy verifies. While no
 running request changes phase, consecutive steps reuse one plan: the host uploads nothing but an eager step's
-candidate rows (:meth:`Engine._candidate_rows`). A plan is built from host values only (Python ints and numpy
-arrays, never a read of a device tensor); its step tensors reach the device in one non-blocking copy from pinned
-memory (:class:`Upload`), its attention plan's (page slots, masks, kernel arguments) in a few more.
+candidate rows (:meth:`.runner.ModelRunner.candidate_rows`). A plan is built from host values only (Python ints
+and numpy arrays, never a read of a device tensor; the per-request settings: :mod:`.settings`); its step
+tensors reach the device in one non-blocking copy from pinned memory (:class:`~.canvas.Upload`), its attention
+plan's (page slots, masks, kernel arguments) in a few more.
 
 Rows. Request b of the batch owns the window ``[window_lo, block_end)`` of its sequence; its positions are the
 columns ``0..width_b-1`` of the padded ``[B, W]`` matrices of the step's decisions (``W`` = the widest window;
@@ -26,11 +27,13 @@ import numpy as np
 import torch
 
 from ..models import TokenLayout
-from ..policies import decoding_policy, revision_policy
+from ..policies import revision_policy
 from .attention_plan import AttentionPlan, SeqPlan
-from .canvas import CanvasStore, upload
+from .canvas import CanvasStore, Upload, upload
 from .kv_cache import PagedKVCache
+from .recompute import recompute
 from .request import Request
+from .settings import counters, orderings, revision_settings, rules, sampling
 
 # The axis each plan tensor runs along (what padding a batch to a CUDA-graph bucket extends): fresh tokens, head
 # rows, the [B, W] decision matrices; every other tensor is per request ([B] or [B, T]).
@@ -40,7 +43,6 @@ ROW_AXIS = ("row_hidden", "row_req", "row_pad", "row_pos", "row_temp", "row_seed
 PAD_AXIS = ("pad_flat", "pad_valid", "pad_pos", "pad_in_block")
 # Counter columns of the step's copy back to the host (see step.pack_outputs).
 COUNTERS = ("block_masked", "first_masked", "eos_in_block", "invalid", "revised")
-REMDM_VARIANTS = {"cap": 0, "rescale": 1, "conf": 2}
 
 
 def phase(req: Request) -> tuple:
@@ -48,35 +50,6 @@ def phase(req: Request) -> tuple:
     rev = revision_policy(req)
     return (id(req), req.block, req.refresh_step and req.cache_mode in ("prefix", "dual"), req.cached_upto,
             req.window_lo, rev.name if rev is not None else None)
-
-
-class Upload:
-    """Host arrays packed into one int64 buffer, copied to the device once, then viewed with their own dtypes
-    (bool and integers as int64 words, floats as float64 bit patterns)."""
-
-    def __init__(self) -> None:
-        self._parts: list[tuple[str, np.ndarray, torch.dtype, tuple[int, ...]]] = []
-
-    def add(self, name: str, array, dtype: torch.dtype) -> None:
-        a = np.asarray(array)
-        self._parts.append((name, a, dtype, a.shape))
-
-    def finish(self, device: torch.device) -> dict[str, torch.Tensor]:
-        words = []
-        for _, a, dtype, _ in self._parts:
-            if dtype.is_floating_point:
-                words.append(np.ascontiguousarray(a, dtype=np.float64).reshape(-1).view(np.int64))
-            else:
-                words.append(np.ascontiguousarray(a, dtype=np.int64).reshape(-1))
-        flat = upload(np.concatenate(words) if words else np.zeros(0, dtype=np.int64), device)
-        out, at = {}, 0
-        for (name, _, dtype, shape), w in zip(self._parts, words, strict=True):
-            seg = flat[at:at + w.shape[0]]
-            at += w.shape[0]
-            if dtype.is_floating_point:
-                seg = seg.view(torch.float64)
-            out[name] = (seg if seg.dtype == dtype else seg.to(dtype)).view(shape)
-        return out
 
 
 @dataclass(slots=True)
@@ -122,24 +95,11 @@ class StepPlan:
 def _sequence(req: Request, shift: int, block_size: int | None, uncond: bool, verify: bool,
               pages) -> tuple[SeqPlan, int]:
     """What one sequence of ``req`` recomputes, reads and writes this step (and its first fresh position)."""
-    start, end = req.block_span
-    length = req.seq_len
-    mode, read, write = req.cache_mode, [], None
-    if mode == "block":  # finished blocks are cached once; the first step also runs what is not cached yet
-        lo, hi = req.cached_upto, end
-        read, write = [(0, lo)], (lo, start - start % block_size)
-    elif mode == "none":
-        lo, hi = 0, length
-    elif req.refresh_step:  # everything but what an earlier turn of the conversation left in the cache
-        lo, hi = req.reused, length
-        read, write = [(0, lo)], (lo, length)
-    else:
-        lo = start - shift
-        hi = length if mode == "prefix" else end
-        read = [(0, lo)] + ([(end, length)] if mode == "dual" else [])
+    lo, hi, read, write = recompute(req, shift)
     positions = np.arange(lo, hi, dtype=np.int64)
     hidden = None
     if verify and not uncond:
+        start, end = req.block_span
         block = np.arange(start, end, dtype=np.int64)
         positions = np.concatenate((positions, block - shift))
         hidden = block
@@ -163,15 +123,53 @@ def build_plan(requests: list[Request], key: tuple, store: CanvasStore, cache: P
     ``ord_alg`` / ``alg_temp``, revision ``rev_kind`` (0: none), ``remdm_variant``, ``remdm_eta``, ``adaptive``,
     ``verify_threshold``, ``edit_margin``."""
     shift = 1 if shifted else 0
-    cap = store.capacity
-    nb = len(requests)
     windows = [r.window() for r in requests]
     width = max(max(end - lo for lo, end in windows), 1)
     verify = [(rev := revision_policy(r)) is not None and rev.verifies for r in requests]
     cfg = [r.params.cfg_scale > 0 for r in requests]
     planned = any(r.cache_mode != "none" for r in requests) or any(verify)
+    up = Upload()
+    seqs, offsets, uncond_at, force_all = _forward(up, requests, store, shift, block_size, verify, cfg)
+    m, row_req_all, pad_valid, pad_pos, any_cfg, any_verify = _rows(up, requests, store, seqs, offsets, uncond_at,
+                                                                    windows, width, shift, verify)
+    smp = sampling(up, requests, row_req_all, eot_id, eos_id)
+    counters(up, requests, windows)
+    rules(up, requests)
+    ordering, ord_random, ord_origin, ord_alg = orderings(up, requests, score_dtype)
+    revisions, any_remdm_conf = revision_settings(up, requests, score_dtype)
 
-    # --- the packed forward: cond sequences in batch order, then the unconditional copies
+    t = up.finish(store.device)
+    layout = TokenLayout.packed([s.num_tokens for s in seqs], block_size=block_size)
+    if planned:
+        layout.kv = AttentionPlan(cache, seqs, store.device)
+    else:
+        layout.cu_seqlens_device = upload(np.asarray(layout.cu_seqlens, dtype=np.int32), store.device)
+    scores = set()
+    if any(o == "topk_margin" for o in ordering):
+        scores.add("margin")
+    if any(o == "entropy" for o in ordering) or any(r.params.policy == "eb" for r in requests):
+        scores.add("neg_entropy")
+    host_rows, host_cols = np.nonzero(pad_valid)
+    return StepPlan(
+        key=key, requests=list(requests), batch=len(requests), width=width, num_rows=m, layout=layout, t=t,
+        generation=store.generation, trash=store.trash,
+        fused=fused and not any_cfg and not smp.top_k.any() and not (smp.top_p < 1).any() and not smp.eos_inf.any(),
+        any_hot=bool((smp.temps > 0).any()), any_raw=bool(smp.raw.any()), all_raw=bool(smp.raw.all()),
+        any_exclude=smp.any_exclude, any_top_k=bool(smp.top_k.any()), any_top_p=bool((smp.top_p < 1).any()),
+        any_eos_inf=bool(smp.eos_inf.any()), any_cfg=any_cfg, any_verify=any_verify, any_random=any(ord_random),
+        any_origin=any(ord_origin), any_alg=any(ord_alg), revisions=revisions, any_remdm_conf=any_remdm_conf,
+        any_snapshot=any(r.snapshots for r in requests), any_force=bool(force_all.any()),
+        scores=tuple(sorted(scores)),
+        host_slot=np.asarray([r.slot for r in requests], dtype=np.int64)[host_rows],
+        host_pos=pad_pos[host_rows, host_cols], host_valid=pad_valid, score_dtype=score_dtype)
+
+
+def _forward(up: Upload, requests: list[Request], store: CanvasStore, shift: int, block_size: int | None,
+             verify: list[bool], cfg: list[bool]) -> tuple[list[SeqPlan], list[int], dict, np.ndarray]:
+    """The packed forward: cond sequences in batch order, then the unconditional copies (``gather``,
+    ``force_mask``, ``positions``). Returns the sequences, each cond sequence's first position, where each
+    unconditional copy is (sequence index, first position), and the force mask."""
+    cap = store.capacity
     seqs, gather, force, offsets = [], [], [], []
     for i, r in enumerate(requests):
         seq, lo = _sequence(r, shift, block_size, False, verify[i], r.pages)
@@ -192,14 +190,20 @@ def build_plan(requests: list[Request], key: tuple, store: CanvasStore, cache: P
             seqs.append(seq)
             gather.append(r.slot * cap + seq.positions)
             force.append(seq.positions < r.prompt_len)
-    seq_start = np.cumsum([0] + [s.num_tokens for s in seqs])
-    up = Upload()
     up.add("gather", np.concatenate(gather), torch.int64)
     force_all = np.concatenate(force)
     up.add("force_mask", force_all, torch.bool)
     up.add("positions", np.concatenate([s.positions for s in seqs]), torch.int64)
+    return seqs, offsets, uncond_at, force_all
 
-    # --- rows and the padded matrices
+
+def _rows(up: Upload, requests: list[Request], store: CanvasStore, seqs: list[SeqPlan], offsets: list[int],
+          uncond_at: dict, windows: list[tuple[int, int]], width: int, shift: int,
+          verify: list[bool]) -> tuple[int, np.ndarray, np.ndarray, np.ndarray, bool, bool]:
+    """The head's rows and the padded [B, W] matrices. Returns the number of rows, each row's request, the
+    matrices' valid cells and positions, and whether any row has guidance / a verification query."""
+    nb, cap = len(requests), store.capacity
+    seq_start = np.cumsum([0] + [s.num_tokens for s in seqs])
     cols = np.arange(width, dtype=np.int64)
     pad_valid = np.zeros((nb, width), dtype=bool)
     pad_flat = np.full((nb, width), store.trash, dtype=np.int64)
@@ -223,7 +227,7 @@ def build_plan(requests: list[Request], key: tuple, store: CanvasStore, cache: P
         row_req.append(np.full(w, i, dtype=np.int64))
         row_pad.append(i * width + cols[:w])
         row_pos.append(pos)
-        if cfg[i]:
+        if i in uncond_at:
             j, ulo = uncond_at[i]
             cfg_hidden.append(seq_start[j] + pos - shift - ulo)
             cfg_row.append(m + cols[:w])
@@ -241,114 +245,9 @@ def build_plan(requests: list[Request], key: tuple, store: CanvasStore, cache: P
     for name, a, dtype in (("pad_flat", pad_flat, torch.int64), ("pad_valid", pad_valid, torch.bool),
                            ("pad_pos", pad_pos, torch.int64), ("pad_in_block", pad_in_block, torch.bool)):
         up.add(name, a, dtype)
-    if cfg_row:
-        up.add("cfg_hidden", np.concatenate(cfg_hidden), torch.int64)
-        up.add("cfg_row", np.concatenate(cfg_row), torch.int64)
-        up.add("cfg_scale", np.concatenate(cfg_scale), torch.float64)
-    if verify_pad:
-        up.add("verify_hidden", np.concatenate(verify_hidden), torch.int64)
-        up.add("verify_pad", np.concatenate(verify_pad), torch.int64)
-
-    # --- per-request settings
-    p = [r.params for r in requests]
-    seeds = [r.seed_bits for r in requests]
-    up.add("seed", seeds, torch.int64)
-    up.add("row_seed", np.asarray(seeds, dtype=np.int64)[row_req_all], torch.int64)
-    temps = np.asarray([x.temperature for x in p], dtype=np.float64)
-    up.add("row_temp", temps[row_req_all], torch.float32)
-    raw = np.asarray([r.remasking == "low_confidence" for r in requests])
-    up.add("row_raw", raw[row_req_all], torch.bool)
-    # LLaDA's confidence_eos_eot_inf as published: `logits_with_noise[:, :, eos] = logits[:, :, eot] = -inf` after
-    # sampling. At temperature 0 `add_gumbel_noise` returns the logits tensor itself, so EOS leaves the confidence
-    # softmax too; at temperature > 0 only EOT does.
-    exclude = np.asarray([[eot_id, eos_id if x.temperature == 0 else -1] if x.confidence_eos_eot_inf else [-1, -1]
-                          for x in p], dtype=np.int64)
-    any_exclude = bool((exclude >= 0).any())
-    if any_exclude:
-        up.add("row_exclude", exclude[row_req_all], torch.int64)
-    top_k = np.asarray([x.top_k or 0 for x in p], dtype=np.int64)
-    top_p = np.asarray([x.top_p if x.top_p is not None else 1.0 for x in p], dtype=np.float64)
-    eos_inf = np.asarray([x.logits_eos_inf for x in p])
-    if top_k.any():
-        up.add("row_top_k", top_k[row_req_all], torch.int64)
-    if (top_p < 1).any():
-        up.add("row_top_p", top_p[row_req_all], torch.float32)
-    if eos_inf.any():
-        up.add("row_eos_inf", eos_inf[row_req_all], torch.bool)
-    up.add("nfe", [r.nfe for r in requests], torch.int64)
-    up.add("block_step", [r.block_step for r in requests], torch.int64)
-    up.add("block_col", [r.block_span[0] - windows[i][0] for i, r in enumerate(requests)], torch.int64)
-    up.add("block_len", [r.block_span[1] - r.block_span[0] for r in requests], torch.int64)
-
-    modes, kinds, thresholds, factors, gammas = [], [], [], [], []
-    steps = max(x.steps_per_block for x in p)
-    counts = np.zeros((nb, steps), dtype=np.int64)
-    timesteps = np.ones((nb, steps + 1), dtype=np.float64)
-    for i, r in enumerate(requests):
-        rule = decoding_policy(r).rule(r)
-        modes.append(rule.mode)
-        kinds.append(rule.count_kind)
-        thresholds.append(rule.threshold)
-        factors.append(rule.factor)
-        gammas.append(rule.eb_gamma)
-        counts[i, :len(r.block_counts)] = r.block_counts
-        if r.timesteps is not None:
-            timesteps[i, :r.timesteps.shape[0]] = r.timesteps.numpy()
-    up.add("mode", modes, torch.int32)
-    up.add("count_kind", kinds, torch.int64)
-    up.add("threshold", thresholds, torch.float32)
-    up.add("factor", factors, torch.float32)
-    up.add("gamma", gammas, torch.float32)
-    up.add("spb", [x.steps_per_block for x in p], torch.int64)
-    up.add("counts", counts, torch.int64)
-    up.add("timesteps", timesteps, torch.float32)
-    adaptive = [x.adaptive for x in p]
-    up.add("adaptive", adaptive, torch.bool)
-    ordering = [r.remasking for r in requests]
-    fixed = [not a for a in adaptive]
-    ord_random = [o == "random" and f for o, f in zip(ordering, fixed, strict=True)]
-    ord_origin = [o == "origin" and f for o, f in zip(ordering, fixed, strict=True)]
-    ord_alg = [(x.alg_temp or 0) > 0 and f for x, f in zip(p, fixed, strict=True)]
-    up.add("ord_margin", [o == "topk_margin" for o in ordering], torch.bool)
-    up.add("ord_negent", [o == "entropy" and f for o, f in zip(ordering, fixed, strict=True)], torch.bool)
-    up.add("ord_negexp", [o == "entropy" and not f for o, f in zip(ordering, fixed, strict=True)], torch.bool)
-    up.add("ord_random", ord_random, torch.bool)
-    up.add("ord_origin", ord_origin, torch.bool)
-    up.add("ord_alg", ord_alg, torch.bool)
-    up.add("alg_temp", [x.alg_temp if (x.alg_temp or 0) > 0 else 1.0 for x in p], score_dtype)
-
-    acting = [rev.name if (rev := revision_policy(r)) is not None else None for r in requests]
-    revisions = tuple(sorted({a for a in acting if a is not None}))
-    rev_kind = [0 if a is None else revisions.index(a) + 1 for a in acting]
-    variants = [REMDM_VARIANTS[x.remdm_variant] for x in p]
-    up.add("rev_kind", rev_kind, torch.int64)
-    up.add("remdm_variant", variants, torch.int64)
-    up.add("remdm_eta", [x.remdm_eta for x in p], torch.float64)
-    up.add("verify_threshold", [x.verify_threshold for x in p], score_dtype)
-    up.add("edit_margin", [x.edit_margin for x in p], score_dtype)
-
-    t = up.finish(store.device)
-    layout = TokenLayout.packed([s.num_tokens for s in seqs], block_size=block_size)
-    if planned:
-        layout.kv = AttentionPlan(cache, seqs, store.device)
-    else:
-        layout.cu_seqlens_device = upload(np.asarray(layout.cu_seqlens, dtype=np.int32), store.device)
-    scores = set()
-    if any(o == "topk_margin" for o in ordering):
-        scores.add("margin")
-    if any(o == "entropy" for o in ordering) or any(x.policy == "eb" for x in p):
-        scores.add("neg_entropy")
-    host_rows, host_cols = np.nonzero(pad_valid)
-    return StepPlan(
-        key=key, requests=list(requests), batch=nb, width=width, num_rows=m, layout=layout, t=t,
-        generation=store.generation, trash=store.trash,
-        fused=fused and not cfg_row and not top_k.any() and not (top_p < 1).any() and not eos_inf.any(),
-        any_hot=bool((temps > 0).any()), any_raw=bool(raw.any()), all_raw=bool(raw.all()), any_exclude=any_exclude,
-        any_top_k=bool(top_k.any()), any_top_p=bool((top_p < 1).any()), any_eos_inf=bool(eos_inf.any()),
-        any_cfg=bool(cfg_row), any_verify=bool(verify_pad), any_random=any(ord_random), any_origin=any(ord_origin),
-        any_alg=any(ord_alg), revisions=revisions,
-        any_remdm_conf=any(a == "remdm" and v == 2 for a, v in zip(acting, variants, strict=True)),
-        any_snapshot=any(r.snapshots for r in requests), any_force=bool(force_all.any()),
-        scores=tuple(sorted(scores)),
-        host_slot=np.asarray([r.slot for r in requests], dtype=np.int64)[host_rows],
-        host_pos=pad_pos[host_rows, host_cols], host_valid=pad_valid, score_dtype=score_dtype)
+    for name, parts, dtype in (("cfg_hidden", cfg_hidden, torch.int64), ("cfg_row", cfg_row, torch.int64),
+                               ("cfg_scale", cfg_scale, torch.float64), ("verify_hidden", verify_hidden, torch.int64),
+                               ("verify_pad", verify_pad, torch.int64)):
+        if parts:
+            up.add(name, np.concatenate(parts), dtype)
+    return m, row_req_all, pad_valid, pad_pos, bool(cfg_row), bool(verify_pad)

@@ -173,7 +173,8 @@ class Request:
     request of the conversation (never recomputed); ``retain``: keep this request's pages for a continuation when it
     finishes. ``block_masked_count``: masked positions of the current block after the last step.
     ``window_lo``: the first position the current block's steps may commit (the block start, or an earlier
-    position a model left masked, without a cache)."""
+    position a model left masked, without a cache). ``status``: WAITING, RUNNING once the scheduler admits it, then
+    FINISHED or ABORTED; ``finish_reason`` and ``error`` are set when it finishes (as in its RequestOutput)."""
 
     request_id: str
     prompt_ids: list[int]
