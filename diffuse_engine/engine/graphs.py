@@ -20,7 +20,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import warnings
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 import torch
 
@@ -32,8 +32,15 @@ from .attention_plan import AttentionPlan
 from .canvas import CanvasStore
 from .plan import COUNTERS, FRESH_AXIS, PAD_AXIS, ROW_AXIS, StepPlan
 
-if TYPE_CHECKING:
-    from .runner import ModelRunner
+
+class EagerRunner(Protocol):
+    """What the graphs need of the model runner (which owns them): its device, its KV cache and an eager step."""
+
+    device: torch.device
+    cache: object
+
+    def eager(self, plan: StepPlan, store: CanvasStore, rows: torch.Tensor | None = None) -> torch.Tensor: ...
+
 
 GRAPH_BATCH_SIZES = (1, 2, 4, 8, 16, 32, 64)
 
@@ -58,7 +65,7 @@ class StepGraphs:
     """The runner's CUDA graphs. ``setting``: EngineConfig.cuda_graphs (None: on for CUDA models; True: a capture
     failure raises; False: never)."""
 
-    def __init__(self, runner: ModelRunner, setting: bool | None) -> None:
+    def __init__(self, runner: EagerRunner, setting: bool | None) -> None:
         self.runner = runner
         self.setting = setting
         self.enabled = setting is not False and runner.device.type == "cuda"
