@@ -14,8 +14,8 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from ..policies.schedule import dream_timesteps, llada_transfer_counts
 from ..sampling_params import SamplingParams
-from .schedule import dream_timesteps, llada_transfer_counts
 
 
 class RequestStatus(enum.Enum):
