@@ -26,7 +26,7 @@ import numpy as np
 import torch
 
 from ..models import TokenLayout
-from ..policies import decoding_policy, revision_policy
+from ..policies import ORDERINGS, decoding_policy, ordering_flags, revision_policy, score_statistics
 from .attention_plan import AttentionPlan, SeqPlan
 from .canvas import CanvasStore, upload
 from .kv_cache import PagedKVCache
@@ -159,7 +159,7 @@ def build_plan(requests: list[Request], key: tuple, store: CanvasStore, cache: P
     ``pad_valid``, ``pad_in_block``, ``pad_pos``; per request [B]: ``seed``, counters ``nfe``, ``block_step``
     (advanced by the step), ``block_col`` (the block's first column), ``block_len``, commit rule ``mode``,
     ``threshold``, ``factor``, ``gamma``, count ``count_kind`` / ``spb`` / ``counts`` [B, T] / ``timesteps``
-    [B, T + 1], orderings ``ord_margin``, ``ord_negent``, ``ord_negexp``, ``ord_random``, ``ord_origin``,
+    [B, T + 1], orderings ``ord_<source>`` (policies/ordering.py: margin, neg_entropy, uniform, coins, ...),
     ``ord_alg`` / ``alg_temp``, revision ``rev_kind`` (0: none), ``remdm_variant``, ``remdm_eta``, ``adaptive``,
     ``verify_threshold``, ``edit_margin``."""
     shift = 1 if shifted else 0
@@ -256,7 +256,7 @@ def build_plan(requests: list[Request], key: tuple, store: CanvasStore, cache: P
     up.add("row_seed", np.asarray(seeds, dtype=np.int64)[row_req_all], torch.int64)
     temps = np.asarray([x.temperature for x in p], dtype=np.float64)
     up.add("row_temp", temps[row_req_all], torch.float32)
-    raw = np.asarray([r.remasking == "low_confidence" for r in requests])
+    raw = np.asarray([ORDERINGS[r.remasking].raw for r in requests])
     up.add("row_raw", raw[row_req_all], torch.bool)
     # LLaDA's confidence_eos_eot_inf as published: `logits_with_noise[:, :, eos] = logits[:, :, eot] = -inf` after
     # sampling. At temperature 0 `add_gumbel_noise` returns the logits tensor itself, so EOS leaves the confidence
@@ -305,16 +305,9 @@ def build_plan(requests: list[Request], key: tuple, store: CanvasStore, cache: P
     adaptive = [x.adaptive for x in p]
     up.add("adaptive", adaptive, torch.bool)
     ordering = [r.remasking for r in requests]
-    fixed = [not a for a in adaptive]
-    ord_random = [o == "random" and f for o, f in zip(ordering, fixed, strict=True)]
-    ord_origin = [o == "origin" and f for o, f in zip(ordering, fixed, strict=True)]
-    ord_alg = [(x.alg_temp or 0) > 0 and f for x, f in zip(p, fixed, strict=True)]
-    up.add("ord_margin", [o == "topk_margin" for o in ordering], torch.bool)
-    up.add("ord_negent", [o == "entropy" and f for o, f in zip(ordering, fixed, strict=True)], torch.bool)
-    up.add("ord_negexp", [o == "entropy" and not f for o, f in zip(ordering, fixed, strict=True)], torch.bool)
-    up.add("ord_random", ord_random, torch.bool)
-    up.add("ord_origin", ord_origin, torch.bool)
-    up.add("ord_alg", ord_alg, torch.bool)
+    for name, flags in (ord_flags := ordering_flags(ordering, adaptive, [x.alg_temp for x in p])).items():
+        up.add(name, flags, torch.bool)
+    ord_random, ord_origin, ord_alg = ord_flags["ord_uniform"], ord_flags["ord_coins"], ord_flags["ord_alg"]
     up.add("alg_temp", [x.alg_temp if (x.alg_temp or 0) > 0 else 1.0 for x in p], score_dtype)
 
     acting = [rev.name if (rev := revision_policy(r)) is not None else None for r in requests]
@@ -333,11 +326,7 @@ def build_plan(requests: list[Request], key: tuple, store: CanvasStore, cache: P
         layout.kv = AttentionPlan(cache, seqs, store.device)
     else:
         layout.cu_seqlens_device = upload(np.asarray(layout.cu_seqlens, dtype=np.int32), store.device)
-    scores = set()
-    if any(o == "topk_margin" for o in ordering):
-        scores.add("margin")
-    if any(o == "entropy" for o in ordering) or any(x.policy == "eb" for x in p):
-        scores.add("neg_entropy")
+    scores = score_statistics(ordering, [x.policy for x in p])
     host_rows, host_cols = np.nonzero(pad_valid)
     return StepPlan(
         key=key, requests=list(requests), batch=nb, width=width, num_rows=m, layout=layout, t=t,
