@@ -3,20 +3,22 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 
-# Confidence orderings: which masked positions a step commits first.
-# LLaDA's: low_confidence (softmax of the raw logits at the sampled token), random.
-# Dream's: origin (each position unmasked by an independent coin), maskgit_plus (probability of the sampled token),
-# topk_margin (top-1 minus top-2 probability), entropy (negative entropy).
-REMASKING = ("low_confidence", "random", "origin", "maskgit_plus", "topk_margin", "entropy")
-_CONFIDENCE_ORDERINGS = ("low_confidence", "maskgit_plus", "topk_margin", "entropy")
+from .policies import DECODING, ORDERINGS, REVISION, Names, default_ordering
+from .policies.ordering import confidence_orderings
+
+# The names each choice accepts are those of the registries (diffuse_engine.policies), read when a value is checked:
+# a registered policy is selectable. The views below stay importable as the lists of names.
+# Confidence orderings: which masked positions a step commits first (policies/ordering.py).
+REMASKING = Names(ORDERINGS)
 # KV caches (block-diffusion models always use their exact block cache, whatever this says).
 CACHES = ("none", "prefix", "dual")
-# Decoding policies: how many of a step's ranked candidates are committed (diffuse_engine/policies).
-POLICIES = ("fixed", "threshold", "factor", "eb")
+# Decoding policies: how many of a step's ranked candidates are committed.
+POLICIES = Names(DECODING)
 # Revision policies: how committed tokens of the current block are revised.
-REVISIONS = ("remdm", "wino", "edit")
+REVISIONS = Names(REVISION)
 REMDM_VARIANTS = ("cap", "rescale", "conf")
 
 # Bounds of the numeric fields. Every value inside them keeps a step's arithmetic finite in fp32 for finite logits
@@ -155,8 +157,8 @@ class SamplingParams:
             raise ValueError(f"remasking must be one of {', '.join(REMASKING)}; got {self.remasking!r}.")
         if self.alg_temp is not None:
             _temperature("alg_temp", self.alg_temp)
-            if self.alg_temp > 0 and self.remasking in ("random", "origin"):
-                raise ValueError(f"alg_temp applies to the confidence orderings {', '.join(_CONFIDENCE_ORDERINGS)}; "
+            if self.alg_temp > 0 and self.remasking is not None and not ORDERINGS[self.remasking].ranks_confidence:
+                raise ValueError(f"alg_temp applies to the confidence orderings {', '.join(confidence_orderings())}; "
                                  f"it has no effect with remasking={self.remasking!r}.")
         if self.top_p is not None:
             _float("top_p", self.top_p)
@@ -217,12 +219,11 @@ class SamplingParams:
     @property
     def adaptive(self) -> bool:
         """Whether a block's number of steps depends on the model's confidence (not ``fixed``)."""
-        return self.policy != "fixed"
+        return DECODING[self.policy].adaptive
 
     def resolved_remasking(self, arch: str) -> str:
-        if self.remasking is not None:
-            return self.remasking
-        return "low_confidence" if arch in ("llada", "sdar") else "maskgit_plus"
+        """The confidence ordering: ``remasking``, or the family's default (:func:`policies.default_ordering`)."""
+        return self.remasking if self.remasking is not None else default_ordering(arch)
 
 
 def _is_int(value: object) -> bool:
@@ -238,7 +239,7 @@ def _int(name: str, value: object, minimum: int, maximum: int | None = None) -> 
         raise ValueError(f"{name} must be <= {maximum}; got {value}.")
 
 
-def _choice(name: str, value: object, choices: tuple[str, ...]) -> None:
+def _choice(name: str, value: object, choices: Sequence[str]) -> None:
     if value not in choices:
         raise ValueError(f"{name} must be one of {', '.join(map(repr, choices))}; got {value!r}.")
 

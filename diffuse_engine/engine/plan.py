@@ -27,7 +27,7 @@ import numpy as np
 import torch
 
 from ..models import TokenLayout
-from ..policies import revision_policy
+from ..policies import revision_policy, score_statistics
 from .attention_plan import AttentionPlan, SeqPlan
 from .canvas import CanvasStore, Upload, upload
 from .kv_cache import PagedKVCache
@@ -119,7 +119,7 @@ def build_plan(requests: list[Request], key: tuple, store: CanvasStore, cache: P
     ``pad_valid``, ``pad_in_block``, ``pad_pos``; per request [B]: ``seed``, counters ``nfe``, ``block_step``
     (advanced by the step), ``block_col`` (the block's first column), ``block_len``, commit rule ``mode``,
     ``threshold``, ``factor``, ``gamma``, count ``count_kind`` / ``spb`` / ``counts`` [B, T] / ``timesteps``
-    [B, T + 1], orderings ``ord_margin``, ``ord_negent``, ``ord_negexp``, ``ord_random``, ``ord_origin``,
+    [B, T + 1], orderings ``ord_<source>`` (policies/ordering.py: margin, neg_entropy, uniform, coins, ...),
     ``ord_alg`` / ``alg_temp``, revision ``rev_kind`` (0: none), ``remdm_variant``, ``remdm_eta``, ``adaptive``,
     ``verify_threshold``, ``edit_margin``."""
     shift = 1 if shifted else 0
@@ -144,11 +144,7 @@ def build_plan(requests: list[Request], key: tuple, store: CanvasStore, cache: P
         layout.kv = AttentionPlan(cache, seqs, store.device)
     else:
         layout.cu_seqlens_device = upload(np.asarray(layout.cu_seqlens, dtype=np.int32), store.device)
-    scores = set()
-    if any(o == "topk_margin" for o in ordering):
-        scores.add("margin")
-    if any(o == "entropy" for o in ordering) or any(r.params.policy == "eb" for r in requests):
-        scores.add("neg_entropy")
+    scores = score_statistics(ordering, [r.params.policy for r in requests])
     host_rows, host_cols = np.nonzero(pad_valid)
     return StepPlan(
         key=key, requests=list(requests), batch=len(requests), width=width, num_rows=m, layout=layout, t=t,

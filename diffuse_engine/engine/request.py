@@ -14,8 +14,8 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from ..policies.schedule import dream_timesteps, llada_transfer_counts, uses_timesteps
 from ..sampling_params import SamplingParams
-from .schedule import dream_timesteps, llada_transfer_counts
 
 
 class RequestStatus(enum.Enum):
@@ -221,7 +221,7 @@ class Request:
         self.seq = torch.full((length,), self.mask_id, dtype=torch.int64)
         self.seq[:p] = torch.tensor(self.prompt_ids, dtype=torch.int64)
         self.commit_conf = torch.zeros(length, dtype=torch.float32)
-        if self.arch == "dream" or self.remasking == "origin":
+        if uses_timesteps(self.arch, self.remasking):
             self.timesteps = dream_timesteps(self.params.steps_per_block, self.params.eps)
         self.start_block()
 

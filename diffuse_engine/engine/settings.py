@@ -9,7 +9,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from ..policies import decoding_policy, revision_policy
+from ..policies import ORDERINGS, decoding_policy, ordering_flags, revision_policy
 from .canvas import Upload
 from .request import Request
 
@@ -37,7 +37,7 @@ def sampling(up: Upload, requests: list[Request], row_req_all: np.ndarray, eot_i
     up.add("row_seed", np.asarray(seeds, dtype=np.int64)[row_req_all], torch.int64)
     temps = np.asarray([x.temperature for x in p], dtype=np.float64)
     up.add("row_temp", temps[row_req_all], torch.float32)
-    raw = np.asarray([r.remasking == "low_confidence" for r in requests])
+    raw = np.asarray([ORDERINGS[r.remasking].raw for r in requests])
     up.add("row_raw", raw[row_req_all], torch.bool)
     # LLaDA's confidence_eos_eot_inf as published: `logits_with_noise[:, :, eos] = logits[:, :, eot] = -inf` after
     # sampling. At temperature 0 `add_gumbel_noise` returns the logits tensor itself, so EOS leaves the confidence
@@ -102,16 +102,10 @@ def orderings(up: Upload, requests: list[Request], score_dtype: torch.dtype
     adaptive = [x.adaptive for x in p]
     up.add("adaptive", adaptive, torch.bool)
     ordering = [r.remasking for r in requests]
-    fixed = [not a for a in adaptive]
-    ord_random = [o == "random" and f for o, f in zip(ordering, fixed, strict=True)]
-    ord_origin = [o == "origin" and f for o, f in zip(ordering, fixed, strict=True)]
-    ord_alg = [(x.alg_temp or 0) > 0 and f for x, f in zip(p, fixed, strict=True)]
-    up.add("ord_margin", [o == "topk_margin" for o in ordering], torch.bool)
-    up.add("ord_negent", [o == "entropy" and f for o, f in zip(ordering, fixed, strict=True)], torch.bool)
-    up.add("ord_negexp", [o == "entropy" and not f for o, f in zip(ordering, fixed, strict=True)], torch.bool)
-    up.add("ord_random", ord_random, torch.bool)
-    up.add("ord_origin", ord_origin, torch.bool)
-    up.add("ord_alg", ord_alg, torch.bool)
+    ord_flags = ordering_flags(ordering, adaptive, [x.alg_temp for x in p])
+    for name, flags in ord_flags.items():
+        up.add(name, flags, torch.bool)
+    ord_random, ord_origin, ord_alg = ord_flags["ord_uniform"], ord_flags["ord_coins"], ord_flags["ord_alg"]
     up.add("alg_temp", [x.alg_temp if (x.alg_temp or 0) > 0 else 1.0 for x in p], score_dtype)
     return ordering, ord_random, ord_origin, ord_alg
 

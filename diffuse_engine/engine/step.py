@@ -110,29 +110,11 @@ def decide(model: DiffusionLM, plan: StepPlan, store: CanvasStore, hidden: torch
     stepk = t["nfe"][:, None].expand(b, w)
     pos = t["pad_pos"]
 
-    # 3. scores by ordering, and each request's count
-    score = prob
-    if "margin" in stats and "margin" in plan.scores:
-        score = torch.where(t["ord_margin"][:, None], _place(plan, stats["margin"].to(dtype), 0.0, at), score)
-    neg_entropy = _place(plan, stats["neg_entropy"].to(dtype), 0.0, at) if "neg_entropy" in plan.scores else None
-    if neg_entropy is not None:
-        score = torch.where(t["ord_negent"][:, None], neg_entropy, score)
-        score = torch.where(t["ord_negexp"][:, None], neg_entropy.exp(), score)
-    if plan.any_random:
-        u = ops.counter_uniform(seed, stepk, pos, STREAM_REMASK).to(dtype)
-        score = torch.where(t["ord_random"][:, None], u, score)
-    coins = None
-    if plan.any_origin:
-        p_coin = origin_probability(t["block_step"], t["spb"], t["timesteps"])
-        u = ops.counter_uniform(seed, stepk, pos, STREAM_TRANSFER)
-        coins = (u < p_coin[:, None]) & t["ord_origin"][:, None]
-        score = torch.where(t["ord_origin"][:, None], coins.to(dtype), score)
-    if plan.any_alg:
-        g = ops.counter_gumbel(seed, stepk, pos, STREAM_ORDER).to(dtype)
-        score = torch.where(t["ord_alg"][:, None], score / t["alg_temp"][:, None] + g, score)
+    # 3. scores by ordering (policies/ordering.py), and each request's count
+    score, neg_entropy, coins = _scores(plan, stats, at, prob, seed, stepk, pos)
     n_cand = cand.sum(1)
     count = step_counts(t["count_kind"], t["block_step"], t["spb"], t["counts"], t["timesteps"], n_cand,
-                        (coins & cand).sum(1) if coins is not None else None)
+                        (coins & cand).sum(1) if coins is not None else None, t["factor"])
 
     # 4. revision of the block's committed cells (before this step's commits, which only fill masked cells)
     revised = _revise(model, plan, store, hidden, cur, is_mask, seed, stepk, pos, mask_id) if plan.revisions else None
@@ -146,6 +128,34 @@ def decide(model: DiffusionLM, plan: StepPlan, store: CanvasStore, hidden: torch
     t["nfe"].add_(1)
     t["block_step"].add_(1)
     return pack_outputs(plan, store, committed, revised, invalid & is_mask, mask_id, eos_id, eot_id)
+
+
+def _scores(plan: StepPlan, stats: dict[str, torch.Tensor], at: torch.Tensor, prob: torch.Tensor, seed: torch.Tensor,
+            stepk: torch.Tensor, pos: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    """Each candidate's score ``[B, W]``: the source of its request's ordering (``t["ord_<source>"]``; ``prob``
+    elsewhere), perturbed for Dream's ``alg_temp``; also the negative entropy and the origin coins when computed."""
+    t = plan.t
+    dtype = prob.dtype
+    score = prob
+    if "margin" in stats and "margin" in plan.scores:
+        score = torch.where(t["ord_margin"][:, None], _place(plan, stats["margin"].to(dtype), 0.0, at), score)
+    neg_entropy = _place(plan, stats["neg_entropy"].to(dtype), 0.0, at) if "neg_entropy" in plan.scores else None
+    if neg_entropy is not None:
+        score = torch.where(t["ord_neg_entropy"][:, None], neg_entropy, score)
+        score = torch.where(t["ord_exp_neg_entropy"][:, None], neg_entropy.exp(), score)
+    if plan.any_random:
+        u = ops.counter_uniform(seed, stepk, pos, STREAM_REMASK).to(dtype)
+        score = torch.where(t["ord_uniform"][:, None], u, score)
+    coins = None
+    if plan.any_origin:
+        p_coin = origin_probability(t["block_step"], t["spb"], t["timesteps"])
+        u = ops.counter_uniform(seed, stepk, pos, STREAM_TRANSFER)
+        coins = (u < p_coin[:, None]) & t["ord_coins"][:, None]
+        score = torch.where(t["ord_coins"][:, None], coins.to(dtype), score)
+    if plan.any_alg:
+        g = ops.counter_gumbel(seed, stepk, pos, STREAM_ORDER).to(dtype)
+        score = torch.where(t["ord_alg"][:, None], score / t["alg_temp"][:, None] + g, score)
+    return score, neg_entropy, coins
 
 
 def _revise(model: DiffusionLM, plan: StepPlan, store: CanvasStore, hidden: torch.Tensor, cur: torch.Tensor,

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+from .state import BlockState
+
 
 class AdaptivePolicy:
     adaptive = True
+    needs: tuple[str, ...] = ()
 
-    def block_done(self, req) -> bool:
-        start, end = req.block_span
+    def block_done(self, state: BlockState) -> bool:
         # A model may predict [MASK] itself, which commits nothing; the cap keeps such a block finite.
-        return req.block_masked_count == 0 or req.block_step >= 2 * (end - start)
+        return state.masked == 0 or state.block_step >= 2 * state.block_len

@@ -14,28 +14,27 @@ shape; the engine applies it to the rows of the requests that use that policy.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Protocol
+from typing import Protocol
 
 import torch
 
 from ..kernels.reference import COMMIT_ENTROPY, COMMIT_FACTOR, COMMIT_THRESHOLD, COMMIT_TOPK
-
-if TYPE_CHECKING:
-    from ..engine.request import Request
+from .state import BlockState
 
 __all__ = ["COMMIT_ENTROPY", "COMMIT_FACTOR", "COMMIT_THRESHOLD", "COMMIT_TOPK", "COUNT_COINS", "COUNT_DREAM",
-           "COUNT_NONE", "COUNT_SPREAD", "COUNT_TABLE", "CommitRule", "DecodingPolicy", "Revision",
-           "RevisionContext", "RevisionPolicy"]
+           "COUNT_FRACTION", "COUNT_NONE", "COUNT_SPREAD", "COUNT_TABLE", "BlockState", "CommitRule",
+           "DecodingPolicy", "Revision", "RevisionContext", "RevisionPolicy"]
 
 # How a step's count is computed on the device (see policies/fixed.py); COUNT_NONE: the rule needs none.
-COUNT_TABLE, COUNT_SPREAD, COUNT_DREAM, COUNT_COINS, COUNT_NONE = 0, 1, 2, 3, 4
+COUNT_TABLE, COUNT_SPREAD, COUNT_DREAM, COUNT_COINS, COUNT_NONE, COUNT_FRACTION = 0, 1, 2, 3, 4, 5
 
 
 @dataclass(slots=True, frozen=True)
 class CommitRule:
     """One request's rule for its block, in the terms of :func:`diffuse_engine.ops.commit`: ``mode`` is one of
     COMMIT_TOPK (a count of kind ``count_kind``, computed each step), COMMIT_THRESHOLD (``threshold``),
-    COMMIT_FACTOR (``factor``), COMMIT_ENTROPY (``eb_gamma``)."""
+    COMMIT_FACTOR (``factor``), COMMIT_ENTROPY (``eb_gamma``). A count of kind COUNT_FRACTION is ``factor`` times
+    the candidates (rounded down, at least one)."""
 
     mode: int
     count_kind: int = COUNT_NONE
@@ -49,14 +48,15 @@ class DecodingPolicy(Protocol):
 
     name: str
     adaptive: bool  # the number of steps per block depends on the model's confidence
+    needs: tuple[str, ...]  # extra statistics of the head the rule reads (keys of ops.row_stats: "neg_entropy")
 
-    def rule(self, req: Request) -> CommitRule:
-        """The commit rule of ``req``'s current block."""
+    def rule(self, state: BlockState) -> CommitRule:
+        """The commit rule of the block's next step."""
         ...
 
-    def block_done(self, req: Request) -> bool:
-        """Whether ``req``'s current block is finished after the step just taken (``req.block_step`` steps taken,
-        ``req.block_masked_count`` positions of the block still masked)."""
+    def block_done(self, state: BlockState) -> bool:
+        """Whether the block is finished after the step just taken (``state.block_step`` steps taken,
+        ``state.masked`` positions of the block still masked)."""
         ...
 
 

@@ -5,10 +5,12 @@ from __future__ import annotations
 
 from .adaptive import AdaptivePolicy
 from .base import COMMIT_ENTROPY, CommitRule
+from .state import BlockState
 
 
 class EntropyBounded(AdaptivePolicy):
     name = "eb"
+    needs = ("neg_entropy",)
 
-    def rule(self, req) -> CommitRule:
-        return CommitRule(COMMIT_ENTROPY, eb_gamma=req.params.eb_gamma)
+    def rule(self, state: BlockState) -> CommitRule:
+        return CommitRule(COMMIT_ENTROPY, eb_gamma=state.params.eb_gamma)

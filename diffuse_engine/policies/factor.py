@@ -5,10 +5,11 @@ from __future__ import annotations
 
 from .adaptive import AdaptivePolicy
 from .base import COMMIT_FACTOR, CommitRule
+from .state import BlockState
 
 
 class Factor(AdaptivePolicy):
     name = "factor"
 
-    def rule(self, req) -> CommitRule:
-        return CommitRule(COMMIT_FACTOR, factor=req.params.factor)
+    def rule(self, state: BlockState) -> CommitRule:
+        return CommitRule(COMMIT_FACTOR, factor=state.params.factor)

@@ -5,10 +5,11 @@ from __future__ import annotations
 
 from .adaptive import AdaptivePolicy
 from .base import COMMIT_THRESHOLD, CommitRule
+from .state import BlockState
 
 
 class Threshold(AdaptivePolicy):
     name = "threshold"
 
-    def rule(self, req) -> CommitRule:
-        return CommitRule(COMMIT_THRESHOLD, threshold=req.params.threshold)
+    def rule(self, state: BlockState) -> CommitRule:
+        return CommitRule(COMMIT_THRESHOLD, threshold=state.params.threshold)

@@ -4,6 +4,21 @@ from __future__ import annotations
 
 import torch
 
+from .ordering import ORDERINGS
+
+# The architectures that follow Dream's schedule (timesteps from 1 to eps); the others follow LLaDA's counts.
+DREAM_SCHEDULE_ARCHS = ("dream",)
+
+
+def dream_schedule(arch: str) -> bool:
+    """Whether the fixed policy of architecture ``arch`` follows Dream's timesteps (else LLaDA's counts)."""
+    return arch in DREAM_SCHEDULE_ARCHS
+
+
+def uses_timesteps(arch: str, ordering: str) -> bool:
+    """Whether a request needs Dream's timesteps: for Dream's schedule, or for an ordering whose coins use them."""
+    return dream_schedule(arch) or ORDERINGS[ordering].coins
+
 
 def llada_transfer_counts(num_masked: int, steps: int) -> list[int]:
     """LLaDA's ``get_num_transfer_tokens``: ``num_masked // steps`` per step, the remainder spread over the
