@@ -8,7 +8,6 @@ their name inside the folder, never by an absolute path, so that a message may b
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 from collections.abc import Iterator
@@ -60,7 +59,7 @@ def parse_dtype(value: str | torch.dtype) -> torch.dtype:
                      f"torch dtype.")
 
 
-def _read_json(file: Path) -> Any:
+def read_json_file(file: Path) -> Any:
     """The parsed JSON of ``file``; errors name the file by its base name only."""
     try:
         text = file.read_text(encoding="utf-8")
@@ -81,7 +80,7 @@ def _read_config(folder: Path) -> tuple[ModelConfig, dict]:
     file = folder / CONFIG_FILE
     if not file.is_file():
         raise CheckpointError(f"Model folder {folder} has no {CONFIG_FILE}.")
-    raw = _read_json(file)
+    raw = read_json_file(file)
     if not isinstance(raw, dict):
         raise CheckpointError(f"{CONFIG_FILE} must hold a JSON object, not {type(raw).__name__}.")
     try:
@@ -124,7 +123,7 @@ def _weight_files(folder: Path) -> list[tuple[Path, list[str] | None]]:
         others = sorted(p.name for p in folder.glob("*.bin")) + sorted(p.name for p in folder.glob("*.pt"))
         hint = f" (it holds {', '.join(others[:3])}: only safetensors weights are supported)" if others else ""
         raise CheckpointError(f"Model folder {folder} has neither {WEIGHTS_FILE} nor {INDEX_FILE}{hint}.")
-    index = _read_json(index_file)
+    index = read_json_file(index_file)
     weight_map = index.get("weight_map") if isinstance(index, dict) else None
     if not isinstance(weight_map, dict) or not weight_map or not all(isinstance(v, str)
                                                                      for v in weight_map.values()):
@@ -241,29 +240,6 @@ def resolve_model_path(path: str | Path) -> Path:
     if folder.exists() or not isinstance(path, str) or "/" in path or "\\" in path:
         return folder
     return shipped_models().get(path, folder)
-
-
-def read_generation_defaults(folder: str | Path) -> dict[str, Any]:
-    """The SamplingParams fields stored in the folder's ``generation_defaults.json`` ({} when absent).
-    Unknown fields or invalid values raise CheckpointError."""
-    from .sampling_params import SamplingParams
-
-    path = Path(folder) / GENERATION_DEFAULTS_FILE
-    if not path.is_file():
-        return {}
-    data = _read_json(path)
-    name = GENERATION_DEFAULTS_FILE
-    if not isinstance(data, dict):
-        raise CheckpointError(f"{name} must hold a JSON object of SamplingParams fields.")
-    known = {f.name for f in dataclasses.fields(SamplingParams)}
-    unknown = sorted(set(data) - known)
-    if unknown:
-        raise CheckpointError(f"{name} has fields that SamplingParams does not know: {', '.join(unknown)}.")
-    try:
-        SamplingParams(**data)
-    except (TypeError, ValueError) as exc:
-        raise CheckpointError(f"{name} holds invalid sampling parameters: {exc}") from None
-    return data
 
 
 def load_model(path: str | Path, *, device: str | torch.device = "cpu", dtype: torch.dtype | str | None = None,

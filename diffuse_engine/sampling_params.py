@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
+from .errors import CheckpointError
 from .policies import DECODING, ORDERINGS, REVISION, Names, default_ordering
 from .policies.ordering import confidence_orderings
 
@@ -259,3 +263,26 @@ def _temperature(name: str, value: object) -> None:
     _float(name, value, minimum=0.0, maximum=MAX_TEMPERATURE)
     if 0 < value < MIN_TEMPERATURE:
         raise ValueError(f"{name} must be 0 (greedy) or >= {MIN_TEMPERATURE:g}; got {value!r}.")
+
+
+def read_generation_defaults(folder: str | Path) -> dict[str, Any]:
+    """The SamplingParams fields stored in the folder's ``generation_defaults.json`` ({} when absent).
+    Unknown fields or invalid values raise CheckpointError."""
+    from .loader import GENERATION_DEFAULTS_FILE, read_json_file
+
+    path = Path(folder) / GENERATION_DEFAULTS_FILE
+    if not path.is_file():
+        return {}
+    data = read_json_file(path)
+    name = GENERATION_DEFAULTS_FILE
+    if not isinstance(data, dict):
+        raise CheckpointError(f"{name} must hold a JSON object of SamplingParams fields.")
+    known = {f.name for f in dataclasses.fields(SamplingParams)}
+    unknown = sorted(set(data) - known)
+    if unknown:
+        raise CheckpointError(f"{name} has fields that SamplingParams does not know: {', '.join(unknown)}.")
+    try:
+        SamplingParams(**data)
+    except (TypeError, ValueError) as exc:
+        raise CheckpointError(f"{name} holds invalid sampling parameters: {exc}") from None
+    return data

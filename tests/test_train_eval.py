@@ -244,7 +244,7 @@ def test_cli_eval_and_sweep_end_to_end(tmp_path, capsys):
 
 def test_generation_defaults_file_is_validated(tmp_path):
     from diffuse_engine.errors import CheckpointError
-    from diffuse_engine.loader import read_generation_defaults
+    from diffuse_engine.sampling_params import read_generation_defaults
 
     assert read_generation_defaults(tmp_path) == {}
     path = tmp_path / "generation_defaults.json"

@@ -9,10 +9,11 @@ import pytest
 
 from diffuse_engine import LLM
 from diffuse_engine.errors import CheckpointError
-from diffuse_engine.loader import load_model, read_generation_defaults
+from diffuse_engine.loader import load_model
 from diffuse_engine.quality.evaluate import elbo_bits, evaluate_task
 from diffuse_engine.quality.tasks import get_task
 from diffuse_engine.quality.zoo import ZOO_DIR, shipped_models
+from diffuse_engine.sampling_params import read_generation_defaults
 
 REQUIRED = ("addition", "sudoku4x4", "text-char")
 

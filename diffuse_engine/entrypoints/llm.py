@@ -33,7 +33,8 @@ class LLM:
 
         if device is None:
             device = "cuda" if torch.cuda.is_available() else "cpu"
-        from ..loader import read_generation_defaults, resolve_model_path
+        from ..loader import resolve_model_path
+        from ..sampling_params import read_generation_defaults
 
         model, _, tokenizer = load_model(model_path, device=device, dtype=dtype, check_weights=check_weights)
         self.engine = Engine(model, tokenizer, engine_config)

@@ -8,10 +8,7 @@ the engine. Plain standard library (no torch).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Protocol
-
-if TYPE_CHECKING:
-    from ..sampling_params import SamplingParams
+from typing import Any, Protocol
 
 __all__ = ["BlockState", "BlockSource", "block_state"]
 
@@ -23,7 +20,7 @@ class BlockState:
     block; ``block_len``: the block's positions; ``masked``: those still masked; ``block_diffusion``: the model
     decodes in fixed blocks with an exact cache of finished ones (SDAR)."""
 
-    params: SamplingParams
+    params: Any  # the request's SamplingParams (sampling_params.py builds on the policies: not imported here)
     arch: str
     ordering: str
     block_step: int
@@ -35,7 +32,7 @@ class BlockState:
 class BlockSource(Protocol):
     """The fields of the engine's request that :func:`block_state` reads."""
 
-    params: SamplingParams
+    params: Any
     arch: str
     remasking: str
     block_step: int
