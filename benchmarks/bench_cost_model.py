@@ -36,7 +36,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from common import OUT, append_csv, print_table, stamp  # noqa: E402
 
-from diffuse_engine.engine import cost_model  # noqa: E402
+from diffuse_engine.engine import calibration, cost_model  # noqa: E402
 from diffuse_engine.engine.attention_plan import AttentionPlan, SeqPlan  # noqa: E402
 from diffuse_engine.engine.kv_cache import PagedKVCache  # noqa: E402
 from diffuse_engine.models import TokenLayout, build_model  # noqa: E402
@@ -115,21 +115,21 @@ def step_fn(model, cache: PagedKVCache | None, batch: int, query: int, context: 
 
 def measure(fn, device: torch.device, reps: int) -> float:
     """Median seconds of ``fn`` over ``reps`` runs after one warm-up run (the calibration's own timer)."""
-    return cost_model.median_seconds(fn, device, reps)
+    return calibration.median_seconds(fn, device, reps)
 
 
 def calibrate_fresh(device: torch.device, dtype: torch.dtype) -> cost_model.DeviceCeilings:
     """A new calibration (the user's cache is neither read nor written)."""
-    old = os.environ.get(cost_model.CACHE_ENV)
+    old = os.environ.get(calibration.CACHE_ENV)
     with tempfile.TemporaryDirectory() as tmp:
-        os.environ[cost_model.CACHE_ENV] = tmp
+        os.environ[calibration.CACHE_ENV] = tmp
         try:
-            return cost_model.calibrate(device, dtype, use_cache=False)
+            return calibration.calibrate(device, dtype, use_cache=False)
         finally:
             if old is None:
-                os.environ.pop(cost_model.CACHE_ENV, None)
+                os.environ.pop(calibration.CACHE_ENV, None)
             else:
-                os.environ[cost_model.CACHE_ENV] = old
+                os.environ[calibration.CACHE_ENV] = old
 
 
 def median_ceilings(runs: list[cost_model.DeviceCeilings]) -> cost_model.DeviceCeilings:

@@ -128,7 +128,7 @@ def measure_ceilings(device: torch.device | str, copy_bytes: int = 2 << 30, mm: 
     a = torch.randn(mm, mm, device=device, dtype=dtype)
     b = torch.randn(mm, mm, device=device, dtype=dtype)
 
-    from diffuse_engine.engine.cost_model import median_seconds
+    from diffuse_engine.engine.calibration import median_seconds
 
     t_copy = median_seconds(lambda: dst.copy_(src), device, 10)
     t_mm = median_seconds(lambda: torch.mm(a, b), device, 10 if device.type == "cuda" else 3)

@@ -36,16 +36,6 @@ from .ceilings import A100, CPU, H100, H200, PRESETS, DeviceCeilings, preset_for
 
 __all__ = ["A100", "CPU", "H100", "H200", "PRESETS", "CostModel", "DeviceCeilings", "StepEstimate", "preset_for"]
 
-# Calibration moved to :mod:`.calibration` (it runs the model); these names still resolve here, on first use.
-_CALIBRATION = ("CACHE_ENV", "CACHE_FILE", "cache_path", "calibrate", "ceilings_for", "device_key", "median_seconds")
-
-
-def __getattr__(name: str):
-    if name in _CALIBRATION:
-        from . import calibration
-        return getattr(calibration, name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
 
 @dataclass(frozen=True, slots=True)
 class StepEstimate:

@@ -53,7 +53,7 @@ def head(model: DiffusionLM, plan: StepPlan, hidden: torch.Tensor, eos_id: int,
     logits = model.logits_from_hidden(hidden[t["row_hidden"]])
     work = torch.float64 if logits.dtype == torch.float64 else torch.float32
     logits = logits.to(work)
-    if plan.any_cfg:  # (never with a row subset: see Engine._candidate_rows)
+    if plan.any_cfg:  # (never with a row subset: see ModelRunner.candidate_rows)
         un = model.logits_from_hidden(hidden[plan.t["cfg_hidden"]]).to(work)
         cond = logits[plan.t["cfg_row"]]
         scale = plan.t["cfg_scale"].to(work)[:, None]
