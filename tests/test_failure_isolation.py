@@ -265,39 +265,45 @@ def _wait_idle(engine: AsyncEngine, timeout: float = 30.0) -> None:
     raise AssertionError("the engine still has unfinished requests")
 
 
-def test_async_caller_that_leaves_while_its_request_is_added_leaves_nothing_behind():
-    llm = _llm()
-    engine = AsyncEngine(llm.engine)
-    entered, release = threading.Event(), threading.Event()
-    original = engine._encode
-
-    def slow_encode(prompt):
-        entered.set()
-        release.wait(10)
-        return original(prompt)
-
-    engine._encode = slow_encode
-
+def _leave_while_adding(engine: AsyncEngine, reached: threading.Event, release: threading.Event | None,
+                        gen_length: int) -> dict:
+    """Start a request, cancel its caller once the worker thread that adds it has set ``reached`` (then set
+    ``release``), wait until the engine is idle, and return the engine's counts."""
     async def main():
-        task = asyncio.ensure_future(_collect(engine, [5, 6, 7], SamplingParams(gen_length=64, block_length=8)))
-        await asyncio.to_thread(entered.wait, 10)
+        task = asyncio.ensure_future(_collect(engine, [5, 6, 7], SamplingParams(gen_length=gen_length,
+                                                                                   block_length=8)))
+        await asyncio.to_thread(reached.wait, 10)
         task.cancel()
-        release.set()
+        if release is not None:
+            release.set()
         with pytest.raises(asyncio.CancelledError):
             await task
 
     try:
         _run(main())
         _wait_idle(engine)
-        stats = engine.stats()
-        assert stats["received"] == stats["finished"] + stats["aborted"] + stats["failed"]
+        return engine.stats()
     finally:
         engine.shutdown()
 
 
+def test_async_caller_that_leaves_while_its_request_is_added_leaves_nothing_behind():
+    engine = AsyncEngine(_llm().engine)
+    entered, release = threading.Event(), threading.Event()
+    original = engine._encode
+
+    def slow_encode(prompt):  # the caller leaves while the worker thread still tokenizes
+        entered.set()
+        release.wait(10)
+        return original(prompt)
+
+    engine._encode = slow_encode
+    stats = _leave_while_adding(engine, entered, release, gen_length=64)
+    assert stats["received"] == stats["finished"] + stats["aborted"] + stats["failed"]
+
+
 def test_async_caller_that_leaves_just_after_the_add_aborts_its_request():
-    llm = _llm()
-    engine = AsyncEngine(llm.engine)
+    engine = AsyncEngine(_llm().engine)
     added = threading.Event()
     original = engine._add
 
@@ -308,21 +314,8 @@ def test_async_caller_that_leaves_just_after_the_add_aborts_its_request():
         return rid
 
     engine._add = add
-
-    async def main():
-        task = asyncio.ensure_future(_collect(engine, [5, 6, 7], SamplingParams(gen_length=256, block_length=8)))
-        await asyncio.to_thread(added.wait, 10)
-        task.cancel()
-        with pytest.raises(asyncio.CancelledError):
-            await task
-
-    try:
-        _run(main())
-        _wait_idle(engine)
-        stats = engine.stats()
-        assert stats["received"] == 1 and stats["aborted"] == 1
-    finally:
-        engine.shutdown()
+    stats = _leave_while_adding(engine, added, None, gen_length=256)
+    assert stats["received"] == 1 and stats["aborted"] == 1
 
 
 def test_async_counts_add_up_and_health_follows_failing_steps():
