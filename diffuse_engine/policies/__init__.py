@@ -84,7 +84,7 @@ class _Bound:
 
 def decoding_policy(req) -> DecodingPolicy:
     """The decoding policy of ``req`` (a :class:`BlockState`, or the engine's request, read into one)."""
-    return _Bound(DECODING[block_state(req).params.policy])
+    return _Bound(DECODING[req.params.policy])  # both carry the request's params
 
 
 def revision_policy(req) -> RevisionPolicy | None:
