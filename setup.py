@@ -161,11 +161,13 @@ setup(
         "tokenizers>=0.19",
         "jinja2>=3.0",
         "numpy",
+        "tqdm>=4.60",
         "pybind11>=2.12",
     ],
     extras_require={
         "test": ["pytest>=7", "pytest-benchmark>=4", "scipy", "matplotlib", "fastapi", "uvicorn", "openai", "httpx"],
         "eval": ["matplotlib"],
+        "plots": ["matplotlib"],
         "flash": ["flash-attn"],
         "serve": ["fastapi", "uvicorn"],
     },

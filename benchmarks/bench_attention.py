@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import OUT, bench_main, measure_ceilings, stamp, timed  # noqa: E402
+from diffuse_engine.bench.common import OUT, bench_main, measure_ceilings, stamp, timed  # noqa: E402
 
 from diffuse_engine import ops  # noqa: E402
 

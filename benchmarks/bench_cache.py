@@ -27,7 +27,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 
-from common import OUT, append_csv, print_table, stamp, sync  # noqa: E402
+from diffuse_engine.bench.common import OUT, append_csv, print_table, stamp, sync  # noqa: E402
 from oracles import llada_generate  # noqa: E402
 
 from diffuse_engine import LLM, SamplingParams  # noqa: E402

@@ -34,7 +34,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import OUT, append_csv, print_table, stamp  # noqa: E402
+from diffuse_engine.bench.common import OUT, append_csv, print_table, stamp  # noqa: E402
 
 from diffuse_engine.engine import calibration, cost_model  # noqa: E402
 from diffuse_engine.engine.attention_plan import AttentionPlan, SeqPlan  # noqa: E402

@@ -48,7 +48,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 
-from common import (  # noqa: E402
+from diffuse_engine.bench.common import (  # noqa: E402
     OUT,
     append_csv,
     cache_step_tokens,

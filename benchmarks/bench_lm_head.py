@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import OUT, bench_main, measure_ceilings, result_row, stamp, timed  # noqa: E402
+from diffuse_engine.bench.common import OUT, bench_main, measure_ceilings, result_row, stamp, timed  # noqa: E402
 
 from diffuse_engine import ops  # noqa: E402
 from diffuse_engine.kernels import reference as ref  # noqa: E402

@@ -32,7 +32,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import OUT, append_csv, print_table, stamp  # noqa: E402
+from diffuse_engine.bench.common import OUT, append_csv, print_table, stamp  # noqa: E402
 
 from diffuse_engine import LLM, SamplingParams  # noqa: E402
 from diffuse_engine.engine import EngineConfig  # noqa: E402

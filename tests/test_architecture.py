@@ -16,7 +16,8 @@ MAX_FUNCTION_LINES = 80
 # Lowest first. A module belongs to the entry with the longest matching prefix (``diffuse_engine`` itself names only
 # the package's ``__init__`` and ``__main__``). A module may import its own layer and the ones below, never above.
 LAYERS: list[tuple[str, list[str]]] = [
-    ("foundation", ["errors", "version", "contract", "commit_batch", "layout", "config_io", "config", "presets"]),
+    ("foundation", ["errors", "version", "progress", "contract", "commit_batch", "layout", "config_io", "config",
+                    "presets"]),
     ("native", ["native", "_C", "kernels"]),
     ("ops", ["ops"]),
     ("models", ["models"]),
@@ -25,6 +26,7 @@ LAYERS: list[tuple[str, list[str]]] = [
     ("engine", ["engine"]),
     ("api", ["entrypoints.llm", "entrypoints.async_engine"]),
     ("quality", ["quality"]),
+    ("bench", ["bench"]),  # benchmark suites and profiling: any layer of the product below the command line
     ("entrypoints", ["entrypoints", "", "__main__"]),
 ]
 

@@ -13,7 +13,7 @@ import pytest
 from script_modules import ROOT, load_script
 
 bench_engine = load_script("bench_engine", ROOT / "benchmarks" / "bench_engine.py")
-common = load_script("common", ROOT / "benchmarks" / "common.py")
+from diffuse_engine.bench import common  # noqa: E402
 summary = load_script("gpu_summary", ROOT / "benchmarks" / "gpu" / "summary.py")
 profile_step = load_script("profile_step", ROOT / "benchmarks" / "gpu" / "profile_step.py")
 

@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from common import measure_ceilings, stamp  # noqa: E402
+from diffuse_engine.bench.common import measure_ceilings, stamp  # noqa: E402
 
 
 def main() -> None:

@@ -41,7 +41,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from common import append_csv, engine_config, stamp, sync  # noqa: E402
+from diffuse_engine.bench.common import append_csv, engine_config, stamp, sync  # noqa: E402
 
 CATEGORIES = ("GEMM", "attention", "head", "commit", "norms/elementwise", "other")
 MARKER = "engine.step"

@@ -1,5 +1,6 @@
 """The ``diffuse-engine`` command: ``generate``, ``info``, ``presets``, ``init-random``, and the quality tools
-``train``, ``eval`` and ``sweep`` (in :mod:`.cli_quality`), and ``serve`` (:mod:`.server_cli`).
+``train``, ``eval`` and ``sweep`` (in :mod:`.cli_quality`), ``serve`` (:mod:`.server_cli`), and ``profile`` and
+``bench`` (:mod:`.cli_bench`).
 
 Exit status: 0 on success, 2 for bad input (arguments, sampling parameters, a missing or broken model folder:
 anything raising ``ValueError``), 1 for other failures, 130 when interrupted. Errors are printed as
@@ -102,11 +103,13 @@ def build_parser() -> argparse.ArgumentParser:
     rnd.add_argument("--overwrite", action="store_true", help="replace a previous checkpoint in DIR")
     rnd.set_defaults(func=cmd_init_random)
 
+    from .cli_bench import add_bench_commands
     from .cli_quality import add_quality_commands
     from .server_cli import add_serve_command
 
     add_quality_commands(sub)
     add_serve_command(sub)
+    add_bench_commands(sub)
     return parser
 
 

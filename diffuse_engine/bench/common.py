@@ -15,7 +15,11 @@ from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parent.parent
+from ..version import __version__
+
+# The source checkout when the package runs from one (an editable install), else site-packages: only used to ask git
+# for the commit.
+ROOT = Path(__file__).resolve().parent.parent.parent
 # Where the benchmarks write unless --out / --csv says otherwise: ./bench-results/ under the current folder, never
 # the checkout's committed benchmarks/results/ (runs worth keeping are written there by naming it, then committed).
 OUT = Path("bench-results")
@@ -29,16 +33,22 @@ def device_name(device: torch.device | str) -> str:
 
 
 def git_commit() -> str:
-    try:
-        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True,
-                             timeout=10)
-        return out.stdout.strip() or "unknown"
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
+    """The short commit of the checkout the package runs from, else of the current folder, else ``"unknown"``
+    (an installed wheel outside any checkout)."""
+    for folder in (ROOT, Path.cwd()):
+        try:
+            out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=folder, capture_output=True, text=True,
+                                 timeout=10)
+        except (OSError, subprocess.SubprocessError):
+            continue
+        if out.returncode == 0 and out.stdout.strip():
+            return out.stdout.strip()
+    return "unknown"
 
 
-def stamp(device: torch.device | str) -> dict[str, str]:
-    """Columns that every result row carries."""
+def stamp(device: torch.device | str, command: str | None = None) -> dict[str, str]:
+    """Columns that every result row carries: date, commit, device, versions, and the command that made the row
+    (default: this process's command line)."""
     try:
         import triton
 
@@ -51,8 +61,18 @@ def stamp(device: torch.device | str) -> dict[str, str]:
         "device": device_name(device),
         "torch": torch.__version__,
         "triton": triton_version,
-        "command": " ".join(shlex.quote(a) for a in [os.path.relpath(sys.argv[0], ROOT), *sys.argv[1:]]),
+        "diffuse_engine": __version__,
+        "command": command if command is not None else _command_line(),
     }
+
+
+def _command_line() -> str:
+    program = sys.argv[0]
+    if Path(program).name in ("diffuse-engine", "__main__.py"):
+        program = "diffuse-engine"
+    elif Path(program).is_file():
+        program = os.path.relpath(program)
+    return " ".join(shlex.quote(a) for a in [program, *sys.argv[1:]])
 
 
 def append_csv(path: Path, rows: list[dict], *, union: bool = False) -> Path:
@@ -128,7 +148,7 @@ def measure_ceilings(device: torch.device | str, copy_bytes: int = 2 << 30, mm: 
     a = torch.randn(mm, mm, device=device, dtype=dtype)
     b = torch.randn(mm, mm, device=device, dtype=dtype)
 
-    from diffuse_engine.engine.calibration import median_seconds
+    from ..engine.calibration import median_seconds
 
     t_copy = median_seconds(lambda: dst.copy_(src), device, 10)
     t_mm = median_seconds(lambda: torch.mm(a, b), device, 10 if device.type == "cuda" else 3)
@@ -187,7 +207,7 @@ def graphs_option(config_cls=None) -> bool:
     import dataclasses
 
     if config_cls is None:
-        from diffuse_engine.engine import EngineConfig as config_cls
+        from ..engine import EngineConfig as config_cls
     return "cuda_graphs" in {f.name for f in dataclasses.fields(config_cls)}
 
 
@@ -198,7 +218,7 @@ def engine_config(batch: int, seq_len: int, graphs: str | None = None, config_cl
     engine has that option (without it, ``"off"`` is the default config); None leaves the engine's default.
     ``config_cls``: the config class (default ``diffuse_engine.engine.EngineConfig``)."""
     if config_cls is None:
-        from diffuse_engine.engine import EngineConfig as config_cls
+        from ..engine import EngineConfig as config_cls
     page = config_cls().page_size
     kw = {"max_num_seqs": max(1, batch), "max_num_batched_tokens": max(65536, batch * seq_len),
           "kv_cache_tokens": max(page, batch * -(-seq_len // page) * page), "scheduling": "fcfs", "calibrate": False}

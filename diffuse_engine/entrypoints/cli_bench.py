@@ -1,0 +1,74 @@
+"""``diffuse-engine profile OP`` (every variant of one op, checked against fp64, then timed) and
+``diffuse-engine bench SUITE`` (the benchmark suites). The work is done in :mod:`diffuse_engine.bench`; this module
+only declares the flags."""
+
+from __future__ import annotations
+
+import argparse
+
+PROFILE_OPS = ("attention", "row_stats", "lm_head_stats", "commit", "noise", "step")
+SUITES = ("kernels", "engine", "cache", "serving", "cost-model", "quality", "gpu")
+
+
+def _add_model_flags(cmd: argparse.ArgumentParser) -> None:
+    src = cmd.add_mutually_exclusive_group()
+    src.add_argument("--model", metavar="DIR", help="take the shapes from a model folder (or a shipped model's name)")
+    src.add_argument("--preset", metavar="NAME", help="take the shapes from a preset (see `presets`)")
+    cmd.add_argument("--device", help="cpu, cuda or cuda:N (default: cuda when available)")
+    cmd.add_argument("--dtype", help="float32, bfloat16, float16 or float64 (default: bfloat16 on CUDA, float32 on "
+                                     "the CPU)")
+    cmd.add_argument("--quick", action="store_true", help="fewer shapes and repeats")
+    cmd.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
+                     help="draw progress bars on stderr (default: when stderr is a terminal)")
+
+
+def _add_profile(sub: argparse._SubParsersAction) -> None:
+    cmd = sub.add_parser(
+        "profile", help="time every variant of one op, each checked against fp64 first",
+        description="Run every variant of OP available on the device (torch reference, Triton, CUDA, C++ twin, "
+                    "SDPA backends, flash-attn), check each against the fp64 reference (error at most twice plain "
+                    "torch's in the same dtype, or exact where the op is exact), and time the correct ones. "
+                    "A variant that disagrees is reported as wrong and not timed.")
+    cmd.add_argument("op", choices=PROFILE_OPS, metavar="OP", help="one of: " + ", ".join(PROFILE_OPS))
+    _add_model_flags(cmd)
+    cmd.add_argument("--shape", action="append", metavar="SPEC",
+                     help="a shape instead of the default grid, e.g. 'B=1,S=320' (repeatable; keys depend on OP)")
+    cmd.add_argument("--variants", metavar="NAMES", help="comma-separated variant names to run (default: all)")
+    cmd.add_argument("--json", action="store_true", help="print the rows as one JSON list and nothing else")
+    cmd.add_argument("--csv", metavar="FILE", help="also write the rows to FILE")
+    cmd.add_argument("--compare", metavar="OLD_CSV", help="mark changes beyond the measured noise against an "
+                                                          "earlier --csv file")
+    cmd.add_argument("--trace", metavar="DIR", help="profile step: write a torch.profiler Chrome trace into DIR")
+    cmd.set_defaults(func=cmd_profile)
+
+
+def _add_bench(sub: argparse._SubParsersAction) -> None:
+    cmd = sub.add_parser(
+        "bench", help="run a benchmark suite and write its CSV (and plots) into a folder",
+        description="Run one benchmark suite. Rows carry date, commit, device, versions and the command; they are "
+                    "written under --out (default: ./bench-<date>-<device>/), never into the checkout's own files.")
+    cmd.add_argument("suite", choices=SUITES, metavar="SUITE", help="one of: " + ", ".join(SUITES))
+    _add_model_flags(cmd)
+    cmd.add_argument("--out", metavar="DIR", help="output folder (default: ./bench-<date>-<device>/)")
+    cmd.add_argument("--compare", metavar="DIR", help="print the ratio of each row to a previous run's folder")
+    cmd.add_argument("--plots", action=argparse.BooleanOptionalAction, default=None,
+                     help="draw the suite's plots (needs matplotlib; default: when it is installed)")
+    cmd.set_defaults(func=cmd_bench)
+
+
+def add_bench_commands(sub: argparse._SubParsersAction) -> None:
+    """Register ``profile`` and ``bench``."""
+    _add_profile(sub)
+    _add_bench(sub)
+
+
+def cmd_profile(args: argparse.Namespace) -> int:
+    from ..bench.profile import run
+
+    return run(args)
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    from ..bench.suites import run
+
+    return run(args)
