@@ -237,7 +237,7 @@ def test_eval_progress_on_stderr_and_quiet(capsys):
 
 
 def test_progress_line_on_a_terminal():
-    from diffuse_engine.entrypoints.cli_quality import Progress
+    from diffuse_engine.progress import Progress
 
     class Tty(io.StringIO):
         def isatty(self) -> bool:
@@ -248,14 +248,33 @@ def test_progress_line_on_a_terminal():
     for done in (1, 2, 3):
         progress(done, 3)
     progress.close()
-    text = stream.getvalue()
-    assert text.count("\r") == 3 and text.endswith("\n") and text.count("\n") == 1
-    assert "eval: 3/3 examples, " in text
+    text = stream.getvalue()  # a tqdm bar redrawn in place, erased at the end
+    assert "\r" in text and "eval: " in text and "3/3" in text and "\n" not in text.rstrip("\n")
     stream = io.StringIO()
     progress = Progress("sweep", "settings", stream)
     for done in range(1, 101):
         progress(done, 100)
     assert len(stream.getvalue().splitlines()) == 10  # not a terminal: every 10%
+
+
+def test_progress_over_an_iterable_and_disabled(monkeypatch):
+    from diffuse_engine import progress as p
+
+    monkeypatch.setenv("DIFFUSE_PROGRESS", "0")
+    assert not p.enabled() and p.enabled(True)
+    assert list(p.progress(range(5), desc="x")) == list(range(5))
+    monkeypatch.setenv("DIFFUSE_PROGRESS", "1")
+    assert p.enabled() and not p.enabled(False)
+    stream = io.StringIO()
+    bar = p.progress(desc="bench", unit="rows", total=4, show=True)
+    bar.stream = stream
+    for i in range(4):
+        bar.set_postfix_str(f"row {i + 1}")
+        bar.update()
+    bar.message("a note")
+    bar.close()
+    lines = stream.getvalue().splitlines()
+    assert lines[-2].startswith("bench: 4/4 rows, ") and lines[-2].endswith(" row 4") and lines[-1] == "a note"
 
 
 def test_sweep_writes_under_the_working_folder(tmp_path, monkeypatch, capsys):

@@ -11,8 +11,9 @@ import shlex
 import sys
 import time
 from pathlib import Path
-from typing import Any, TextIO
+from typing import Any
 
+from ..progress import Progress
 from ..quality.tasks import CORPORA, TASKS
 
 # The sweep writes under the current folder unless --out names one (never into the package or a checkout's
@@ -24,44 +25,6 @@ def default_sweep_dir(now: _dt.datetime | None = None) -> Path:
     """``./diffuse-results/sweep-YYYYmmdd-HHMMSS`` (UTC): a new folder per run."""
     now = now or _dt.datetime.now(_dt.timezone.utc)
     return Path(DEFAULT_SWEEP_ROOT) / f"sweep-{now.strftime('%Y%m%d-%H%M%S')}"
-
-
-class Progress:
-    """A progress line on ``stream`` (stderr): ``<label>: 120/200 <unit>, 3.1 s``, rewritten in place with ``\\r``
-    on a terminal, else printed as a line at every further 10% (and at the end). Call it with ``(done, total)``;
-    :meth:`close` ends the line."""
-
-    def __init__(self, label: str, unit: str, stream: TextIO | None = None, *, enabled: bool = True) -> None:
-        self.label, self.unit, self.enabled = label, unit, enabled
-        self.stream = stream if stream is not None else sys.stderr
-        self.tty = bool(getattr(self.stream, "isatty", lambda: False)())
-        self.start = time.perf_counter()
-        self.next_tenth, self.width = 1, 0
-
-    def __call__(self, done: int, total: int) -> None:
-        if not self.enabled or total <= 0:
-            return
-        line = f"{self.label}: {done}/{total} {self.unit}, {time.perf_counter() - self.start:.1f} s"
-        if self.tty:
-            self.stream.write("\r" + line.ljust(self.width))
-            self.width = max(self.width, len(line))
-        elif done >= total or 10 * done >= self.next_tenth * total:
-            self.stream.write(line + "\n")
-            self.next_tenth = 10 * done // total + 1
-        self.stream.flush()
-
-    def clear(self) -> None:
-        """Erase the line on a terminal (before other output shows there); the next call redraws it."""
-        if self.enabled and self.tty and self.width:
-            self.stream.write("\r" + " " * self.width + "\r")
-            self.stream.flush()
-            self.width = 0
-
-    def close(self) -> None:
-        if self.enabled and self.tty and self.width:
-            self.stream.write("\n")
-            self.stream.flush()
-            self.width = 0
 
 
 def _int_list(text: str) -> list[int]:

@@ -31,6 +31,7 @@ from .. import presets
 from ..checkpoint import save_model_folder
 from ..config import ModelConfig
 from ..models import DiffusionLM, build_model
+from ..progress import Progress
 from ..tokenizer import Tokenizer, build_byte_tokenizer
 from .tasks import Task, TextCorpus, get_task
 from .train_card import data_sizes, model_card, write_generation_defaults
@@ -159,38 +160,6 @@ def diffusion_loss(model: DiffusionLM, batch: Batch, mask_id: int, eps: float, g
     return (ce * weights).sum() / batch.norm
 
 
-# ------------------------------------------------------------------------------------------------ progress
-class Progress:
-    """A one-line progress bar on stderr (a line per update when stderr is not a terminal)."""
-
-    def __init__(self, total: int, stream=None, every: int = 10) -> None:
-        self.total, self.stream, self.every = total, stream or sys.stderr, every
-        self.tty = getattr(self.stream, "isatty", lambda: False)()
-        self.start = time.perf_counter()
-
-    def update(self, step: int, loss: float, tokens_per_s: float, extra: str = "") -> None:
-        if step % self.every and step != self.total:
-            return
-        elapsed = time.perf_counter() - self.start
-        eta = elapsed / max(step, 1) * (self.total - step)
-        width = 24
-        filled = int(width * step / self.total)
-        bar = "#" * filled + "." * (width - filled)
-        line = (f"[{bar}] {step}/{self.total} loss {loss:.4f} {tokens_per_s:,.0f} tok/s "
-                f"{elapsed:.0f}s elapsed, eta {eta:.0f}s{extra}")
-        if self.tty:
-            self.stream.write("\r" + line + " " * 4)
-            if step == self.total:
-                self.stream.write("\n")
-        elif step % (self.every * 10) == 0 or step == self.total:
-            self.stream.write(line + "\n")
-        self.stream.flush()
-
-    def message(self, text: str) -> None:
-        self.stream.write(("\n" if self.tty else "") + text + "\n")
-        self.stream.flush()
-
-
 # --------------------------------------------------------------------------------------------------- train
 @dataclass
 class TrainResult:
@@ -265,7 +234,7 @@ def _step(cfg: TrainConfig, s: _Setup, step: int) -> tuple[float, Batch]:
 def _run_steps(cfg: TrainConfig, s: _Setup, log_path: Path, progress: bool, validate: Callable) -> tuple:
     """Every step, logged to ``log_path`` (with the validation metric every ``eval_every`` steps); returns
     (loss EMA, tokens seen, sequences seen, seconds)."""
-    bar = Progress(cfg.steps) if progress else None
+    bar = Progress("train", "steps", total=cfg.steps, enabled=progress)
     tokens_seen = examples_seen = 0
     ema = None
     with open(log_path, "w", newline="") as log:
@@ -282,12 +251,12 @@ def _run_steps(cfg: TrainConfig, s: _Setup, log_path: Path, progress: bool, vali
             if step % cfg.eval_every == 0 or step == cfg.steps:
                 s.model.eval()
                 val_name, val_value = validate(s.model, s.tokenizer, s.task, cfg.eval_limit)
-                if bar is not None:
-                    bar.message(f"step {step}: validation {val_name} = {val_value:.4f}")
+                bar.message(f"step {step}: validation {val_name} = {val_value:.4f}")
             writer.writerow([step, f"{value:.5f}", f"{lr_at(cfg, step - 1):.3g}", tokens_seen, f"{elapsed:.1f}",
                              val_name, f"{val_value:.5f}" if val_name else ""])
-            if bar is not None:
-                bar.update(step, ema, tokens_seen / max(elapsed, 1e-9))
+            bar.set_postfix_str(f"loss {ema:.4f}, {tokens_seen / max(elapsed, 1e-9):,.0f} tok/s")
+            bar(step)
+    bar.close()
     return ema, tokens_seen, examples_seen, time.perf_counter() - t0
 
 
