@@ -105,17 +105,24 @@ def llada_num_transfer_tokens(mask_index: torch.Tensor, steps: int) -> torch.Ten
 def llada_generate(model, prompt: torch.Tensor, steps: int = 128, gen_length: int = 128, block_length: int = 128,
                    temperature: float = 0.0, cfg_scale: float = 0.0, remasking: str = "low_confidence", *,
                    mask_id: int, logits_eos_inf: bool = False, confidence_eos_eot_inf: bool = False,
-                   eos_id: int | None = None, eot_id: int | None = None, noise=None) -> torch.Tensor:
+                   eos_id: int | None = None, eot_id: int | None = None, noise=None,
+                   suffix: list[int] | None = None) -> torch.Tensor:
     """LLaDA's ``generate``: returns the whole sequence ``[batch, prompt + gen_length]``.
 
     ``model(x)`` must return logits ``[batch, seq, vocab]``; the loop runs on ``prompt``'s device.
     ``eos_id`` / ``eot_id`` play the roles of the published 126081 / 126348.
+    ``suffix`` (not in the published code): infilling, fixed tokens appended after the masked canvas. They are
+    observed like the prompt (``prompt_index``, so CFG's unconditional copy masks them too) and lie past every
+    block's end, so they are never candidates; the returned sequence leaves them out.
     """
     if prompt.ndim != 2:
         raise ValueError("prompt must be [batch, length]")
     plen = prompt.shape[1]
-    x = torch.full((prompt.shape[0], plen + gen_length), mask_id, dtype=torch.long, device=prompt.device)
+    tail = len(suffix or [])
+    x = torch.full((prompt.shape[0], plen + gen_length + tail), mask_id, dtype=torch.long, device=prompt.device)
     x[:, :plen] = prompt.clone()
+    if tail:
+        x[:, plen + gen_length:] = torch.tensor(suffix, dtype=torch.long, device=prompt.device)
     prompt_index = x != mask_id
 
     assert gen_length % block_length == 0
@@ -175,7 +182,7 @@ def llada_generate(model, prompt: torch.Tensor, steps: int = 128, gen_length: in
                 transfer_index[j, select_index] = True
             x[transfer_index] = x0[transfer_index]
             nfe += 1
-    return x
+    return x[:, :plen + gen_length]
 
 
 # ------------------------------------------------------------------------------------------------ Dream
@@ -231,12 +238,15 @@ def _dream_sample_tokens(logits: torch.Tensor, temperature: float = 0.0, top_p: 
 def dream_generate(model, prompt: torch.Tensor, gen_length: int, steps: int, eps: float = 1e-3,
                    alg: str = "maskgit_plus", alg_temp: float | None = None, temperature: float = 0.0,
                    top_p: float | None = None, top_k: int | None = None, *, mask_id: int,
-                   noise=None) -> torch.Tensor:
+                   noise=None, suffix: list[int] | None = None) -> torch.Tensor:
     """Dream's ``diffusion_generate`` (``_sample``) for one prompt ``[1, L]`` without padding; returns the
-    whole sequence ``[1, L + gen_length]``."""
+    whole sequence ``[1, L + gen_length]``. ``suffix`` (not in the published code): infilling, fixed tokens after
+    the masked canvas (never masked, so never candidates); left out of the result."""
     if prompt.ndim != 2 or prompt.shape[0] != 1:
         raise ValueError("prompt must be [1, length]: run a batch one prompt at a time")
     x = F.pad(prompt, (0, gen_length), value=mask_id)
+    if suffix:
+        x = torch.cat([x, torch.tensor([suffix], dtype=torch.long)], dim=1)
     timesteps = torch.linspace(1, eps, steps + 1)
     seq_len = x.shape[1]
 
@@ -295,4 +305,4 @@ def dream_generate(model, prompt: torch.Tensor, gen_length: int, steps: int, eps
                 x_[mask_index] = x0.clone()
                 row_indices = torch.arange(x.size(0)).unsqueeze(1).expand_as(transfer_index)
                 x[row_indices, transfer_index] = x_[row_indices, transfer_index]
-    return x
+    return x[:, :prompt.shape[1] + gen_length]

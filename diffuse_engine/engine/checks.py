@@ -10,24 +10,41 @@ from ..sampling_params import SamplingParams
 from .config import EngineConfig
 
 
-def check_prompt(prompt: list[int], cfg: ModelConfig) -> list[int]:
-    """``prompt`` as a list of token ids of the model's vocabulary (a tensor is accepted); raises ValueError."""
+def check_prompt(prompt: list[int], cfg: ModelConfig, what: str = "prompt") -> list[int]:
+    """``prompt`` (or the infilling suffix: ``what``) as a list of token ids of the model's vocabulary (a tensor is
+    accepted); raises ValueError."""
     if isinstance(prompt, torch.Tensor):
         prompt = prompt.tolist()
     if isinstance(prompt, str):
-        raise ValueError("Engine.add_request takes token ids; encode text with the tokenizer (LLM.generate does).")
+        raise ValueError(f"Engine.add_request takes token ids as its {what}; encode text with the tokenizer "
+                         "(LLM.generate does).")
     if not isinstance(prompt, (list, tuple)) or not all(isinstance(t, int) and not isinstance(t, bool)
                                                          for t in prompt):
-        raise ValueError("prompt must be a list of integer token ids.")
+        raise ValueError(f"{what} must be a list of integer token ids.")
     if not prompt:
-        raise ValueError("prompt is empty: a request needs at least one prompt token.")
+        raise ValueError(f"{what} is empty: a request needs at least one {what} token.")
     vocab, mask = cfg.vocab_size, cfg.mask_token_id
     bad = [t for t in prompt if not 0 <= t < vocab]
     if bad:
-        raise ValueError(f"prompt holds token ids outside the vocabulary [0, {vocab}): {bad[:5]}.")
+        raise ValueError(f"{what} holds token ids outside the vocabulary [0, {vocab}): {bad[:5]}.")
     if mask in prompt:
-        raise ValueError(f"prompt contains the mask token id {mask}; prompts must be fully observed.")
+        raise ValueError(f"{what} contains the mask token id {mask}; it must be fully observed.")
     return list(prompt)
+
+
+def check_suffix(suffix: list[int] | None, cfg: ModelConfig, retain: bool, continue_from: str | None) -> list[int]:
+    """The infilling suffix as token ids (empty: no infilling); raises ValueError where infilling cannot run."""
+    if suffix is None:
+        return []
+    if isinstance(suffix, (list, tuple)) and not suffix:
+        return []
+    suffix = check_prompt(suffix, cfg, "suffix")
+    if getattr(cfg, "block_size", None) is not None:
+        raise ValueError("infilling needs full attention: this block-diffusion model attends only to earlier "
+                         "blocks, so it cannot see a suffix after the canvas.")
+    if retain or continue_from is not None:
+        raise ValueError("an infilling request (with a suffix) cannot retain or continue a conversation's cache.")
+    return suffix
 
 
 def check_params(params: SamplingParams | None) -> SamplingParams:
@@ -38,12 +55,16 @@ def check_params(params: SamplingParams | None) -> SamplingParams:
     return params
 
 
-def check_fits(prompt_len: int, params: SamplingParams, cfg: ModelConfig, config: EngineConfig) -> None:
-    """Whether a request of ``prompt_len`` tokens with ``params`` can ever run on this model and engine."""
-    total = prompt_len + params.gen_length
+def check_fits(prompt_len: int, params: SamplingParams, cfg: ModelConfig, config: EngineConfig,
+               suffix_len: int = 0) -> None:
+    """Whether a request of ``prompt_len`` tokens (and ``suffix_len`` suffix tokens) with ``params`` can ever run
+    on this model and engine."""
+    total = prompt_len + params.gen_length + suffix_len
     if total > cfg.max_position_embeddings:
-        raise ValueError(f"prompt ({prompt_len} tokens) + gen_length ({params.gen_length}) = {total} exceeds the "
-                         f"model's maximum length of {cfg.max_position_embeddings} tokens.")
+        parts = f"prompt ({prompt_len} tokens) + gen_length ({params.gen_length})"
+        parts += f" + suffix ({suffix_len} tokens)" if suffix_len else ""
+        raise ValueError(f"{parts} = {total} exceeds the model's maximum length of {cfg.max_position_embeddings} "
+                         "tokens.")
     tokens = total * (2 if params.cfg_scale > 0 else 1)
     if tokens > config.max_num_batched_tokens:
         raise ValueError(f"the request needs {tokens} tokens per forward, more than max_num_batched_tokens "

@@ -33,7 +33,7 @@ from ..models import DiffusionLM
 from ..sampling_params import SamplingParams
 from .calibration import engine_ceilings
 from .canvas import CanvasStore
-from .checks import check_continuation, check_fits, check_params, check_prompt
+from .checks import check_continuation, check_fits, check_params, check_prompt, check_suffix
 from .config import EngineConfig
 from .cost_model import CostModel, StepEstimate
 from .kv_cache import PagedKVCache
@@ -117,16 +117,19 @@ class Engine:
     # ------------------------------------------------------------------------------------------ requests
     def add_request(self, prompt: list[int], params: SamplingParams | None = None,
                     request_id: str | None = None, *, snapshots: bool = False, retain: bool = False,
-                    continue_from: str | None = None) -> str:
+                    continue_from: str | None = None, suffix: list[int] | None = None) -> str:
         """Queue a request; returns its id. Raises ValueError (with the reason) for a request that cannot run.
         ``snapshots``: its step outputs carry each position's commit confidence (canvas snapshots).
         ``retain``: when it finishes, keep its KV-cache pages (needs a cache) so that a continuation of the
         conversation reuses them. ``continue_from``: the id of such a finished request: the K/V of the longest
-        common prefix of its sequence and this prompt are reused, not recomputed (the earlier turns)."""
+        common prefix of its sequence and this prompt are reused, not recomputed (the earlier turns).
+        ``suffix``: token ids that follow the canvas (infilling: the canvas is written between ``prompt`` and them;
+        full-attention models only)."""
         params = check_params(params)
         cfg = self.model_config
         prompt = check_prompt(prompt, cfg)
-        check_fits(len(prompt), params, cfg, self.config)
+        suffix = check_suffix(suffix, cfg, retain, continue_from)
+        check_fits(len(prompt), params, cfg, self.config, len(suffix))
         check_continuation(params, cfg, retain, continue_from, self.retained, self.tokenizer is not None)
         if request_id is None:
             request_id = f"req-{next(self._ids)}"
@@ -136,7 +139,7 @@ class Engine:
             raise ValueError(f"request_id {request_id!r} is already in use by an unfinished request.")
         seed = params.seed if params.seed is not None else secrets.randbits(63)
         req = Request(request_id, prompt, params, params.resolved_remasking(cfg.arch), seed, cfg.mask_token_id,
-                      cfg.arch, getattr(cfg, "block_size", None))
+                      cfg.arch, getattr(cfg, "block_size", None), suffix_ids=suffix)
         req.snapshots = snapshots
         req.retain, req.continue_from = retain, continue_from
         self.scheduler.add(req)

@@ -87,7 +87,7 @@ class OutputProcessor:
             end = req.block_span[1]
             req.block += 1
             if p.early_stop and eos_in_block and req.block < req.num_blocks:
-                self.store.fill(req, end, req.seq_len, cfg.eos_token_id)
+                self.store.fill(req, end, req.canvas_end, cfg.eos_token_id)
                 req.block = req.num_blocks
             if req.block == req.num_blocks:
                 return self.finish(req, step, block, view)

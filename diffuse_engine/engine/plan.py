@@ -185,7 +185,7 @@ def _forward(up: Upload, requests: list[Request], store: CanvasStore, shift: int
             uncond_at[i] = (len(seqs), lo)
             seqs.append(seq)
             gather.append(r.slot * cap + seq.positions)
-            force.append(seq.positions < r.prompt_len)
+            force.append((seq.positions < r.prompt_len) | (seq.positions >= r.canvas_end))  # prompt, suffix
     up.add("gather", np.concatenate(gather), torch.int64)
     force_all = np.concatenate(force)
     up.add("force_mask", force_all, torch.bool)

@@ -162,19 +162,20 @@ class _StepView:
 
 @dataclass(slots=True)
 class Request:
-    """A request's host state. ``seq`` holds prompt + canvas (int64, CPU): while the request runs it is a view of
-    the host mirror of its device slot (``slot``), updated after every step. ``spans`` are the diffusion blocks as
-    [start, end) sequence positions: ``block_length`` each after the prompt, or, for a block-diffusion model
-    (``block_size`` set), the model's absolute blocks (the first one starts where the prompt ends inside its
-    block; the last one may run past ``gen_length``, those extra positions are decoded and dropped).
-    ``pages`` / ``uncond_pages``: KV-cache page tables (int64 numpy arrays; None without a cache).
-    ``cached_upto``: the exact block cache holds positions [0, cached_upto). ``commit_conf``: each position's
-    confidence when committed (host mirror, float32). ``reused``: leading positions whose K/V came from an earlier
-    request of the conversation (never recomputed); ``retain``: keep this request's pages for a continuation when it
-    finishes. ``block_masked_count``: masked positions of the current block after the last step.
-    ``window_lo``: the first position the current block's steps may commit (the block start, or an earlier
-    position a model left masked, without a cache). ``status``: WAITING, RUNNING once the scheduler admits it, then
-    FINISHED or ABORTED; ``finish_reason`` and ``error`` are set when it finishes (as in its RequestOutput)."""
+    """A request's host state. ``seq`` holds prompt + canvas (int64, CPU): while the request runs it is a view of the
+    host mirror of its device slot (``slot``), updated after every step. ``spans`` are the diffusion blocks as [start,
+    end) sequence positions: ``block_length`` each after the prompt, or, for a block-diffusion model (``block_size``
+    set), the model's absolute blocks (the first one starts where the prompt ends inside its block; the last one may run
+    past ``gen_length``, those extra positions are decoded and dropped). ``pages`` / ``uncond_pages``: KV-cache page
+    tables (int64 numpy arrays; None without a cache). ``cached_upto``: the exact block cache holds positions [0,
+    cached_upto). ``commit_conf``: each position's confidence when committed (host mirror, float32). ``reused``: leading
+    positions whose K/V came from an earlier request of the conversation (never recomputed); ``retain``: keep this
+    request's pages for a continuation when it finishes. ``block_masked_count``: masked positions of the current block
+    after the last step. ``window_lo``: the first position the current block's steps may commit (the block start, or an
+    earlier position a model left masked, without a cache). ``suffix_ids``: fixed tokens after the canvas (infilling:
+    the canvas is written between the prompt and them; they are never masked and every step attends to them).
+    ``status``: WAITING, RUNNING once the scheduler admits it, then FINISHED or ABORTED; ``finish_reason`` and ``error``
+    are set when it finishes (as in its RequestOutput)."""
 
     request_id: str
     prompt_ids: list[int]
@@ -207,6 +208,7 @@ class Request:
     block_masked_count: int = 0
     window_lo: int = 0
     error: str | None = None
+    suffix_ids: list[int] = field(default_factory=list)
     metrics: RequestMetrics = field(default_factory=lambda: RequestMetrics(time.perf_counter()))
 
     def __post_init__(self) -> None:
@@ -217,9 +219,11 @@ class Request:
         else:
             b = self.block_size
             self.spans = [(max(p, j * b), (j + 1) * b) for j in range(p // b, -(-(p + n) // b))]
-        length = max(p + n, self.spans[-1][1])
+        length = max(p + n, self.spans[-1][1]) + len(self.suffix_ids)
         self.seq = torch.full((length,), self.mask_id, dtype=torch.int64)
         self.seq[:p] = torch.tensor(self.prompt_ids, dtype=torch.int64)
+        if self.suffix_ids:
+            self.seq[length - len(self.suffix_ids):] = torch.tensor(self.suffix_ids, dtype=torch.int64)
         self.commit_conf = torch.zeros(length, dtype=torch.float32)
         if uses_timesteps(self.arch, self.remasking):
             self.timesteps = dream_timesteps(self.params.steps_per_block, self.params.eps)
@@ -241,6 +245,11 @@ class Request:
     @property
     def seq_len(self) -> int:
         return self.seq.numel()
+
+    @property
+    def canvas_end(self) -> int:
+        """Where the decoded positions end: the sequence's end, or the suffix's start when infilling."""
+        return self.seq.numel() - len(self.suffix_ids)
 
     @property
     def num_blocks(self) -> int:

@@ -182,12 +182,13 @@ class AsyncEngine:
     # ------------------------------------------------------------------------------------------- requests
     async def generate(self, prompt: str | Sequence[int], params: SamplingParams | None = None,
                        request_id: str | None = None, output_kind: str = "delta", *, retain: bool = False,
-                       continue_from: str | None = None) -> AsyncIterator[StreamOutput]:
-        """Submit one request and yield its updates until it finishes. ``prompt``: text (encoded with the
-        engine's tokenizer) or token ids. ``retain`` / ``continue_from``: keep this request's KV cache for the
-        next turn of the conversation / reuse an earlier turn's (see :meth:`Engine.add_request`; e.g. stop at a
-        tool-call marker, append the tool's result, continue). Raises ValueError for a request the engine
-        refuses."""
+                       continue_from: str | None = None,
+                       suffix: str | Sequence[int] | None = None) -> AsyncIterator[StreamOutput]:
+        """Submit one request and yield its updates until it finishes. ``prompt``: text (encoded with the engine's
+        tokenizer) or token ids; ``suffix`` (the same): infilling, the text after the canvas. ``retain`` /
+        ``continue_from``: keep this request's KV cache for the next turn of the conversation / reuse an earlier turn's
+        (see :meth:`Engine.add_request`; e.g. stop at a tool-call marker, append the tool's result, continue). Raises
+        ValueError for a request the engine refuses."""
         if output_kind not in OUTPUT_KINDS:
             raise ValueError(f"output_kind must be one of {', '.join(OUTPUT_KINDS)}; got {output_kind!r}.")
         loop = asyncio.get_running_loop()
@@ -195,7 +196,7 @@ class AsyncEngine:
                          list((params.stop if params is not None else None) or []))
         # Tokenizing and the lock (held for a whole step) run on a worker thread, never on the event loop.
         try:
-            await asyncio.to_thread(self._add, prompt, params, request_id, stream, retain, continue_from)
+            await asyncio.to_thread(self._add, prompt, params, request_id, stream, retain, continue_from, suffix)
         except asyncio.CancelledError:  # the caller left while the worker thread adds the request
             self._leave(stream)
             raise
@@ -224,8 +225,11 @@ class AsyncEngine:
         self._wake.set()
 
     def _add(self, prompt: str | Sequence[int], params: SamplingParams | None, request_id: str | None,
-             stream: _Stream, retain: bool, continue_from: str | None) -> str | None:
+             stream: _Stream, retain: bool, continue_from: str | None, suffix=None) -> str | None:
         ids = self._encode(prompt)
+        if suffix is not None and not isinstance(suffix, (str, list, tuple)):
+            raise ValueError(f"suffix must be text or a list of token ids; got {type(suffix).__name__}.")
+        suffix = self._encode(suffix) if suffix else None
         with self._lock:
             if stream.done:  # its caller already left: add nothing (counted as received and aborted)
                 self.num_received += 1
@@ -237,7 +241,7 @@ class AsyncEngine:
             if request_id in self._streams:
                 raise ValueError(f"request_id {request_id!r} is already streaming.")
             rid = self.engine.add_request(ids, params, request_id, snapshots=stream.kind == "canvas", retain=retain,
-                                          continue_from=continue_from)
+                                          continue_from=continue_from, suffix=suffix)
             self._streams[rid] = stream
             self.num_received += 1
             with self._plock:

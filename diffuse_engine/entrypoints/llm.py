@@ -81,12 +81,15 @@ class LLM:
 
     def generate(self, prompts: Prompt | Sequence[Prompt],
                  params: SamplingParams | Sequence[SamplingParams] | None = None, *,
-                 on_step: Callable[[list[StepOutput]], None] | None = None) -> list[RequestOutput]:
+                 on_step: Callable[[list[StepOutput]], None] | None = None,
+                 suffix: Prompt | Sequence[Prompt | None] | None = None) -> list[RequestOutput]:
         """Generate for one prompt or a list of prompts (strings or token-id lists); returns one output per
         prompt, in order. ``params`` is shared, or one per prompt (None: :meth:`default_params`). ``on_step``
-        sees every step's outputs."""
-        if isinstance(prompts, str) or (isinstance(prompts, Sequence) and prompts
-                                        and all(isinstance(t, int) for t in prompts)):
+        sees every step's outputs. ``suffix``: infilling, the text (or token ids) that follows each canvas: one for a
+        single prompt, else one per prompt (None where a prompt has none); see :meth:`infill`."""
+        single = isinstance(prompts, str) or (isinstance(prompts, Sequence) and bool(prompts)
+                                              and all(isinstance(t, int) for t in prompts))
+        if single:
             prompts = [prompts]
         if isinstance(prompts, torch.Tensor):
             prompts = prompts.tolist() if prompts.ndim == 2 else [prompts.tolist()]
@@ -99,11 +102,12 @@ class LLM:
         if len(params) != len(prompts):
             raise ValueError(f"got {len(params)} SamplingParams for {len(prompts)} prompts; pass one, or one per "
                              f"prompt.")
+        suffixes = self._suffixes(suffix, len(prompts), single)
         ids: list[str] = []
         results: dict[str, RequestOutput] = {}
         try:
-            for prompt, p in zip(prompts, params, strict=True):
-                ids.append(self.engine.add_request(self.encode(prompt), p))
+            for prompt, p, s in zip(prompts, params, suffixes, strict=True):
+                ids.append(self.engine.add_request(self.encode(prompt), p, suffix=s))
             pending = set(ids)
             while pending:
                 step = self.engine.step()
@@ -121,6 +125,34 @@ class LLM:
                     self.engine.abort(rid)
             raise
         return [results[rid] for rid in ids]
+
+    def _suffixes(self, suffix: object, n: int, single: bool) -> list[list[int] | None]:
+        if suffix is None:
+            return [None] * n
+        if single:
+            suffix = [suffix]
+        elif isinstance(suffix, (str, torch.Tensor)) or not isinstance(suffix, Sequence) or len(suffix) != n:
+            raise ValueError(f"suffix must be one entry per prompt ({n} prompts), each a string, token ids or None.")
+        out = []
+        for s in suffix:
+            if s is not None and not isinstance(s, (str, list, tuple, torch.Tensor)):
+                raise ValueError(f"a suffix must be a string or a list of token ids; got {type(s).__name__}.")
+            out.append(None if s is None or (isinstance(s, str) and not s) else self.encode(s))
+        return out
+
+    def infill(self, prefix: Prompt, suffix: Prompt, length: int | None = None,
+               params: SamplingParams | None = None, **kwargs) -> RequestOutput:
+        """Write ``length`` tokens between ``prefix`` and ``suffix`` (fill-in-the-middle): the suffix is fixed,
+        never masked, and every denoising step attends to it. ``length`` defaults to ``params.gen_length`` (or the
+        folder's default); the middle is decoded in blocks left to right (``block_length``). Full-attention models
+        (LLaDA, Dream) only: a block-diffusion model raises ValueError. Returns the middle's output."""
+        if length is not None and params is not None and length != params.gen_length:
+            raise ValueError(f"length={length} disagrees with params.gen_length={params.gen_length}; give one.")
+        if params is None:
+            params = self.default_params(**({"gen_length": length} if length is not None else {}))
+        if suffix is None or (isinstance(suffix, (str, list, tuple)) and not suffix):
+            raise ValueError("infill needs a non-empty suffix; use generate for a plain continuation.")
+        return self.generate(prefix, params, suffix=suffix, **kwargs)[0]
 
     def chat(self, conversations: list[dict[str, str]] | list[list[dict[str, str]]],
              params: SamplingParams | Sequence[SamplingParams] | None = None, **kwargs) -> list[RequestOutput]:
