@@ -1,12 +1,15 @@
 """The OpenAI-compatible HTTP server on top of :class:`AsyncEngine` (run by ``diffuse-engine serve``:
 :mod:`.server_cli`).
 
-Endpoints: ``POST /v1/completions`` and ``POST /v1/chat/completions`` (``stream: true``: server-sent events),
-``GET /v1/models``, ``GET /health``, ``GET /metrics`` (Prometheus). Besides the OpenAI fields (``model``,
-``prompt`` / ``messages``, ``max_tokens``, ``temperature``, ``top_p``, ``seed``, ``stop``, ``stream``,
+Endpoints: ``POST /v1/completions``, ``POST /v1/chat/completions`` and ``POST /v1/fim/completions`` (``stream: true``:
+server-sent events), ``GET /v1/models``, ``GET /health``, ``GET /metrics`` (Prometheus). Besides the OpenAI fields
+(``model``, ``prompt`` / ``messages``, ``max_tokens``, ``temperature``, ``top_p``, ``seed``, ``stop``, ``stream``,
 ``stream_options``, ``n`` = 1) a request may set any :class:`SamplingParams` field (``steps``, ``block_length``,
 ``policy``, ``threshold``, ``cache``, ...; the ``openai`` client's ``extra_body``) and ``stream_canvas: true``:
 a chunk per denoising step, with its ``canvas`` (step, block, tokens, masked, confidences, committed, revised).
+Infilling: a completions request with a ``suffix`` (as OpenAI's API once had), or a fill-in-the-middle request
+(``prompt``, ``suffix`` required, ``max_tokens``: the middle's length), writes the middle between the two
+(full-attention models only; the text returned is the middle).
 Omitted fields take the model folder's generation defaults (:meth:`LLM.default_params`).
 ``usage.completion_tokens`` counts the whole canvas (a diffusion model decodes all ``max_tokens``, EOS padding
 included); responses also report ``nfe``. Unknown fields are ignored; invalid values give a 4xx with an OpenAI
@@ -43,6 +46,7 @@ from .server_input import (
     parse_json,
     parse_messages,
     parse_prompt,
+    parse_suffix,
     read_body,
     scrub,
 )
@@ -74,6 +78,8 @@ def _param_of(exc: Exception) -> str | None:
     word = message.split(" ", 1)[0].strip("(:,.'\"")
     if word in SAMPLING_FIELDS:
         return word
+    if word in ("suffix", "infilling") or "+ suffix (" in message:  # the engine's refusals of a suffix
+        return "suffix"
     return "max_tokens" if "gen_length" in message else word if word in ("prompt", "stop") else None
 
 
@@ -110,7 +116,7 @@ class OpenAIServer:
             bool_field(body, name)
         if body.get("logprobs") not in (None, False, 0) or body.get("top_logprobs") not in (None, 0):
             raise ApiError("logprobs are not supported.", "logprobs")
-        for name, fine in (("echo", (None, False)), ("best_of", (None, 1)), ("suffix", (None, ""))):
+        for name, fine in (("echo", (None, False)), ("best_of", (None, 1))):
             if not chat and body.get(name) not in fine:
                 raise ApiError(f"{name}={brief(body[name])} is not supported.", name)
 
@@ -145,22 +151,24 @@ class OpenAIServer:
             logger.warning("chat template of %s: %s", getattr(tok, "source", "?"), exc)
             raise ApiError(scrub(str(exc), self.roots), "messages") from None
 
-    async def prompt_ids(self, prompt: str | list[int]) -> list[int]:
-        """Token ids of a completions prompt; text is tokenized on a worker thread."""
+    async def prompt_ids(self, prompt: str | list[int], param: str = "prompt") -> list[int]:
+        """Token ids of a completions prompt (or suffix: ``param``); text is tokenized on a worker thread."""
         if not isinstance(prompt, str):
             return prompt
         tok = self.tokenizer
         if tok is None:
-            raise ApiError("this model has no tokenizer: give the prompt as token ids.", "prompt")
+            raise ApiError(f"this model has no tokenizer: give the {param} as token ids.", param)
         return await asyncio.to_thread(tok.encode, prompt)
 
     async def start(self, prompt: str | list[int], params: SamplingParams, request_id: str, canvas: bool,
-                    request: "Request") -> tuple[AsyncIterator["StreamOutput"], "StreamOutput"]:
+                    request: "Request", suffix: list[int] | None = None,
+                    ) -> tuple[AsyncIterator["StreamOutput"], "StreamOutput"]:
         """Submit the request and wait for its first update (a refused request raises :class:`ApiError`).
         ``canvas``: an update per step (a stream's first one comes after one step, not when text is final). A
         disconnect meanwhile cancels the submission (the engine aborts what it added) and raises
         :class:`ClientGone`."""
-        agen = self.engine.generate(prompt, params, request_id, output_kind="canvas" if canvas else "delta")
+        agen = self.engine.generate(prompt, params, request_id, output_kind="canvas" if canvas else "delta",
+                                    suffix=suffix)
         self.received += 1
         try:
             return agen, await until_disconnect(request.receive, agen.__anext__())
@@ -193,8 +201,10 @@ class OpenAIServer:
         return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
 
 
-async def complete(server: OpenAIServer, request: "Request", chat: bool, limits: tuple[int, float]) -> "Response":
-    """Answer a completions (``chat``: chat completions) request; ``limits``: the body's size and read timeout."""
+async def complete(server: OpenAIServer, request: "Request", chat: bool, limits: tuple[int, float],
+                   fim: bool = False) -> "Response":
+    """Answer a completions (``chat``: chat completions; ``fim``: fill-in-the-middle, a suffix required) request;
+    ``limits``: the body's size and read timeout."""
     from fastapi.responses import JSONResponse, Response
 
     rid = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
@@ -203,12 +213,15 @@ async def complete(server: OpenAIServer, request: "Request", chat: bool, limits:
         server.check_common(body, chat)
         messages = parse_messages(body.get("messages")) if chat else None
         raw_prompt = None if chat else parse_prompt(body.get("prompt"))
+        raw_suffix = None if chat else parse_suffix(body.get("suffix"), fim)
         params = server.sampling_params(body, chat)
         stream = bool_field(body, "stream")
         # tokenizing (a template render, a long prompt) runs on a worker thread while this task listens
         prompt = await until_disconnect(request.receive, server.chat_ids(messages) if chat else
                                         server.prompt_ids(raw_prompt))
-        agen, first = await server.start(prompt, params, rid, stream, request)
+        suffix = None if raw_suffix is None else await until_disconnect(request.receive,
+                                                                         server.prompt_ids(raw_suffix, "suffix"))
+        agen, first = await server.start(prompt, params, rid, stream, request, suffix)
         if stream:
             return closing_streaming_response()(stream_events(server, agen, first, rid, chat, body, params),
                                                 agen.aclose)
@@ -291,6 +304,12 @@ def build_app(engine: "AsyncEngine", model_name: str, *, api_key: str | None = N
         check_api_key(request, key)  # before reading a byte of the body
         check_content_type(request)
         return await complete(server, request, False, limits)
+
+    @app.post("/v1/fim/completions")
+    async def fim_completions(request: Request) -> Response:
+        check_api_key(request, key)
+        check_content_type(request)
+        return await complete(server, request, False, limits, fim=True)
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request) -> Response:

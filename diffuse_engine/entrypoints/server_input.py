@@ -173,6 +173,20 @@ def parse_prompt(prompt: Any) -> str | list[int]:
                    f"{type(prompt).__name__}.", "prompt")
 
 
+def parse_suffix(suffix: Any, required: bool) -> str | list[int] | None:
+    """The infilling suffix of a completions request (text or token ids; None or empty: none, refused when
+    ``required``, as on ``/v1/fim/completions``)."""
+    if suffix is None or suffix == "" or suffix == []:
+        if required:
+            raise ApiError("suffix is required: the text that follows the middle to fill in.", "suffix")
+        return None
+    if isinstance(suffix, str):
+        return suffix
+    if isinstance(suffix, list) and all(isinstance(t, int) and not isinstance(t, bool) for t in suffix):
+        return list(suffix)
+    raise ApiError(f"suffix must be a string or a list of integer token ids; got {brief(suffix)}.", "suffix")
+
+
 def parse_messages(messages: Any) -> list[dict[str, str]]:
     """``messages`` as ``{"role", "content"}`` dicts of strings: roles are system, user, assistant or tool;
     contents are strings or lists of text parts (joined); an assistant's content may be null."""
