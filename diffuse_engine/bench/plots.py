@@ -88,8 +88,8 @@ def roofline(rows: list[dict], path: Path) -> Path | None:
         memory = _f(first, "memory_floor_ms")
         per_seq = _f(first, "compute_floor_ms") / _f(first, "batch")
         ridge = ridge_batch(memory, per_seq)
-        hi = max(top, 2 * ridge)
-        grid = [1.0 * 2 ** (k / 4) for k in range(int(4 * _log2(hi)) + 2)]
+        lo, hi = min(1.0, ridge / 2), max(top, 2 * ridge)  # both regimes on the picture, whichever side B=1 is
+        grid = [lo * 2 ** (k / 4) for k in range(int(4 * (_log2(hi) - _log2(lo))) + 2)]
         label = f"cache {key[0]}, graphs {key[1]}, {key[2]}, {key[3]} tok/step"
         ax.plot([_f(r, "batch") for r in pts], [_f(r, "step_ms") for r in pts], "o-", color=color,
                 label=f"measured: {label}")
@@ -113,7 +113,7 @@ def roofline(rows: list[dict], path: Path) -> Path | None:
 def _log2(x: float) -> float:
     import math
 
-    return math.log2(max(x, 1.0))
+    return math.log2(max(x, 1e-9))
 
 
 def step_vs_context(rows: list[dict], path: Path) -> Path | None:
