@@ -1,6 +1,6 @@
-"""The GPU suite's scripts on the CPU: bench_engine's cache and CUDA-graph dimensions (steady-state steps against
-their floors), the step counts they use (benchmarks/common.py), the CSV merging that keeps the suite's output
-folder small, run.sh's list of output files, and summary.py on such a folder."""
+"""The GPU suite's pieces on the CPU: bench_engine's cache and CUDA-graph dimensions (steady-state steps against
+their floors), the step counts they use (diffuse_engine/bench/common.py), the CSV merging that keeps the suite's
+output folder small, the files ``bench gpu`` writes (and run.sh lists), and the summary on such a folder."""
 
 from __future__ import annotations
 
@@ -14,7 +14,9 @@ from script_modules import ROOT, load_script
 
 bench_engine = load_script("bench_engine", ROOT / "benchmarks" / "bench_engine.py")
 from diffuse_engine.bench import common  # noqa: E402
-summary = load_script("gpu_summary", ROOT / "benchmarks" / "gpu" / "summary.py")
+from diffuse_engine.bench.suites import gpu  # noqa: E402
+from diffuse_engine.bench.suites import gpu_summary as summary  # noqa: E402
+
 profile_step = load_script("profile_step", ROOT / "benchmarks" / "gpu" / "profile_step.py")
 
 ENGINE_COLUMNS = ("batch", "cache", "cuda_graphs", "step_ms", "floor_ms", "pct_of_floor")
@@ -118,19 +120,29 @@ def test_append_csv_union_keeps_one_file(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["kernels.csv", "other.1.csv", "other.csv"]
 
 
-def run_sh_outputs() -> set[str]:
-    text = (ROOT / "benchmarks" / "gpu" / "run.sh").read_text()
-    return set(re.findall(r'\$OUT_DIR/([\w.\-]+)', text)) | {"summary.md"}  # summary.py writes summary.md
+def suite_outputs(out: Path) -> set[str]:
+    """The files the sub-steps of ``bench gpu`` write into ``out`` (summary.md and suite.log: the suite itself)."""
+    names = {"summary.md", "suite.log"}
+    for _name, _limit, command in gpu.steps(out):
+        for i, arg in enumerate(command):
+            if arg.startswith(str(out) + "/"):
+                names.add(Path(arg).name)
+            elif arg == str(out) and command[i - 1] == "--out" and "bench" in command:
+                names.add(command[command.index("bench") + 1].replace("-", "_") + ".csv")
+    return names
 
 
-def test_run_sh_writes_at_most_eight_files():
-    names = run_sh_outputs()
-    assert len(names) <= 8, sorted(names)
+def test_gpu_suite_writes_at_most_eight_files(tmp_path):
+    names = suite_outputs(tmp_path)
+    assert names == set(gpu.FILES) and len(names) <= 8, sorted(names)
     assert {"profile.csv", "engine.csv", "kernels.csv", "suite.log", "summary.md"} <= names
     header = (ROOT / "benchmarks" / "gpu" / "run.sh").read_text()
     listed = re.search(r"Writes at most 8 files into OUT_DIR: ([^(]+)", header.replace("\n# ", " ")).group(1).split()
     assert set(listed) == names
-    assert "pytest -m gpu" in header and "--trace" not in header
+    assert "bench gpu" in header and "--trace" not in header
+    commands = [" ".join(c) for _n, _l, c in gpu.steps(tmp_path)]
+    assert any("pytest -m gpu" in c for c in commands)
+    assert any("profile step --preset llada-8b" in c and "--csv" in c for c in commands)
 
 
 def test_summary_on_a_suite_folder(steady_csv, tmp_path, capsys):

@@ -53,7 +53,32 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
     cmd.add_argument("--compare", metavar="DIR", help="print the ratio of each row to a previous run's folder")
     cmd.add_argument("--plots", action=argparse.BooleanOptionalAction, default=None,
                      help="draw the suite's plots (needs matplotlib; default: when it is installed)")
+    _add_suite_knobs(cmd)
     cmd.set_defaults(func=cmd_bench)
+
+
+def _add_suite_knobs(cmd: argparse.ArgumentParser) -> None:
+    """What the engine and cache suites measure, beyond their --quick and full presets (the GPU suite runs them
+    with these flags)."""
+    from ..bench.suites.options import ints, names
+
+    knobs = cmd.add_argument_group("engine, cache, serving and cost-model suites (default: the suite's preset)")
+    knobs.add_argument("--batches", type=ints, metavar="N,N", help="batches (sequences per step), e.g. 1,8,32,64")
+    knobs.add_argument("--caches", type=names(("none", "prefix", "dual")), metavar="MODES",
+                       help="KV-cache modes, e.g. none,prefix,dual")
+    knobs.add_argument("--graphs", type=names(("on", "off")), metavar="on,off",
+                       help="CUDA graphs on and/or off (default: the engine's default)")
+    knobs.add_argument("--gen-lengths", type=ints, metavar="N,N", help="generated tokens per request")
+    knobs.add_argument("--block-length", type=int, metavar="N", help="tokens per block")
+    knobs.add_argument("--prompt-len", type=int, metavar="N", help="prompt tokens of random-weight requests")
+    knobs.add_argument("--tokens-per-step", type=ints, metavar="N,N", help="fixed schedules' tokens per step")
+    knobs.add_argument("--timing", choices=("generation", "steady"),
+                       help="engine: whole generations, or steady steps of the first block")
+    knobs.add_argument("--warmup-steps", type=int, metavar="N", help="engine, steady timing: untimed steps first")
+    knobs.add_argument("--timed-steps", type=int, metavar="N", help="engine, steady timing: steps timed")
+    knobs.add_argument("--reference", action=argparse.BooleanOptionalAction, default=None,
+                       help="engine: also run the reference loop at batch 1 (default: on, from a checkout)")
+    knobs.add_argument("--seed", type=int, metavar="N", help="seed of the random weights and prompts")
 
 
 def add_bench_commands(sub: argparse._SubParsersAction) -> None:
