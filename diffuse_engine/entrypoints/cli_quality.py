@@ -86,6 +86,11 @@ def add_quality_commands(sub: argparse._SubParsersAction) -> None:
                                     ("factor", "factor of the factor rule"), ("eb-gamma", "entropy budget (eb)")):
                 p.add_argument("--" + knob, type=float, help=help_text)
             p.add_argument("--json", action="store_true", help="print one JSON object")
+            p.add_argument("--infill", action="store_true",
+                           help="score infilling instead: the middle of held-out text windows with and without "
+                                "their suffix (text-char), or one hidden answer digit at every position (tasks)")
+            p.add_argument("--middle", type=int, default=16, metavar="N",
+                           help="--infill on text: tokens to fill between 48-token prefix and suffix (default 16)")
         else:
             p.add_argument("--policies", type=_str_list, help=f"comma-separated (default: all: {','.join(POLICIES)})")
             p.add_argument("--steps", type=_int_list, help="comma-separated step counts (default: halving)")
@@ -146,6 +151,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
     task = get_task(args.task)
     llm = _llm(args)
+    if args.infill:
+        return _eval_infill(args, llm, task)
     if isinstance(task, TextCorpus):
         t0 = time.perf_counter()
         progress = Progress("eval", "windows", enabled=not args.quiet)
@@ -179,6 +186,27 @@ def cmd_eval(args: argparse.Namespace) -> int:
           f"{res.tokens_per_forward:.2f} tokens/forward, {res.tokens_per_s:,.0f} tokens/s, {res.wall_s:.2f} s")
     for f in res.failures:
         print(f"  wrong: {f['prompt']!r} -> {f['output']!r} (expected {f['expected']!r})")
+    return 0
+
+
+def _eval_infill(args: argparse.Namespace, llm, task) -> int:
+    from ..quality.infill import evaluate_digit_infill, evaluate_text_infill
+    from ..quality.tasks import TextCorpus
+
+    n = args.limit or 200
+    if isinstance(task, TextCorpus):
+        r = evaluate_text_infill(llm, task, n=n, middle=args.middle, steps=args.steps,
+                                 block_length=args.block_length, cache=args.cache)
+        what = f"{r['middle']} held-out tokens between {r['left']} and {r['right']}, {r['steps']} steps"
+    else:
+        r = evaluate_digit_infill(llm, task, n=n, cache=args.cache)
+        what = "one hidden answer digit, every position"
+    r["model"] = _model_path(args.model)
+    if args.json:
+        print(json.dumps(r))
+        return 0
+    print(f"{task.name} infilling [{what}, n={r['n']}]: accuracy {100 * r['accuracy_with_suffix']:.2f}% with the "
+          f"suffix, {100 * r['accuracy_without_suffix']:.2f}% without it")
     return 0
 
 
