@@ -115,7 +115,7 @@ def _check_commit(shape: dict) -> None:
 
 define(OpSpec(name="commit", keys={"B": None, "R": 32}, grid=_commit_grid, make=_commit_case,
               reference=_commit_ref, plain=_commit_plain, error=_commit_error, cost=_commit_cost, floor_atol=0.0,
-              variants=_commit_variants(), check_shape=_check_commit))
+              variants=_commit_variants(), check_shape=_check_commit, fixed_dtype="float32"))
 
 
 # ---------------------------------------------------------------------------------------------------- noise
@@ -166,5 +166,6 @@ def _check_noise(shape: dict) -> None:
 define(OpSpec(name="noise", keys={"M": None, "V": None, "kind": "gumbel"}, grid=_noise_grid, make=_noise_case,
               reference=_noise_ref, plain=_noise_plain, error=_noise_error,
               cost=lambda s, dtype: (4.0 * s["M"] * s["V"], 0.0), floor_atol=1e-6, check_shape=_check_noise,
+              fixed_dtype="float32",
               variants={"torch": Variant("torch", lambda case: lambda: _noise_plain(case)),
                         "native": Variant("native", _noise_native, lambda d, t, s: native_reason(d, t, s, None))}))

@@ -107,7 +107,7 @@ def _variant_row(name: str, graphs: str, ctx: dict, expected: list | None) -> tu
         row.update(error=float(bad), mismatches=bad, correct=bad == 0,
                    note="reference" if expected is None else "")
         if not row["correct"]:
-            row["status"] = "wrong"
+            row["status"] = f"wrong: {bad} tokens differ from the eager engine's"
             return row, got
         reach_steady(stepper, 1, shape["K"])
         timing = _time_steady(stepper, getattr(args, "reps", None) or 5)
@@ -121,7 +121,7 @@ def _variant_row(name: str, graphs: str, ctx: dict, expected: list | None) -> tu
             _print_breakdown(trace_steps(stepper, 2, path), row, path, args)
     except RuntimeError as exc:
         row.update(correct=row["correct"] if row["correct"] is not None else False,
-                   status=f"failed: {str(exc).splitlines()[0][:160]}")
+                   status=f"failed: {(str(exc).splitlines() or [''])[0][:160]}")
         return row, []
     finally:
         for rid in list(stepper.block):

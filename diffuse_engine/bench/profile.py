@@ -72,9 +72,10 @@ def profile_shape(op: OpSpec, shape: dict, device: torch.device, dtype: torch.dt
         name = native_name(device) if variant.name == "native" else variant.name
         if wanted is not None and name not in wanted and variant.name not in wanted:
             continue
-        row = {**base, "op": op.name, "variant": name, "shape": op.label(shape), "dtype": str(dtype)[6:],
-               "time_ms": None, "p20_ms": None, "p80_ms": None, "error": None, "plain_error": _num(plain_err[0]),
-               "mismatches": None, "correct": None, "status": "", "note": variant.note(device)}
+        row = {**base, "op": op.name, "variant": name, "shape": op.label(shape),
+               "dtype": op.fixed_dtype or str(dtype)[6:], "time_ms": None, "p20_ms": None, "p80_ms": None,
+               "error": None, "plain_error": _num(plain_err[0]), "mismatches": None, "correct": None, "status": "",
+               "note": variant.note(device)}
         rows.append(row)
         reason = variant.available(device, dtype, shape)
         if reason:
@@ -88,11 +89,12 @@ def profile_shape(op: OpSpec, shape: dict, device: torch.device, dtype: torch.dt
             row["status"] = f"unavailable: {exc}"
             continue
         except Exception as exc:  # noqa: BLE001 - a variant that raises is reported, the others still run
-            row.update(correct=False, status=f"failed: {type(exc).__name__}: {str(exc).splitlines()[0][:160]}")
+            first = (str(exc).splitlines() or [""])[0][:160]
+            row.update(correct=False, status=f"failed: {type(exc).__name__}: {first}")
             continue
         row.update(error=_num(err[0]), mismatches=err[1], correct=judge(op, err, plain_err))
         if not row["correct"]:
-            row["status"] = "wrong"
+            row["status"] = f"wrong: error {err[0]:.3g} (plain torch {plain_err[0]:.3g}), {err[1]} mismatches"
             continue
         med, p20, p80 = measure(fn, device, args.quick, getattr(args, "warmup", None), getattr(args, "reps", None))
         row.update(time_ms=med, p20_ms=p20, p80_ms=p80, status="ok", gbps=nbytes / med / 1e6,

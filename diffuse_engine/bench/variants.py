@@ -64,6 +64,7 @@ class OpSpec:
     variants: dict[str, Variant] = field(default_factory=dict)
     check_shape: Callable[[dict], None] = lambda shape: None
     label: Callable[[dict], str] = lambda shape: ",".join(f"{k}={v}" for k, v in shape.items())
+    fixed_dtype: str | None = None  # the dtype the op works in whatever --dtype says (commit, noise: float32)
 
 
 REGISTRY: dict[str, OpSpec] = {}
