@@ -1,5 +1,5 @@
-"""benchmarks/gpu/profile_step.py: the categoriser on kernel (CUDA) and aten op (CPU) names, the breakdown of a
-CUDA-style trace, and a whole CPU run on tiny presets whose CSV adds up."""
+"""diffuse_engine.bench.step_profile (behind benchmarks/gpu/profile_step.py): the categoriser on kernel (CUDA) and
+aten op (CPU) names, the breakdown of a CUDA-style trace, and a whole CPU run on tiny presets whose CSV adds up."""
 
 from __future__ import annotations
 
@@ -7,9 +7,8 @@ import csv
 from pathlib import Path
 
 import pytest
-from script_modules import ROOT, load_script
 
-ps = load_script("profile_step", ROOT / "benchmarks" / "gpu" / "profile_step.py")
+from diffuse_engine.bench import step_profile as ps
 
 NAMES = [
     # cuBLAS / cuBLASLt / CUTLASS GEMMs (Hopper and Ampere names)

@@ -118,6 +118,10 @@ def append_csv(path: Path, rows: list[dict], *, union: bool = False) -> Path:
 
 
 def print_table(rows: list[dict], columns: list[str]) -> None:
+    """Print ``rows`` as a right-aligned table of ``columns`` (floats to 4 significant digits)."""
+    if not rows:
+        print("(no rows)")
+        return
     widths = {c: max(len(c), *(len(_fmt(r.get(c))) for r in rows)) for c in columns}
     print("  ".join(c.rjust(widths[c]) for c in columns))
     for r in rows:

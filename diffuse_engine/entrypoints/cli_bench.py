@@ -32,13 +32,25 @@ def _add_profile(sub: argparse._SubParsersAction) -> None:
     cmd.add_argument("op", choices=PROFILE_OPS, metavar="OP", help="one of: " + ", ".join(PROFILE_OPS))
     _add_model_flags(cmd)
     cmd.add_argument("--shape", action="append", metavar="SPEC",
-                     help="a shape instead of the default grid, e.g. 'B=1,S=320' (repeatable; keys depend on OP)")
+                     help="a shape instead of the default grid (repeatable); keys per OP: attention "
+                          "B=1,S=320,H=32,KV=32,D=128[,block=32] or B=16,L=32,P=1024,H=32,KV=32,D=128 (block over a "
+                          "cache); row_stats M=256,V=126464; lm_head_stats M=32,V=126464,D=4096; commit B=32,R=32; "
+                          "noise M=256,V=126464[,kind=uniform]; step B=1,P=64,G=256,K=32")
     cmd.add_argument("--variants", metavar="NAMES", help="comma-separated variant names to run (default: all)")
     cmd.add_argument("--json", action="store_true", help="print the rows as one JSON list and nothing else")
     cmd.add_argument("--csv", metavar="FILE", help="also write the rows to FILE")
     cmd.add_argument("--compare", metavar="OLD_CSV", help="mark changes beyond the measured noise against an "
                                                           "earlier --csv file")
-    cmd.add_argument("--trace", metavar="DIR", help="profile step: write a torch.profiler Chrome trace into DIR")
+    cmd.add_argument("--warmup", type=int, metavar="N", help="CPU: untimed calls before timing (default 1)")
+    cmd.add_argument("--reps", type=int, metavar="N", help="CPU: timed calls (default 7, 3 with --quick); "
+                                                            "profile step: steady steps timed (default 5)")
+    step = cmd.add_argument_group("profile step")
+    step.add_argument("--cache", default="dual", choices=["none", "prefix", "dual"], help="KV cache (default dual)")
+    step.add_argument("--policy", default="threshold", choices=["fixed", "threshold", "factor", "eb"],
+                      help="decoding policy (default threshold)")
+    step.add_argument("--threshold", type=float, default=0.9, help="the threshold policy's bound (default 0.9)")
+    step.add_argument("--trace", metavar="DIR", help="write the torch.profiler Chrome trace of each shape into DIR "
+                                                     "and print the per-category breakdown")
     cmd.set_defaults(func=cmd_profile)
 
 
