@@ -58,6 +58,8 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--device", help="cpu, cuda or cuda:N (default: cuda when available)")
     gen.add_argument("--dtype", help="float32, bfloat16, float16 (default: the checkpoint's on CUDA, fp32 on CPU)")
     sp = gen.add_argument_group("sampling parameters (see SamplingParams)")
+    sp.add_argument("--effort", metavar="LEVEL", help="low, medium, high or a number in [0, 1]: sets the decoding "
+                    "policy's knob (threshold by default; explicit flags win)")
     sp.add_argument("--gen-length", type=int, help="tokens to generate (default 128)")
     sp.add_argument("--block-length", type=int, help="block size; must divide gen-length (default: gen-length)")
     sp.add_argument("--steps", type=int, help="denoising steps over all blocks (default: gen-length)")
@@ -136,11 +138,14 @@ def main(argv: Sequence[str] | None = None) -> int:
 # ------------------------------------------------------------------------------------------------- generate
 def sampling_params_from_args(args: argparse.Namespace, llm=None) -> SamplingParams:
     """SamplingParams from the flags that were given; the others keep the model folder's generation defaults
-    (``llm.default_params``) or the dataclass defaults."""
+    (``llm.default_params``) or the dataclass defaults. ``--effort`` sets what it maps to, under the given flags."""
     given = {f.name: getattr(args, f.name) for f in dataclasses.fields(SamplingParams)
              if getattr(args, f.name, None) is not None}
+    effort = getattr(args, "effort", None)
+    if effort is not None and llm is None:
+        raise UsageError("--effort needs the model: its family picks the rule.")
     try:
-        return llm.default_params(**given) if llm is not None else SamplingParams(**given)
+        return llm.default_params(effort=effort, **given) if llm is not None else SamplingParams(**given)
     except ValueError as exc:
         raise UsageError(f"invalid sampling parameters: {exc}") from None
 

@@ -48,15 +48,20 @@ class LLM:
         llm.generation_defaults = {}
         return llm
 
-    def default_params(self, **overrides) -> SamplingParams:
+    def default_params(self, effort: str | float | None = None, **overrides) -> SamplingParams:
         """SamplingParams from the model folder's ``generation_defaults.json`` (e.g. a trained task model's
         canvas and block size), with ``overrides`` on top. Overriding ``gen_length`` drops the folder's
-        ``block_length`` and ``steps`` (they were chosen for its canvas) unless they are overridden too."""
+        ``block_length`` and ``steps`` (they were chosen for its canvas) unless they are overridden too.
+        ``effort``: ``"low"``, ``"medium"``, ``"high"`` or a number in [0, 1], the decoding policy's knob for this
+        model's family (:mod:`diffuse_engine.policies.effort`, with the measured table); it beats the folder's
+        defaults, ``overrides`` beat it."""
+        from ..policies.effort import params_with_effort
+
         base = dict(self.generation_defaults)
         if "gen_length" in overrides:
             base.pop("block_length", None)
             base.pop("steps", None)
-        return SamplingParams(**{**base, **overrides})
+        return params_with_effort(effort, self.config.arch, base, overrides)
 
     @property
     def model(self) -> DiffusionLM:

@@ -6,7 +6,10 @@ server-sent events), ``GET /v1/models``, ``GET /health``, ``GET /metrics`` (Prom
 (``model``, ``prompt`` / ``messages``, ``max_tokens``, ``temperature``, ``top_p``, ``seed``, ``stop``, ``stream``,
 ``stream_options``, ``n`` = 1) a request may set any :class:`SamplingParams` field (``steps``, ``block_length``,
 ``policy``, ``threshold``, ``cache``, ...; the ``openai`` client's ``extra_body``) and ``stream_canvas: true``:
-a chunk per denoising step, with its ``canvas`` (step, block, tokens, masked, confidences, committed, revised).
+a chunk per denoising step, with its ``canvas`` (step, block, tokens, masked, confidences, committed, revised);
+``diffusing: true``: a chunk per step holding the whole current draft (:mod:`.server_draft`). ``reasoning_effort``
+or ``effort`` (``low`` / ``medium`` / ``high`` / a number in [0, 1]) picks the decoding knob
+(:mod:`diffuse_engine.policies.effort`); the fields given explicitly win over it.
 Infilling: a completions request with a ``suffix`` (as OpenAI's API once had), or a fill-in-the-middle request
 (``prompt``, ``suffix`` required, ``max_tokens``: the middle's length), writes the middle between the two
 (full-attention models only; the text returned is the middle).
@@ -32,7 +35,9 @@ import uuid
 from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING, Any
 
+from ..policies.effort import params_with_effort
 from ..sampling_params import SamplingParams
+from .server_draft import draft_events
 from .server_input import (
     DEFAULT_MAX_REQUEST_BYTES,
     DEFAULT_REQUEST_TIMEOUT,
@@ -42,6 +47,8 @@ from .server_input import (
     brief,
     check_api_key,
     check_content_type,
+    diffusing_field,
+    effort_field,
     int_field,
     parse_json,
     parse_messages,
@@ -114,6 +121,7 @@ class OpenAIServer:
             raise ApiError(f"n > 1 is not supported; got n={body['n']}.", "n")
         for name in ("stream", "stream_canvas"):
             bool_field(body, name)
+        diffusing_field(body)
         if body.get("logprobs") not in (None, False, 0) or body.get("top_logprobs") not in (None, 0):
             raise ApiError("logprobs are not supported.", "logprobs")
         for name, fine in (("echo", (None, False)), ("best_of", (None, 1))):
@@ -121,7 +129,8 @@ class OpenAIServer:
                 raise ApiError(f"{name}={brief(body[name])} is not supported.", name)
 
     def sampling_params(self, body: dict[str, Any], chat: bool) -> SamplingParams:
-        """SamplingParams from the request: the model folder's defaults, overridden by the given fields."""
+        """SamplingParams from the request: the model folder's defaults, then what ``reasoning_effort`` /
+        ``effort`` sets (:mod:`diffuse_engine.policies.effort`), then the fields the request gives."""
         overrides = {name: body[name] for name in SAMPLING_FIELDS if body.get(name) is not None}
         for name in (("max_completion_tokens",) if chat else ()) + ("max_tokens",):
             if (value := int_field(body, name)) is not None:
@@ -132,10 +141,12 @@ class OpenAIServer:
             raise ApiError(f"stop must be a non-empty string or a list of them; got {brief(stop)}.", "stop")
         if stop:
             overrides["stop"] = stop
+        effort = effort_field(body)
         try:
             if self.llm is not None:
-                return self.llm.default_params(**overrides)
-            return SamplingParams(**{"gen_length": DEFAULT_GEN_LENGTH, **overrides})
+                return self.llm.default_params(effort=effort, **overrides)
+            arch = self.engine.engine.model_config.arch
+            return params_with_effort(effort, arch, {"gen_length": DEFAULT_GEN_LENGTH}, overrides)
         except (ValueError, TypeError) as exc:
             raise ApiError(scrub(f"invalid sampling parameters: {str(exc)[:300]}"), _param_of(exc)) from None
 
@@ -223,8 +234,8 @@ async def complete(server: OpenAIServer, request: "Request", chat: bool, limits:
                                                                          server.prompt_ids(raw_suffix, "suffix"))
         agen, first = await server.start(prompt, params, rid, stream, request, suffix)
         if stream:
-            return closing_streaming_response()(stream_events(server, agen, first, rid, chat, body, params),
-                                                agen.aclose)
+            events = draft_events if diffusing_field(body) else stream_events
+            return closing_streaming_response()(events(server, agen, first, rid, chat, body, params), agen.aclose)
         last = await until_disconnect(request.receive, server.collect(agen, first))
     except ClientGone:
         logger.info("%s: the client disconnected before the answer", rid)

@@ -214,3 +214,34 @@ def parse_messages(messages: Any) -> list[dict[str, str]]:
                            f"{type(content).__name__}.", f"messages[{i}].content")
         out.append({"role": role, "content": content})
     return out
+
+
+EFFORT_FIELDS = ("reasoning_effort", "effort")
+
+
+def effort_field(body: dict[str, Any]) -> float | None:
+    """The request's effort in [0, 1] (:func:`~diffuse_engine.policies.effort.parse_effort`), from
+    ``reasoning_effort`` or ``effort`` (either name; None when neither is given). An unknown value is a 400 naming
+    its field; both names with different values are a 400."""
+    from ..policies.effort import parse_effort
+
+    levels = {}
+    for name in EFFORT_FIELDS:
+        if body.get(name) is not None:
+            try:
+                levels[name] = parse_effort(body[name], name)
+            except ValueError as exc:
+                raise ApiError(str(exc), name) from None
+    if len(set(levels.values())) > 1:
+        raise ApiError(f"reasoning_effort and effort name the same setting; got {brief(body['reasoning_effort'])} and "
+                       f"{brief(body['effort'])}. Give one of them.", "effort")
+    return next(iter(levels.values()), None)
+
+
+def diffusing_field(body: dict[str, Any]) -> bool:
+    """``diffusing``: absent (False) or a boolean, and only with ``stream: true`` (400 otherwise): a stream of
+    whole drafts (:mod:`.server_draft`)."""
+    diffusing = bool_field(body, "diffusing")
+    if diffusing and not bool_field(body, "stream"):
+        raise ApiError("diffusing streams the whole draft at every step: it needs stream: true.", "diffusing")
+    return diffusing
