@@ -134,3 +134,22 @@ def test_kernels_suite_writes_kernels_csv(tmp_path):
     written = list(csv.DictReader((tmp_path / "kernels.csv").open()))
     assert len(written) == len(rows) and {r["op"] for r in written} == set(kernels.OPS)
     assert all(r["correct"] == "True" for r in written if r["time_ms"])
+
+
+def test_step_breakdown_rows_feed_the_gpu_summary(tmp_path, capsys):
+    """``profile step --breakdown --csv`` (what the GPU suite runs) adds per-category rows after the timing rows;
+    the suite's summary reads them into its "where a step's time goes" table."""
+    from diffuse_engine.bench.suites.gpu_summary import profile_lines, read_csv
+
+    out = tmp_path / "profile.csv"
+    assert cli(["profile", "step", "--device", "cpu", "--preset", "llada-tiny", "--shape", TINY["step"][0],
+                "--breakdown", "--csv", str(out), "--reps", "2", "--no-progress"]) == 0
+    assert "breakdown rows" in capsys.readouterr().out and not list(tmp_path.glob("*.json"))  # no trace kept
+    rows = read_csv(out)
+    timing = [r for r in rows if not r.get("kind")]
+    kinds = {r["kind"] for r in rows if r.get("kind")}
+    assert {r["variant"] for r in timing} == {"eager", "graphs"} and {"step", "category", "idle", "kernel"} <= kinds
+    step = next(r for r in rows if r.get("kind") == "step")
+    assert step["batch"] == "1" and float(step["step_ms"]) > 0 and step["step_ms_unprofiled"] == timing[0]["time_ms"]
+    text = "\n".join(profile_lines(rows))
+    assert "where a step's time goes (llada-tiny" in text and "GEMM" in text and "idle (host)" in text

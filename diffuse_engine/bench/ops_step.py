@@ -7,13 +7,16 @@ Shape ``B=1,P=64,G=256,K=32``: B requests of P-token random prompts generating G
 step) after warm-up, each timed on its own (median, p20, p80). The floor is :func:`common.step_cost` of a steady
 step against the measured ceilings (weights + cached K/V read, or FLOPs). Models are random weights of ``--preset``
 (default llada-8b on CUDA, llada-tiny on the CPU) or the checkpoint ``--model DIR``. ``--trace DIR`` writes the
-torch.profiler Chrome trace of a few steady steps per shape and variant and prints their breakdown by category.
+torch.profiler Chrome trace of a few steady steps per shape and variant and prints their breakdown by category;
+``--breakdown`` does the same without keeping the trace, and both attach the breakdown's rows to the variant's row
+(``row["breakdown"]``: kind = step, category, idle, idle_part, kernel; written to ``--csv`` after the timing rows).
 """
 
 from __future__ import annotations
 
 import argparse
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -116,9 +119,8 @@ def _variant_row(name: str, graphs: str, ctx: dict, expected: list | None) -> tu
             return row, got
         row.update(time_ms=timing[0], p20_ms=timing[1], p80_ms=timing[2], status="ok", floor_ms=ctx["floor_ms"],
                    pct_floor=100 * ctx["floor_ms"] / timing[0])
-        if getattr(args, "trace", None):
-            path = Path(args.trace) / f"step_{name}_{ctx['label'].replace(',', '_').replace('=', '')}.json"
-            _print_breakdown(trace_steps(stepper, 2, path), row, path, args)
+        if getattr(args, "trace", None) or getattr(args, "breakdown", False):
+            row["breakdown"] = _breakdown(stepper, name, row, ctx)
     except RuntimeError as exc:
         row.update(correct=row["correct"] if row["correct"] is not None else False,
                    status=f"failed: {(str(exc).splitlines() or [''])[0][:160]}")
@@ -129,10 +131,28 @@ def _variant_row(name: str, graphs: str, ctx: dict, expected: list | None) -> tu
     return row, got
 
 
-def _print_breakdown(b: dict, row: dict, path: Path, args: argparse.Namespace) -> None:
+def _breakdown(stepper: Stepper, name: str, row: dict, ctx: dict) -> list[dict]:
+    """Trace two steady steps (into ``--trace`` or a temporary folder), print the breakdown, return its rows."""
+    args = ctx["args"]
+    trace = getattr(args, "trace", None)
+    file = f"step_{name}_{ctx['label'].replace(',', '_').replace('=', '')}.json"
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(trace or tmp) / file
+        b = trace_steps(stepper, 2, path)
+    _print_breakdown(b, row, path if trace else None, args)
+    keep = {k: row.get(k) for k in ("date", "commit", "device", "op", "variant", "shape", "dtype", "cache", "policy",
+                                    "threshold")}
+    preset = getattr(args, "preset", None) or getattr(args, "model", None) or ""
+    return [{**keep, "preset": preset, "batch": ctx["shape"]["B"], "source": b["source"],
+             "step_ms": round(b["span_us"] / 1e3, 4), "step_ms_unprofiled": row["time_ms"], **r}
+            for r in breakdown_rows(b)]
+
+
+def _print_breakdown(b: dict, row: dict, path: Path | None, args: argparse.Namespace) -> None:
     out = sys.stderr if getattr(args, "json", False) else sys.stdout
-    print(f"# {row['variant']} {row['shape']}: {b['span_us'] / 1e3:.3f} ms per profiled step ({b['source']}); "
-          f"trace {path}", file=out)
+    where = f"; trace {path}" if path is not None else ""
+    print(f"# {row['variant']} {row['shape']}: {b['span_us'] / 1e3:.3f} ms per profiled step ({b['source']}){where}",
+          file=out)
     for r in breakdown_rows(b, top=8):
         if r["kind"] != "step":
             print(f"    {r['kind']:<9} {r['name'][:70]:<70} {r['ms']:>10.4f} ms {r['pct_of_step']:>6.1f} %", file=out)

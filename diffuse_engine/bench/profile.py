@@ -158,10 +158,11 @@ def run(args: argparse.Namespace) -> int:
     """``diffuse-engine profile OP``: print the table (or, with ``--json``, only a JSON list of rows), write
     ``--csv``, mark changes against ``--compare``. Exit status 1 when a variant is wrong or failed, else 0."""
     rows = op_rows(args.op, args)
+    breakdown = [b for r in rows for b in r.pop("breakdown", None) or []]  # profile step --trace / --breakdown
     if getattr(args, "compare", None):
         compare(rows, Path(args.compare))
     if getattr(args, "csv", None):
-        common.append_csv(Path(args.csv), rows, union=True)
+        common.append_csv(Path(args.csv), rows + breakdown, union=True)
     if getattr(args, "json", False):
         print(json.dumps(rows, default=str))
     else:
@@ -170,5 +171,6 @@ def run(args: argparse.Namespace) -> int:
             columns = [c for c in columns if c not in ("gbps", "tflops")]
         common.print_table(rows, [c for c in columns if any(r.get(c) is not None for r in rows)] or ["variant"])
         if getattr(args, "csv", None):
-            print(f"wrote {len(rows)} rows to {args.csv}")
+            extra = f" and {len(breakdown)} breakdown rows" if breakdown else ""
+            print(f"wrote {len(rows)} rows{extra} to {args.csv}")
     return 1 if any(r.get("correct") is False for r in rows) else 0

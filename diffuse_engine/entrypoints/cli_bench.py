@@ -51,6 +51,9 @@ def _add_profile(sub: argparse._SubParsersAction) -> None:
     step.add_argument("--threshold", type=float, default=0.9, help="the threshold policy's bound (default 0.9)")
     step.add_argument("--trace", metavar="DIR", help="write the torch.profiler Chrome trace of each shape into DIR "
                                                      "and print the per-category breakdown")
+    step.add_argument("--breakdown", action="store_true",
+                      help="profile a few steady steps per shape and variant (as --trace, without keeping the trace) "
+                           "and add their per-category rows (kind = step, category, idle, kernel) to --csv")
     cmd.set_defaults(func=cmd_profile)
 
 

@@ -49,7 +49,7 @@ def steps(out: Path) -> list[tuple[str, int, list[str]]]:
         ("kernels", 390, [*bench, "kernels", "--device", "cuda", "--out", str(out), "--no-plots"]),
         ("profile", 120, [py, "-m", "diffuse_engine", "profile", "step", *LLADA_8B, "--shape", "B=1,P=64,G=256,K=32",
                           "--shape", "B=32,P=64,G=256,K=32", "--cache", "dual", "--policy", "threshold",
-                          "--threshold", "0.9", "--csv", str(out / "profile.csv")]),
+                          "--threshold", "0.9", "--breakdown", "--csv", str(out / "profile.csv")]),
         ("engine generations", 120, [*bench, "engine", *LLADA_8B, *SHAPE, "--batches", "1", "--tokens-per-step",
                                      "1,2,4,8", "--caches", "none", "--reference", "--out", str(out), "--no-plots"]),
         ("engine steady", 240, [*bench, "engine", *LLADA_8B, *SHAPE, "--batches", "1,8,32,64", "--tokens-per-step",

@@ -119,7 +119,9 @@ def main(out: Path) -> str:
 
 
 def profile_lines(rows: list[dict]) -> list[str]:
-    """Per batch: the step's span, each category and the idle host time (ms and % of the step), the top kernels."""
+    """Per batch: the step's span, each category and the idle host time (ms and % of the step), the top kernels
+    (the breakdown rows of ``profile step --breakdown``: the eager variant's when graphs were profiled too)."""
+    rows = [r for r in rows if r.get("kind") and r.get("variant", "eager") in ("eager", "")]
     if not rows:
         return []
     batches = list(dict.fromkeys(r["batch"] for r in rows))
