@@ -72,7 +72,8 @@ def test_completions_suffix_with_the_openai_client(url, llm):
     chunks = list(client.completions.create(**kw, stream=True))
     ref = llm.infill(PREFIX, SUFFIX, params=llm.default_params(gen_length=16, temperature=0.7, seed=3))
     assert plain.choices[0].text == "".join(c.choices[0].text for c in chunks) == ref.text
-    assert plain.nfe == ref.nfe and plain.usage.completion_tokens == 16
+    assert plain.nfe == ref.nfe and plain.usage.completion_tokens == 16 and ref.suffix_token_ids == llm.encode(SUFFIX)
+    assert plain.usage.prompt_tokens == len(llm.encode(PREFIX)) + len(llm.encode(SUFFIX))  # the suffix counts
     no_suffix = client.completions.create(**{**kw, "suffix": None})
     assert no_suffix.choices[0].text == llm.generate(PREFIX, llm.default_params(gen_length=16, temperature=0.7,
                                                                                  seed=3))[0].text

@@ -118,14 +118,21 @@ def append_csv(path: Path, rows: list[dict], *, union: bool = False) -> Path:
 
 
 def print_table(rows: list[dict], columns: list[str]) -> None:
-    """Print ``rows`` as a right-aligned table of ``columns`` (floats to 4 significant digits)."""
+    """Print ``rows`` as a table of ``columns`` (floats to 4 significant digits): numbers right-aligned, the last
+    column left-aligned when it holds text (a status, a note)."""
     if not rows:
         print("(no rows)")
         return
     widths = {c: max(len(c), *(len(_fmt(r.get(c))) for r in rows)) for c in columns}
-    print("  ".join(c.rjust(widths[c]) for c in columns))
+    texts = [c for c in columns if c == columns[-1] and any(isinstance(r.get(c), str) and r.get(c) for r in rows)]
+
+    def line(cells: dict) -> str:
+        return "  ".join(cells[c].ljust(widths[c]) if c in texts else cells[c].rjust(widths[c])
+                         for c in columns).rstrip()
+
+    print(line({c: c for c in columns}))
     for r in rows:
-        print("  ".join(_fmt(r.get(c)).rjust(widths[c]) for c in columns))
+        print(line({c: _fmt(r.get(c)) for c in columns}))
 
 
 def _fmt(v: object) -> str:

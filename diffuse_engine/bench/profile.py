@@ -36,7 +36,7 @@ __all__ = ["MIN_CHANGE", "compare", "measure", "op_rows", "parse_shape", "profil
 
 MIN_CHANGE = 0.03
 TABLE = ["variant", "shape", "time_ms", "p20_ms", "p80_ms", "gbps", "tflops", "pct_floor", "speedup", "error",
-         "correct", "status", "note"]
+         "correct", "note", "status"]
 
 
 # ------------------------------------------------------------------------------------------------ timing
@@ -79,14 +79,14 @@ def profile_shape(op: OpSpec, shape: dict, device: torch.device, dtype: torch.dt
         rows.append(row)
         reason = variant.available(device, dtype, shape)
         if reason:
-            row["status"] = f"unavailable: {reason}"
+            row.update(status=f"unavailable: {reason}", note="")
             continue
         try:
             fn = variant.build(case)
             out = fn()
             err = op.error(out, reference)
         except Unavailable as exc:
-            row["status"] = f"unavailable: {exc}"
+            row.update(status=f"unavailable: {exc}", note="")
             continue
         except Exception as exc:  # noqa: BLE001 - a variant that raises is reported, the others still run
             first = (str(exc).splitlines() or [""])[0][:160]
@@ -169,7 +169,7 @@ def run(args: argparse.Namespace) -> int:
         columns = TABLE + (["vs_old", "change"] if getattr(args, "compare", None) else [])
         if args.op == "step":
             columns = [c for c in columns if c not in ("gbps", "tflops")]
-        common.print_table(rows, [c for c in columns if any(r.get(c) is not None for r in rows)] or ["variant"])
+        common.print_table(rows, [c for c in columns if any(r.get(c) not in (None, "") for r in rows)] or ["variant"])
         if getattr(args, "csv", None):
             extra = f" and {len(breakdown)} breakdown rows" if breakdown else ""
             print(f"wrote {len(rows)} rows{extra} to {args.csv}")

@@ -169,7 +169,7 @@ class OutputProcessor:
             req.stable = len(tokens)
         req.finish_reason, req.error = reason, error
         out = RequestOutput(req.request_id, req.prompt_ids, tokens, text, req.nfe, reason, req.seed, req.metrics,
-                            req.num_revised, error)
+                            req.num_revised, error, list(req.suffix_ids))
         step_out = self._output(req, step, block, view, True, out)
         step_out._canvas = tokens
         return step_out

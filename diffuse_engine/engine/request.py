@@ -56,7 +56,8 @@ class RequestOutput:
     step failed, e.g. its logits were not finite; ``error`` says why, ``token_ids`` holds the canvas as it was;
     the other requests of the batch were not affected).
     ``seed``: the key of the request's randomness (give it back in SamplingParams to reproduce the output).
-    ``num_revised``: committed tokens that a revision policy re-masked or replaced.
+    ``num_revised``: committed tokens that a revision policy re-masked or replaced. ``suffix_token_ids``: the
+    infilling suffix the canvas was written before (empty for a plain request).
     """
 
     request_id: str
@@ -69,6 +70,7 @@ class RequestOutput:
     metrics: RequestMetrics
     num_revised: int = 0
     error: str | None = None
+    suffix_token_ids: list[int] = field(default_factory=list)
 
     @property
     def tokens_per_forward(self) -> float:

@@ -207,8 +207,9 @@ class OpenAIServer:
         return last
 
     def usage(self, out: "StreamOutput") -> dict[str, int]:
-        """OpenAI ``usage`` of a finished request (completion tokens: the whole canvas)."""
-        prompt, completion = len(out.output.prompt_token_ids), len(out.output.token_ids)
+        """OpenAI ``usage`` of a finished request (prompt tokens: with an infilling suffix; completion: the canvas)."""
+        prompt = len(out.output.prompt_token_ids) + len(out.output.suffix_token_ids)
+        completion = len(out.output.token_ids)
         return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
 
 
