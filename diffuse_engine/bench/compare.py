@@ -52,9 +52,11 @@ def compare_file(new: Path, old: Path, keys: tuple[str, ...] | None = None,
     if time_column is None:
         return [], [f"{new.name}: no time column to compare ({', '.join(TIME_COLUMNS)})"]
     a, b = _latest(new_rows, keys), _latest(old_rows, keys)
+    # a row is named by the key columns whose values differ between rows (all of them when there is one row)
+    varying = [i for i, _ in enumerate(keys) if len({key[i] for key in (*a, *b)}) > 1] or list(range(len(keys)))
     matched, only = [], []
     for key, row in a.items():
-        name = ", ".join(f"{k}={v}" for k, v in zip(keys, key, strict=True) if v != "")
+        name = ", ".join(f"{keys[i]}={key[i]}" for i in varying if key[i] != "")
         if key not in b:
             only.append(f"{new.name}: only in the new run: {name}")
             continue
@@ -62,8 +64,7 @@ def compare_file(new: Path, old: Path, keys: tuple[str, ...] | None = None,
         ratio = float(t_new) / float(t_old) if _number(t_new) and _number(t_old) and float(t_old) else None
         matched.append({"file": new.name, "row": name, "time": time_column, "old": t_old, "new": t_new,
                         "new/old": ratio})
-    only += [f"{new.name}: only in the old run: " + ", ".join(f"{k}={v}" for k, v in zip(keys, key, strict=True)
-                                                              if v != "")
+    only += [f"{new.name}: only in the old run: " + ", ".join(f"{keys[i]}={key[i]}" for i in varying if key[i] != "")
              for key in b if key not in a]
     return matched, only
 
