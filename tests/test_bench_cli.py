@@ -10,6 +10,7 @@ import csv
 import os
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -19,11 +20,12 @@ from diffuse_engine.bench.suites import default_out, device_slug
 
 ROOT = Path(__file__).resolve().parent.parent
 STAMP = ("date", "commit", "device", "torch", "triton", "diffuse_engine", "command")
+CACHE = tempfile.mkdtemp(prefix="diffuse-bench-cache-")  # never a folder inside the checkout
 TINY = ["--batches", "1,2", "--gen-lengths", "16", "--block-length", "16", "--prompt-len", "4", "--no-plots"]
 
 
 def _bench(cwd: Path, *argv: str, timeout: int = 120) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "DIFFUSE_CACHE_DIR": str(cwd / ".cache"),
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "DIFFUSE_CACHE_DIR": CACHE,
            "MPLBACKEND": "Agg"}
     return subprocess.run([sys.executable, "-m", "diffuse_engine", "bench", *argv], cwd=cwd, env=env,
                           capture_output=True, text=True, timeout=timeout)
@@ -168,3 +170,13 @@ def test_roofline_plot(engine_run, tmp_path):
     rows = list(csv.DictReader(open(out / "engine.csv")))
     assert [p.name for p in plots.draw("engine", rows, tmp_path)] == ["engine_roofline.png"]
     assert plots.ridge_batch(2.0, 0.5) == 4.0
+
+
+def test_engine_suite_runs_a_model_folder(tmp_path):
+    """``--model`` benchmarks a checkpoint's own weights (here the shipped ``addition`` model); the rows name it."""
+    proc = _bench(tmp_path, "engine", "--quick", "--model", "addition", "--batches", "1", "--gen-lengths", "16",
+                  "--block-length", "16", "--prompt-len", "4", "--no-reference", "--no-plots", "--out",
+                  str(tmp_path / "out"))
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    (row,) = csv.DictReader(open(tmp_path / "out" / "engine.csv"))
+    assert row["preset"] == "addition" and float(row["step_ms"]) > 0

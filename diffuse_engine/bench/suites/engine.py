@@ -1,6 +1,6 @@
-"""The engine suite: tokens/s, NFE and step time of the engine on a random-weight preset, against the reference loop
-(batch-1 generations, with a check that both produce identical tokens) and against the step's floor
-max(bytes / bandwidth, FLOPs / peak) with the device's measured ceilings. ``benchmarks/bench_engine.py``
+"""The engine suite: tokens/s, NFE and step time of the engine on a random-weight preset (or ``--model``'s
+checkpoint), against the reference loop (batch-1 generations, with a check that both produce identical tokens) and
+against the step's floor max(bytes / bandwidth, FLOPs / peak) with the device's measured ceilings. ``benchmarks/bench_engine.py``
 documents the two timings (whole generations; steady first-block steps) and the cache / CUDA-graph dimensions.
 
 ``diffuse-engine bench engine``: ``--quick`` runs llada-tiny at batches 1, 2, 4 without a cache in seconds on
@@ -50,9 +50,6 @@ KEYS = {"engine.csv": (("preset", "dtype", "batch", "cache", "cuda_graphs", "tim
 def settings(args: argparse.Namespace) -> argparse.Namespace:
     """The engine benchmark's options from ``diffuse-engine bench`` flags: the --quick or full preset, then every
     flag that was given."""
-    if getattr(args, "model", None):
-        raise ValueError("the engine suite runs random weights of a preset: use --preset NAME (--model is for the "
-                         "cache, serving and quality suites).")
     device = resolve_device(args.device)
     quick = bool(args.quick)
     opts = argparse.Namespace(
@@ -61,13 +58,19 @@ def settings(args: argparse.Namespace) -> argparse.Namespace:
         gen_lengths=[32] if quick else [128], block_length=16 if quick else 32, prompt_len=8 if quick else 32,
         batches=[1, 2, 4] if quick else [1, 2, 4, 8, 16], tokens_per_step=[1],
         caches=["none"] if quick else ["none", "dual"], graphs=None, timing="generation", warmup_steps=4,
-        timed_steps=8, reference="on", ceilings=True, quick=quick, seed=0, progress=args.progress)
+        timed_steps=8, reference="on", ceilings=True, quick=quick, seed=0, progress=args.progress,
+        model=getattr(args, "model", None))
     for name in ("gen_lengths", "block_length", "prompt_len", "batches", "tokens_per_step", "caches", "graphs",
                  "timing", "warmup_steps", "timed_steps", "seed"):
         setattr(opts, name, given(args, name, getattr(opts, name)))
     if getattr(args, "reference", None) is not None:
         opts.reference = "on" if args.reference else "off"
-    from_name(opts.preset)  # an unknown preset is a ValueError before anything runs
+    if opts.model:  # a checkpoint's own weights; its folder name stands in the rows' preset column
+        from ...loader import resolve_model_path
+
+        opts.preset = resolve_model_path(opts.model).name
+    else:
+        from_name(opts.preset)  # an unknown preset is a ValueError before anything runs
     if opts.warmup_steps < 1 or opts.timed_steps < 1:
         raise ValueError("--warmup-steps and --timed-steps must be at least 1.")
     return opts
@@ -79,10 +82,15 @@ def run(args: argparse.Namespace, out: Path) -> list[dict]:
 
 
 def _build(opts: argparse.Namespace, device: torch.device):
-    config = from_name(opts.preset).config
     t0 = time.perf_counter()
-    model = build_model(config, device=device, dtype=DTYPES[opts.dtype]).init_random_(
-        opts.seed, on_device=opts.init == "on-device")
+    if getattr(opts, "model", None):
+        from ...loader import load_model
+
+        model, config, _ = load_model(opts.model, device=device, dtype=DTYPES[opts.dtype])
+    else:
+        config = from_name(opts.preset).config
+        model = build_model(config, device=device, dtype=DTYPES[opts.dtype]).init_random_(
+            opts.seed, on_device=opts.init == "on-device")
     print(f"# {opts.preset}: {config.num_parameters() / 1e6:.1f}M parameters, {opts.dtype} on {device}, "
           f"built in {time.perf_counter() - t0:.1f}s", flush=True)
     ceilings = None
