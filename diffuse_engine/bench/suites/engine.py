@@ -1,7 +1,7 @@
-"""The engine suite: tokens/s, NFE and step time of the engine on a random-weight preset (or ``--model``'s
-checkpoint), against the reference loop (batch-1 generations, with a check that both produce identical tokens) and
-against the step's floor max(bytes / bandwidth, FLOPs / peak) with the device's measured ceilings.
-``benchmarks/bench_engine.py`` documents the two timings (whole generations; steady first-block steps) and the cache / CUDA-graph dimensions.
+"""The engine suite: tokens/s, NFE and step time of the engine on a random-weight preset (or ``--model``'s checkpoint),
+against the reference loop (batch-1 generations, with a check that both produce identical tokens) and against the
+step's floor max(bytes / bandwidth, FLOPs / peak) with the device's measured ceilings. ``benchmarks/bench_engine.py``
+documents the two timings (whole generations; steady first-block steps) and the cache / CUDA-graph dimensions.
 
 ``diffuse-engine bench engine``: ``--quick`` runs llada-tiny at batches 1, 2, 4 without a cache in seconds on
 the CPU; the full run sweeps batches 1..16 with and without the dual cache (``--batches``, ``--caches``,
