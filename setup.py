@@ -122,6 +122,7 @@ PACKAGES = sorted(find_packages(include=["diffuse_engine", "diffuse_engine.*"]) 
 PACKAGE_DATA = {
     "diffuse_engine": ["py.typed", "*.json", "*.jinja"],
     "diffuse_engine.quality.zoo": ["*/*.json", "*/*.jinja", "*/*.safetensors", "*/*.md", "*/*.csv"],
+    "diffuse_engine.integrations": ["lm_eval_tasks/*.yaml", "lm_eval_tasks/*.py"],
 }
 
 
@@ -165,8 +166,9 @@ setup(
         "pybind11>=2.12",
     ],
     extras_require={
-        "test": ["pytest>=7", "pytest-benchmark>=4", "scipy", "matplotlib", "fastapi", "uvicorn", "openai", "httpx"],
-        "eval": ["matplotlib"],
+        "test": ["pytest>=7", "pytest-benchmark>=4", "scipy", "matplotlib", "fastapi", "uvicorn", "openai", "httpx",
+                 "lm-eval>=0.4.13,<0.5"],
+        "eval": ["matplotlib", "lm-eval>=0.4.13,<0.5"],
         "plots": ["matplotlib"],
         "flash": ["flash-attn"],
         "serve": ["fastapi", "uvicorn"],

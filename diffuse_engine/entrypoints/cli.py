@@ -106,12 +106,14 @@ def build_parser() -> argparse.ArgumentParser:
     rnd.set_defaults(func=cmd_init_random)
 
     from .cli_bench import add_bench_commands
+    from .cli_lm_eval import add_lm_eval_command
     from .cli_quality import add_quality_commands
     from .server_cli import add_serve_command
 
     add_quality_commands(sub)
     add_serve_command(sub)
     add_bench_commands(sub)
+    add_lm_eval_command(sub)
     return parser
 
 
@@ -120,6 +122,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     try:
         argv = list(sys.argv[1:] if argv is None else argv)
+        if argv[:1] == ["lm-eval"]:  # lm-eval's own arguments, unparsed here
+            from .cli_lm_eval import run_lm_eval
+
+            return run_lm_eval(argv[1:])
         args = parser.parse_args(argv)
         args.argv = argv
         return args.func(args)

@@ -20,6 +20,7 @@ from ..entrypoints.llm import LLM
 from ..models import DiffusionLM
 from ..sampling_params import REMASKING, SamplingParams
 from ..tokenizer import Tokenizer
+from .likelihood import masked_nll
 from .tasks import Task, TextCorpus
 
 # progress(done, total): called as examples (or ELBO windows) finish.
@@ -131,7 +132,8 @@ def elbo_bits(model: DiffusionLM, tokenizer: Tokenizer, text: str, *, seq_len: i
               progress: ProgressFn | None = None) -> dict[str, float]:
     """Held-out bits per byte and per character of ``text`` under the model: the ELBO bound of masked
     diffusion estimated by Monte Carlo (LLaDA's estimator: l ~ U{1..L} positions masked uniformly, the masked
-    cross-entropy weighted by L / l), over consecutive ``seq_len``-token windows, ``samples`` draws each."""
+    cross-entropy weighted by L / l), over consecutive ``seq_len``-token windows, ``samples`` draws each (a
+    shifted-logit model reads row i - 1: :func:`.likelihood.masked_nll`)."""
     ids = torch.tensor(tokenizer.encode(text), dtype=torch.long)
     n_windows = ids.numel() // seq_len
     if max_windows is not None:
@@ -142,7 +144,6 @@ def elbo_bits(model: DiffusionLM, tokenizer: Tokenizer, text: str, *, seq_len: i
     gen = torch.Generator().manual_seed(seed)
     mask_id = model.config.mask_token_id
     total_nats = 0.0
-    device = model.device
     for start in range(0, windows.shape[0], batch_size):
         x = windows[start:start + batch_size]
         b = x.shape[0]
@@ -150,8 +151,7 @@ def elbo_bits(model: DiffusionLM, tokenizer: Tokenizer, text: str, *, seq_len: i
         ranks = torch.rand(b, seq_len, generator=gen).argsort(dim=1).argsort(dim=1)
         masked = ranks < num_masked[:, None]
         noisy = torch.where(masked, torch.full_like(x, mask_id), x)
-        logits = model(noisy.to(device)).float().cpu()
-        ce = torch.nn.functional.cross_entropy(logits[masked], x[masked], reduction="none").double()
+        ce = masked_nll(model, noisy, x, masked)
         per_row = torch.zeros(b, dtype=torch.float64).index_add_(0, masked.nonzero()[:, 0], ce)
         total_nats += float((per_row * seq_len / num_masked.double()).sum())
         if progress is not None:
