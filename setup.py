@@ -165,11 +165,13 @@ setup(
         "pybind11>=2.12",
     ],
     extras_require={
-        "test": ["pytest>=7", "pytest-benchmark>=4", "scipy", "matplotlib", "fastapi", "uvicorn", "openai", "httpx"],
+        "test": ["pytest>=7", "pytest-benchmark>=4", "scipy", "matplotlib", "fastapi", "uvicorn", "openai", "httpx",
+                 "huggingface_hub>=0.34"],
         "eval": ["matplotlib"],
         "plots": ["matplotlib"],
         "flash": ["flash-attn"],
         "serve": ["fastapi", "uvicorn"],
+        "hub": ["huggingface_hub>=0.34"],  # ORG/NAME model names: download from / read the Hugging Face Hub cache
     },
     entry_points={"console_scripts": ["diffuse-engine=diffuse_engine.entrypoints.cli:main"]},
     ext_modules=native_extensions(),
