@@ -167,11 +167,12 @@ setup(
     ],
     extras_require={
         "test": ["pytest>=7", "pytest-benchmark>=4", "scipy", "matplotlib", "fastapi", "uvicorn", "openai", "httpx",
-                 "lm-eval>=0.4.13,<0.5"],
+                 "lm-eval>=0.4.13,<0.5", "huggingface_hub>=0.34"],
         "eval": ["matplotlib", "lm-eval>=0.4.13,<0.5"],
         "plots": ["matplotlib"],
         "flash": ["flash-attn"],
         "serve": ["fastapi", "uvicorn"],
+        "hub": ["huggingface_hub>=0.34"],  # ORG/NAME model names: download from / read the Hugging Face Hub cache
     },
     entry_points={"console_scripts": ["diffuse-engine=diffuse_engine.entrypoints.cli:main"]},
     ext_modules=native_extensions(),

@@ -19,6 +19,7 @@ from safetensors import safe_open
 
 from .config import ModelConfig
 from .errors import CheckpointError
+from .hub import parse_hub_name, snapshot_folder
 from .models import DiffusionLM, build_model
 from .tokenizer import TOKENIZER_FILE, Tokenizer
 
@@ -235,11 +236,15 @@ def shipped_models() -> dict[str, Path]:
 
 def resolve_model_path(path: str | Path) -> Path:
     """The folder of ``path``: itself when it exists; otherwise the shipped model of that name, if there is one
-    (see :mod:`diffuse_engine.quality.zoo`)."""
+    (see :mod:`diffuse_engine.quality.zoo`), or the Hub cache's snapshot of a Hugging Face Hub name ``ORG/NAME``
+    or ``ORG/NAME@REVISION``, downloaded when online (see :mod:`diffuse_engine.hub` for the rule and the errors)."""
     folder = Path(path)
-    if folder.exists() or not isinstance(path, str) or "/" in path or "\\" in path:
+    if folder.exists() or not isinstance(path, str) or "\\" in path:
         return folder
-    return shipped_models().get(path, folder)
+    if "/" not in path:
+        return shipped_models().get(path, folder)
+    hub_name = parse_hub_name(path)
+    return snapshot_folder(path, *hub_name) if hub_name else folder
 
 
 def load_model(path: str | Path, *, device: str | torch.device = "cpu", dtype: torch.dtype | str | None = None,
@@ -252,7 +257,8 @@ def load_model(path: str | Path, *, device: str | torch.device = "cpu", dtype: t
     when the folder has no ``tokenizer.json`` (a weights-only folder is valid). ``dtype`` None means the
     config's ``torch_dtype`` on accelerators and float32 on the CPU. Weights are read one tensor at a time,
     cast to ``dtype`` and moved to ``device``; the model is first built on the meta device so that nothing is
-    allocated twice. ``path`` may also be the name of a shipped model (see :mod:`diffuse_engine.quality.zoo`).
+    allocated twice. ``path`` may also be the name of a shipped model (see :mod:`diffuse_engine.quality.zoo`) or
+    a Hugging Face Hub name (``ORG/NAME[@REVISION]``, see :func:`resolve_model_path`).
 
     ``check_weights``: refuse a checkpoint whose weights hold NaN or inf (a :class:`CheckpointError` naming the
     file and the tensor), also after a cast to float16 that overflows. Each tensor is checked once as it is

@@ -21,7 +21,7 @@ LAYERS: list[tuple[str, list[str]]] = [
     ("native", ["native", "_C", "kernels"]),
     ("ops", ["ops"]),
     ("models", ["models"]),
-    ("checkpoints", ["tokenizer", "loader", "checkpoint"]),
+    ("checkpoints", ["tokenizer", "hub", "loader", "checkpoint"]),
     ("policies", ["policies", "sampling_params"]),  # SamplingParams checks names against the policy registries
     ("engine", ["engine"]),
     ("api", ["entrypoints.llm", "entrypoints.async_engine"]),

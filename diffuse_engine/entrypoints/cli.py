@@ -50,7 +50,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     gen = sub.add_parser("generate", help="generate an answer for one prompt",
                          description="Generate for one prompt. On a terminal the canvas is shown as it is denoised.")
-    gen.add_argument("--model", required=True, metavar="DIR", help="model folder (Hugging Face layout)")
+    gen.add_argument("--model", required=True, metavar="DIR", help="model folder, shipped model or Hub ORG/NAME")
     src = gen.add_mutually_exclusive_group(required=True)
     src.add_argument("--prompt", metavar="TEXT", help="prompt text ('-' reads stdin)")
     src.add_argument("--prompt-ids", type=_token_ids, metavar="IDS", help="prompt token ids, e.g. 1,2,3")

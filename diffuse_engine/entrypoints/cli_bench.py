@@ -12,7 +12,7 @@ SUITES = ("kernels", "engine", "cache", "serving", "cost-model", "quality", "gpu
 
 def _add_model_flags(cmd: argparse.ArgumentParser) -> None:
     src = cmd.add_mutually_exclusive_group()
-    src.add_argument("--model", metavar="DIR", help="take the shapes from a model folder (or a shipped model's name)")
+    src.add_argument("--model", metavar="DIR", help="take the shapes from a model folder, zoo name or Hub ORG/NAME")
     src.add_argument("--preset", metavar="NAME", help="take the shapes from a preset (see `presets`)")
     cmd.add_argument("--device", help="cpu, cuda or cuda:N (default: cuda when available)")
     cmd.add_argument("--dtype", help="float32, bfloat16, float16 or float64 (default: bfloat16 on CUDA, float32 on "

@@ -71,7 +71,7 @@ def add_quality_commands(sub: argparse._SubParsersAction) -> None:
     for name, func, text in (("eval", cmd_eval, "accuracy, NFE, tokens per forward and tokens/s of a model on a task"),
                              ("sweep", cmd_sweep, "accuracy vs NFE and seconds over policies x steps x blocks")):
         p = sub.add_parser(name, help=text, description=text[0].upper() + text[1:] + ".")
-        p.add_argument("--model", required=True, metavar="DIR", help="model folder, or a shipped model's name")
+        p.add_argument("--model", required=True, metavar="DIR", help="model folder, shipped model or Hub name ORG/NAME")
         p.add_argument("--task", required=True, choices=names if name == "eval" else list(TASKS))
         p.add_argument("--limit", type=int, metavar="K", help="first K examples of the test set")
         p.add_argument("--device", help="cpu, cuda or cuda:N (default: cuda when available)")

@@ -17,7 +17,9 @@ Prompt = str | Sequence[int]
 class LLM:
     """A model and its engine.
 
-    ``LLM(model_path, device=None, dtype=None)`` loads a Hugging Face-layout folder (LLaDA or Dream).
+    ``LLM(model_path, device=None, dtype=None)`` loads a Hugging Face-layout folder (LLaDA, Dream or SDAR), a
+    shipped model's name, or a Hugging Face Hub name ``ORG/NAME[@REVISION]`` (from the Hub cache, downloaded when
+    online: :func:`~diffuse_engine.loader.resolve_model_path`).
     ``device`` defaults to CUDA when available, else CPU; ``dtype`` to the checkpoint's dtype on CUDA and fp32
     on the CPU. Every weight is checked for NaN / inf as it loads (a
     :class:`~diffuse_engine.errors.CheckpointError` names the tensor); ``check_weights=False`` or
@@ -36,9 +38,10 @@ class LLM:
         from ..loader import resolve_model_path
         from ..sampling_params import read_generation_defaults
 
-        model, _, tokenizer = load_model(model_path, device=device, dtype=dtype, check_weights=check_weights)
+        folder = resolve_model_path(model_path)  # once: a Hub name may ask the Hub
+        model, _, tokenizer = load_model(folder, device=device, dtype=dtype, check_weights=check_weights)
         self.engine = Engine(model, tokenizer, engine_config)
-        self.generation_defaults = read_generation_defaults(resolve_model_path(model_path))
+        self.generation_defaults = read_generation_defaults(folder)
 
     @classmethod
     def from_model(cls, model: DiffusionLM, tokenizer=None, engine_config: EngineConfig | None = None) -> LLM:

@@ -17,7 +17,7 @@ def add_serve_command(sub: argparse._SubParsersAction) -> None:
     cmd = sub.add_parser("serve", help="serve a model over an OpenAI-compatible HTTP API",
                          description="Serve a model over an OpenAI-compatible HTTP API (/v1/completions, "
                                      "/v1/chat/completions, /v1/models, /health, /metrics).")
-    cmd.add_argument("--model", required=True, metavar="DIR", help="model folder (Hugging Face layout) or zoo name")
+    cmd.add_argument("--model", required=True, metavar="DIR", help="model folder, zoo name or Hub ORG/NAME")
     cmd.add_argument("--served-model-name", metavar="NAME", help="the model id of the API (default: folder name)")
     cmd.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
     cmd.add_argument("--port", type=int, default=8000, help="port (default 8000)")

@@ -65,10 +65,12 @@ def settings(args: argparse.Namespace) -> argparse.Namespace:
         setattr(opts, name, given(args, name, getattr(opts, name)))
     if getattr(args, "reference", None) is not None:
         opts.reference = "on" if args.reference else "off"
-    if opts.model:  # a checkpoint's own weights; its folder name stands in the rows' preset column
+    if opts.model:  # a checkpoint's own weights; its folder's (or Hub) name stands in the rows' preset column
+        from ...hub import parse_hub_name
         from ...loader import resolve_model_path
 
-        opts.preset = resolve_model_path(opts.model).name
+        folder = resolve_model_path(opts.model)
+        opts.preset = opts.model if parse_hub_name(opts.model) else folder.name
     else:
         from_name(opts.preset)  # an unknown preset is a ValueError before anything runs
     if opts.warmup_steps < 1 or opts.timed_steps < 1:
