@@ -27,6 +27,7 @@ LAYERS: list[tuple[str, list[str]]] = [
     ("api", ["entrypoints.llm", "entrypoints.async_engine"]),
     ("quality", ["quality"]),
     ("bench", ["bench"]),  # benchmark suites and profiling: any layer of the product below the command line
+    ("integrations", ["integrations"]),  # other tools' plug-ins (the lm-evaluation-harness model)
     ("entrypoints", ["entrypoints", "", "__main__"]),
 ]
 

@@ -122,3 +122,15 @@ def test_ci_runs_the_readme_test_command_and_the_install_check():
     assert f"```bash\n{command}\n```" in readme, "the README's test command differs from .ci/run's"
     assert ".ci/check_install.sh" in ci
     assert (ROOT / ".ci" / "check_install.sh").stat().st_mode & 0o111
+
+
+def test_package_data_covers_the_shipped_harness_tasks():
+    """The lm-evaluation-harness tasks (YAML and their dataset builder) are package data of the integrations."""
+    text = (ROOT / "setup.py").read_text()
+    patterns = ast.literal_eval(re.search(r'"diffuse_engine\.integrations": (\[[^\]]*\])', text).group(1))
+    folder = ROOT / "diffuse_engine" / "integrations"
+    files = [p.relative_to(folder).as_posix() for p in (folder / "lm_eval_tasks").glob("*") if p.is_file()
+             and p.suffix in (".yaml", ".py")]
+    assert len(files) >= 4
+    missing = [f for f in files if not any(fnmatch.fnmatch(f, p) for p in patterns)]
+    assert not missing, f"setup.py's package_data leaves out {missing}"

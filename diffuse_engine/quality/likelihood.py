@@ -21,11 +21,12 @@ from ..models import DiffusionLM
 def masked_nll(model: DiffusionLM, noisy: torch.Tensor, target: torch.Tensor, masked: torch.Tensor) -> torch.Tensor:
     """Negative log-likelihood (nats, float64) of ``target`` at every ``masked`` position of ``noisy``
     ([batch, seq] each), in the order of ``masked.nonzero()``. Shifted-logit models read row i - 1 for position i
-    (position 0 reads row 0, as Dream's generation does)."""
-    logits = model(noisy.to(model.device)).float().cpu()
-    if model.config.shifted_logits:
-        logits = torch.cat([logits[:, :1], logits[:, :-1]], dim=1)
-    return F.cross_entropy(logits[masked], target[masked], reduction="none").double()
+    (position 0 reads row 0, as Dream's generation does). Only the masked rows are upcast (to float64)."""
+    logits = model(noisy.to(model.device))
+    where = masked.nonzero()
+    rows = (where[:, 1] - 1).clamp_(min=0) if model.config.shifted_logits else where[:, 1]
+    picked = logits[where[:, 0].to(logits.device), rows.to(logits.device)].double().cpu()  # only the masked rows
+    return F.cross_entropy(picked, target[masked], reduction="none")
 
 
 def stratified_mask_counts(num: int, length: int, gen: torch.Generator) -> torch.Tensor:
