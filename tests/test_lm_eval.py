@@ -142,3 +142,11 @@ def test_sampling_params_of_model_args_follow_the_folder_defaults():
     p = lm._params({"gen_length": 6})
     assert isinstance(p, SamplingParams) and (p.cache, p.policy, p.threshold, p.gen_length) == ("dual", "threshold",
                                                                                                  0.8, 6)
+
+
+def test_chat_template_for_apply_chat_template():
+    lm = DiffuseEngineLM(pretrained="addition", device="cpu")
+    history = [{"role": "user", "content": "04821+00379="}]
+    rendered = lm.apply_chat_template(history)
+    assert rendered == lm.llm.tokenizer.apply_chat_template(history) and "04821+00379=" in rendered
+    assert lm.chat_template(True) == lm.llm.tokenizer.chat_template and lm.tokenizer_name == "addition"

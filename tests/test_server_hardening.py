@@ -419,7 +419,7 @@ def test_chat_over_http_keeps_special_text_as_text(app, engine):
 # ------------------------------------------------------------------------------------------- README
 def _serve_block() -> str:
     blocks = re.findall(r"```bash\n(.*?)```", README.read_text(), re.S)
-    [block] = [b for b in blocks if "diffuse-engine serve" in b]
+    [block] = [b for b in blocks if "diffuse-engine serve --model addition" in b]  # the one that runs on the CPU
     return block
 
 
