@@ -1,5 +1,4 @@
-"""The OpenAI-compatible HTTP server on top of :class:`AsyncEngine` (run by ``diffuse-engine serve``:
-:mod:`.server_cli`).
+"""The OpenAI-compatible HTTP server on top of :class:`AsyncEngine` (``diffuse-engine serve``: :mod:`.server_cli`).
 
 Endpoints: ``POST /v1/completions``, ``POST /v1/chat/completions`` and ``POST /v1/fim/completions`` (``stream: true``:
 server-sent events), ``GET /v1/models``, ``GET /health``, ``GET /metrics`` (Prometheus). Besides the OpenAI fields
@@ -63,6 +62,7 @@ from .server_stream import (
     cancelling,
     closing_streaming_response,
     failure,
+    guarded,
     stream_events,
     until_disconnect,
 )
@@ -236,7 +236,8 @@ async def complete(server: OpenAIServer, request: "Request", chat: bool, limits:
         agen, first = await server.start(prompt, params, rid, stream, request, suffix)
         if stream:
             events = draft_events if diffusing_field(body) else stream_events
-            return closing_streaming_response()(events(server, agen, first, rid, chat, body, params), agen.aclose)
+            chunks = guarded(server, agen, events(server, agen, first, rid, chat, body, params))
+            return closing_streaming_response()(chunks, agen.aclose)
         last = await until_disconnect(request.receive, server.collect(agen, first))
     except ClientGone:
         logger.info("%s: the client disconnected before the answer", rid)

@@ -14,14 +14,11 @@ stop string) and the ``finish_reason``; drafts before it are the raw canvas. Wit
 chunk also carries its ``canvas`` object.
 """
 
-import asyncio
-import json
 from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING, Any
 
 from .server_input import bool_field
-from .server_metrics import note_failure
-from .server_stream import FINISH_REASONS, _chunker, cancelling, canvas_json, failure
+from .server_stream import FINISH_REASONS, canvas_json, chunker, include_usage
 
 if TYPE_CHECKING:
     from .async_engine import CanvasSnapshot, StreamOutput
@@ -56,37 +53,24 @@ def draft_json(canvas: "CanvasSnapshot") -> dict[str, Any]:
 
 async def draft_events(server: Any, agen: AsyncIterator["StreamOutput"], first: "StreamOutput", rid: str,
                        chat: bool, body: dict[str, Any], params: Any) -> AsyncIterator[str]:
-    """The SSE events of a ``diffusing`` stream of ``server`` (an :class:`OpenAIServer`; its requests stream a
-    canvas snapshot per step); closing this generator aborts the request."""
-    options = body.get("stream_options")
-    include_usage = isinstance(options, dict) and options.get("include_usage") is True
+    """The chunks of a ``diffusing`` stream of ``server`` (an :class:`OpenAIServer`; its requests stream a canvas
+    snapshot per step; run inside :func:`.server_stream.guarded`)."""
     mask_id, show_canvas = server.engine.engine.model_config.mask_token_id, bool_field(body, "stream_canvas")
-    event, choice = _chunker(server, rid, chat)
-    try:
-        if chat:
-            yield event({"index": 0, "delta": {"role": "assistant"}, "finish_reason": None, "logprobs": None})
-        out = first
-        while True:
-            draft = {"draft": draft_json(out.canvas)} if out.canvas is not None else {}
-            if draft and show_canvas:
-                draft["canvas"] = canvas_json(out.canvas)
-            if out.finished:
-                server.record(out)
-                finish = FINISH_REASONS.get(out.finish_reason, out.finish_reason)
-                yield event(choice(out.text, finish), nfe=out.output.nfe, **draft)
-                if include_usage:
-                    yield event(None, usage=server.usage(out))
-                break
-            if draft:
-                yield event(choice(draft_text(out.canvas.tokens, mask_id, server.tokenizer), None), **draft)
-            out = await agen.__anext__()
-    except (ValueError, RuntimeError, asyncio.CancelledError) as exc:
-        if isinstance(exc, asyncio.CancelledError) and cancelling():
-            raise
-        if not isinstance(exc, asyncio.CancelledError):  # an abort counts as aborted
-            server.failed += 1
-            note_failure(server)
-        yield f"data: {json.dumps(failure(exc, 500, server.roots).body())}\n\n"
-    finally:
-        await agen.aclose()
-    yield "data: [DONE]\n\n"
+    event, choice = chunker(server, rid, chat)
+    if chat:
+        yield event({"index": 0, "delta": {"role": "assistant"}, "finish_reason": None, "logprobs": None})
+    out = first
+    while True:
+        draft = {"draft": draft_json(out.canvas)} if out.canvas is not None else {}
+        if draft and show_canvas:
+            draft["canvas"] = canvas_json(out.canvas)
+        if out.finished:
+            server.record(out)
+            finish = FINISH_REASONS.get(out.finish_reason, out.finish_reason)
+            yield event(choice(out.text, finish), nfe=out.output.nfe, **draft)
+            if include_usage(body):
+                yield event(None, usage=server.usage(out))
+            return
+        if draft:
+            yield event(choice(draft_text(out.canvas.tokens, mask_id, server.tokenizer), None), **draft)
+        out = await agen.__anext__()

@@ -75,7 +75,7 @@ def cancelling() -> bool:
     return task is not None and bool(getattr(task, "cancelling", lambda: 0)())
 
 
-def _chunker(server: Any, rid: str, chat: bool) -> tuple[Callable[..., str], Callable[[str | None, str | None], dict]]:
+def chunker(server: Any, rid: str, chat: bool) -> tuple[Callable[..., str], Callable[[str | None, str | None], dict]]:
     """The SSE event of a chunk and the choice inside it, for a completion or a chat completion."""
     created, kind = int(time.time()), "chat.completion.chunk" if chat else "text_completion"
 
@@ -93,39 +93,13 @@ def _chunker(server: Any, rid: str, chat: bool) -> tuple[Callable[..., str], Cal
     return event, choice
 
 
-async def stream_events(server: Any, agen: AsyncIterator["StreamOutput"], first: "StreamOutput", rid: str,
-                        chat: bool, body: dict[str, Any], params: SamplingParams) -> AsyncIterator[str]:
-    """The SSE events of a streamed request of ``server`` (an :class:`OpenAIServer`); closing this generator
-    aborts the request. Text that may begin a stop string is held back until the request finishes (the final
-    text is cut before the stop string)."""
-    sent, stops, show_canvas = "", params.stop or [], bool_field(body, "stream_canvas")
-    options = body.get("stream_options")
-    include_usage = isinstance(options, dict) and options.get("include_usage") is True
-    event, choice = _chunker(server, rid, chat)
+async def guarded(server: Any, agen: AsyncIterator["StreamOutput"], events: AsyncIterator[str]) -> AsyncIterator[str]:
+    """The SSE stream of one request: ``events`` (:func:`stream_events` or the draft stream), then ``[DONE]``. A
+    failure of the request ends it with an error event (counted as failed; an abort counts as aborted); closing this
+    generator aborts the request."""
     try:
-        if chat:
-            yield event({"index": 0, "delta": {"role": "assistant"}, "finish_reason": None, "logprobs": None})
-        out = first
-        while True:
-            extra = {"canvas": canvas_json(out.canvas)} if show_canvas and out.canvas is not None else {}
-            end = len(out.text) if out.finished else safe_end(out.text, stops)
-            delta = out.text[len(sent):end] if out.text.startswith(sent) else ""
-            sent += delta
-            if out.finished:
-                server.record(out)
-                finish = FINISH_REASONS.get(out.finish_reason, out.finish_reason)
-                if chat:
-                    if delta or extra:
-                        yield event(choice(delta, None), **extra)
-                    yield event(choice(None, finish), nfe=out.output.nfe)
-                else:
-                    yield event(choice(delta, finish), nfe=out.output.nfe, **extra)
-                if include_usage:
-                    yield event(None, usage=server.usage(out))
-                break
-            if delta or extra:
-                yield event(choice(delta, None), **extra)
-            out = await agen.__anext__()
+        async for event in events:
+            yield event
     except (ValueError, RuntimeError, asyncio.CancelledError) as exc:
         if isinstance(exc, asyncio.CancelledError) and cancelling():
             raise
@@ -136,6 +110,44 @@ async def stream_events(server: Any, agen: AsyncIterator["StreamOutput"], first:
     finally:
         await agen.aclose()
     yield "data: [DONE]\n\n"
+
+
+def include_usage(body: dict[str, Any]) -> bool:
+    """Whether a streamed request asks for a last chunk with its usage (``stream_options.include_usage``)."""
+    options = body.get("stream_options")
+    return isinstance(options, dict) and options.get("include_usage") is True
+
+
+async def stream_events(server: Any, agen: AsyncIterator["StreamOutput"], first: "StreamOutput", rid: str,
+                        chat: bool, body: dict[str, Any], params: SamplingParams) -> AsyncIterator[str]:
+    """The chunks of a streamed request of ``server`` (an :class:`OpenAIServer`; run inside :func:`guarded`). Text
+    that may begin a stop string is held back until the request finishes (the final text is cut before the stop
+    string)."""
+    sent, stops, show_canvas = "", params.stop or [], bool_field(body, "stream_canvas")
+    event, choice = chunker(server, rid, chat)
+    if chat:
+        yield event({"index": 0, "delta": {"role": "assistant"}, "finish_reason": None, "logprobs": None})
+    out = first
+    while True:
+        extra = {"canvas": canvas_json(out.canvas)} if show_canvas and out.canvas is not None else {}
+        end = len(out.text) if out.finished else safe_end(out.text, stops)
+        delta = out.text[len(sent):end] if out.text.startswith(sent) else ""
+        sent += delta
+        if out.finished:
+            server.record(out)
+            finish = FINISH_REASONS.get(out.finish_reason, out.finish_reason)
+            if chat:
+                if delta or extra:
+                    yield event(choice(delta, None), **extra)
+                yield event(choice(None, finish), nfe=out.output.nfe)
+            else:
+                yield event(choice(delta, finish), nfe=out.output.nfe, **extra)
+            if include_usage(body):
+                yield event(None, usage=server.usage(out))
+            return
+        if delta or extra:
+            yield event(choice(delta, None), **extra)
+        out = await agen.__anext__()
 
 
 @functools.cache
