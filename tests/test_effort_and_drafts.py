@@ -7,12 +7,10 @@ from __future__ import annotations
 
 import asyncio
 import json
-import socket
-import threading
-import time
 from collections.abc import Iterator
 
 import pytest
+from served import serve_app
 
 from diffuse_engine import LLM
 from diffuse_engine.engine import EngineConfig
@@ -117,19 +115,8 @@ def served() -> Iterator[tuple[openai.OpenAI, object]]:
     engine = AsyncEngine.from_pretrained(MODEL, device="cpu", engine_config=EngineConfig(
         max_num_seqs=4, page_size=4, kv_cache_tokens=1024))
     app = build_app(engine, MODEL)
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 30
-    while not server.started:
-        assert thread.is_alive() and time.monotonic() < deadline, "uvicorn did not start"
-        time.sleep(0.01)
-    yield openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="x", max_retries=0, timeout=30), app
-    server.should_exit = True
-    thread.join(timeout=30)
+    with serve_app(app) as port:
+        yield openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="x", max_retries=0, timeout=30), app
 
 
 def _post(app, path: str, body: dict) -> httpx.Response:

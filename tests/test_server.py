@@ -8,16 +8,15 @@ import asyncio
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
-import threading
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import pytest
+from served import free_port, serve_app
 
 pytest.importorskip("fastapi")
 httpx = pytest.importorskip("httpx")
@@ -70,19 +69,8 @@ class Served:
 def served() -> Iterator[Served]:
     engine = AsyncEngine.from_pretrained(MODEL, device="cpu", engine_config=EngineConfig(
         max_num_seqs=16, page_size=4, kv_cache_tokens=2048))
-    port = _free_port()
-    server = uvicorn.Server(uvicorn.Config(build_app(engine, MODEL), host="127.0.0.1", port=port,
-                                           log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 30
-    while not server.started:
-        assert thread.is_alive() and time.monotonic() < deadline, "uvicorn did not start"
-        time.sleep(0.01)
-    yield Served(port, engine)
-    server.should_exit = True
-    thread.join(timeout=30)
-    assert not thread.is_alive()
+    with serve_app(build_app(engine, MODEL)) as port:
+        yield Served(port, engine)
 
 
 @pytest.fixture(scope="module")
@@ -344,12 +332,6 @@ async def _asse(lines):
             yield json.loads(line[6:])
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_serve_command_checks_its_arguments_and_imports_fastapi_lazily(capsys):
     assert cli_main(["serve", "--model", MODEL, "--port", "70000"]) == 2
     assert "--port" in capsys.readouterr().err
@@ -359,7 +341,7 @@ def test_serve_command_checks_its_arguments_and_imports_fastapi_lazily(capsys):
 
 
 def test_serve_command_serves_until_interrupted():
-    port = _free_port()
+    port = free_port()
     cmd = [sys.executable, "-m", "diffuse_engine.entrypoints.cli", "serve", "--model", MODEL, "--port", str(port),
            "--device", "cpu", "--max-num-seqs", "4", "--kv-cache-tokens", "256", "--log-level", "warning"]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)

@@ -6,12 +6,10 @@ from __future__ import annotations
 
 import asyncio
 import json
-import socket
-import threading
-import time
 from collections.abc import Iterator
 
 import pytest
+from served import serve_app
 
 pytest.importorskip("fastapi")
 httpx = pytest.importorskip("httpx")
@@ -31,27 +29,11 @@ MODEL = "text-char"
 PREFIX, SUFFIX = "The function returns the ", " of the list."
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def url() -> Iterator[str]:
     engine = AsyncEngine.from_pretrained(MODEL, device="cpu", engine_config=EngineConfig(max_num_seqs=8))
-    port = _free_port()
-    server = uvicorn.Server(uvicorn.Config(build_app(engine, MODEL), host="127.0.0.1", port=port,
-                                           log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 30
-    while not server.started:
-        assert thread.is_alive() and time.monotonic() < deadline, "uvicorn did not start"
-        time.sleep(0.01)
-    yield f"http://127.0.0.1:{port}"
-    server.should_exit = True
-    thread.join(timeout=30)
+    with serve_app(build_app(engine, MODEL)) as port:
+        yield f"http://127.0.0.1:{port}"
 
 
 @pytest.fixture(scope="module")
