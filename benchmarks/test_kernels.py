@@ -27,10 +27,6 @@ DEVICE, DTYPE = torch.device("cpu"), torch.float32
 _CASES: dict[tuple[str, str], tuple] = {}
 
 
-def _params(op: str) -> list:
-    return [pytest.param(shape, name, id=f"{name}-{shape}") for shape in SHAPES[op] for name in spec(op).variants]
-
-
 def _checked(op_name: str, text: str, variant_name: str):
     """The variant's callable at this shape, after it passed the fp64 check (skips when it cannot run here)."""
     op = spec(op_name)
@@ -54,31 +50,10 @@ def _checked(op_name: str, text: str, variant_name: str):
     return fn
 
 
-@pytest.mark.benchmark(group="attention")
-@pytest.mark.parametrize("shape,variant", _params("attention"))
-def test_attention(benchmark, shape, variant):
-    benchmark(_checked("attention", shape, variant))
-
-
-@pytest.mark.benchmark(group="row_stats")
-@pytest.mark.parametrize("shape,variant", _params("row_stats"))
-def test_row_stats(benchmark, shape, variant):
-    benchmark(_checked("row_stats", shape, variant))
-
-
-@pytest.mark.benchmark(group="lm_head_stats")
-@pytest.mark.parametrize("shape,variant", _params("lm_head_stats"))
-def test_lm_head_stats(benchmark, shape, variant):
-    benchmark(_checked("lm_head_stats", shape, variant))
-
-
-@pytest.mark.benchmark(group="commit")
-@pytest.mark.parametrize("shape,variant", _params("commit"))
-def test_commit(benchmark, shape, variant):
-    benchmark(_checked("commit", shape, variant))
-
-
-@pytest.mark.benchmark(group="noise")
-@pytest.mark.parametrize("shape,variant", _params("noise"))
-def test_noise(benchmark, shape, variant):
-    benchmark(_checked("noise", shape, variant))
+@pytest.mark.parametrize("op,shape,variant", [pytest.param(op, shape, name, id=f"{op}-{name}-{shape}")
+                                              for op in SHAPES for shape in SHAPES[op]
+                                              for name in spec(op).variants])
+def test_kernel(benchmark, op, shape, variant):
+    fn = _checked(op, shape, variant)
+    benchmark.group = op  # one group per op: --benchmark-compare lines up the variants of each
+    benchmark(fn)
