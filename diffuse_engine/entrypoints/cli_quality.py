@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from ..bench.suites.options import ints
 from ..progress import Progress
 from ..quality.tasks import CORPORA, TASKS
 
@@ -25,16 +26,6 @@ def default_sweep_dir(now: _dt.datetime | None = None) -> Path:
     """``./diffuse-results/sweep-YYYYmmdd-HHMMSS`` (UTC): a new folder per run."""
     now = now or _dt.datetime.now(_dt.timezone.utc)
     return Path(DEFAULT_SWEEP_ROOT) / f"sweep-{now.strftime('%Y%m%d-%H%M%S')}"
-
-
-def _int_list(text: str) -> list[int]:
-    try:
-        values = [int(x) for x in text.split(",") if x.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
-    if not values:
-        raise argparse.ArgumentTypeError("expected at least one integer")
-    return values
 
 
 def _str_list(text: str) -> list[str]:
@@ -93,8 +84,8 @@ def add_quality_commands(sub: argparse._SubParsersAction) -> None:
                            help="--infill on text: tokens to fill between 48-token prefix and suffix (default 16)")
         else:
             p.add_argument("--policies", type=_str_list, help=f"comma-separated (default: all: {','.join(POLICIES)})")
-            p.add_argument("--steps", type=_int_list, help="comma-separated step counts (default: halving)")
-            p.add_argument("--block-lengths", type=_int_list, help="comma-separated (default: canvas and half)")
+            p.add_argument("--steps", type=ints, help="comma-separated step counts (default: halving)")
+            p.add_argument("--block-lengths", type=ints, help="comma-separated (default: canvas and half)")
             p.add_argument("--caches", type=_str_list, default=["none"],
                            help=f"comma-separated KV caches among {','.join(CACHES)} (default none)")
             p.add_argument("--out", metavar="DIR",
