@@ -19,3 +19,9 @@ class KVCacheFullError(RuntimeError):
 class BackendUnavailableError(RuntimeError):
     """An explicitly requested backend cannot run an op (``DIFFUSE_BACKEND``, ``DIFFUSE_ATTENTION_BACKEND``, a
     ``backend=`` argument, or the native module when it is not built); the message says why."""
+
+
+class TensorParallelError(RuntimeError):
+    """A tensor-parallel rank died, failed, or did not answer within the engine's timeout. The ranks can no longer
+    run steps together: the engine fails every unfinished request with this message and refuses new ones; start a
+    new engine. The message names the rank and what happened to it."""

@@ -150,9 +150,10 @@ def _skipped(name: str, ignored: set[str]) -> bool:
 
 
 def _read_file(file: Path, names: list[str] | None, expected: dict[str, torch.Size], ignored: set[str],
-               found: dict[str, str], check: bool) -> Iterator[tuple[str, torch.Tensor]]:
+               found: dict[str, str], check: bool, shard=None) -> Iterator[tuple[str, torch.Tensor]]:
     """Yield the expected tensors of one safetensors file, recording every name it holds in ``found``; with
-    ``check``, a tensor holding NaN or inf raises."""
+    ``check``, a tensor holding NaN or inf raises. ``shard``: read only each tensor's slice that
+    ``shard.slice_of(name)`` names (``(dim, lo, hi)``; None: the whole tensor)."""
     where = file.name
     try:
         handle = safe_open(str(file), framework="pt", device="cpu")
@@ -174,7 +175,7 @@ def _read_file(file: Path, names: list[str] | None, expected: dict[str, torch.Si
                 raise CheckpointError(f"{where}: tensor {name!r} has shape {tuple(shape)} but the config implies "
                                       f"{tuple(expected[name])}.")
             try:
-                tensor = handle.get_tensor(name)
+                tensor = _read_tensor(handle, name, shard)
             except Exception as exc:  # noqa: BLE001
                 raise CheckpointError(f"{where}: tensor {name!r} cannot be read: {_scrub(exc, file)}.") from None
             if not tensor.is_floating_point():
@@ -185,18 +186,27 @@ def _read_file(file: Path, names: list[str] | None, expected: dict[str, torch.Si
             yield name, tensor
 
 
+def _read_tensor(handle, name: str, shard) -> torch.Tensor:
+    cut = shard.slice_of(name) if shard is not None else None
+    if cut is None:
+        return handle.get_tensor(name)
+    dim, lo, hi = cut
+    part = handle.get_slice(name)
+    return part[lo:hi] if dim == 0 else part[:, lo:hi]
+
+
 def _scrub(exc: Exception, file: Path) -> str:
     """The text of a reader's exception with the file's full path cut down to its name."""
     return str(exc).replace(str(file), file.name).rstrip(".")
 
 
 def _iter_tensors(files: list[tuple[Path, list[str] | None]], expected: dict[str, torch.Size],
-                  ignored: set[str], check: bool = True) -> Iterator[tuple[str, torch.Tensor]]:
+                  ignored: set[str], check: bool = True, shard=None) -> Iterator[tuple[str, torch.Tensor]]:
     """Yield the checkpoint's tensors one at a time after checking names and shapes against ``expected`` (and,
     with ``check``, that every value is finite)."""
     found: dict[str, str] = {}
     for file, names in files:
-        yield from _read_file(file, names, expected, ignored, found, check)
+        yield from _read_file(file, names, expected, ignored, found, check, shard)
     where = files[0][0].name if len(files) == 1 else INDEX_FILE
     unexpected = sorted(n for n in found if n not in expected and not _skipped(n, ignored))
     if unexpected:
@@ -247,8 +257,16 @@ def resolve_model_path(path: str | Path) -> Path:
     return snapshot_folder(path, *hub_name) if hub_name else folder
 
 
+def read_model_config(path: str | Path) -> ModelConfig:
+    """The :class:`ModelConfig` of a model folder (or shipped / Hub name), without its weights."""
+    folder = resolve_model_path(path)
+    if not folder.is_dir():
+        raise CheckpointError(f"Model folder {folder} does not exist or is not a directory.")
+    return _read_config(folder)[0]
+
+
 def load_model(path: str | Path, *, device: str | torch.device = "cpu", dtype: torch.dtype | str | None = None,
-               check_weights: bool | None = None) -> tuple[DiffusionLM, ModelConfig, Tokenizer | None]:
+               check_weights: bool | None = None, shard=None) -> tuple[DiffusionLM, ModelConfig, Tokenizer | None]:
     """Load the model folder ``path`` onto ``device``.
 
     Returns ``(model, config, tokenizer)``: the model in eval mode without gradients, its config (with
@@ -264,6 +282,9 @@ def load_model(path: str | Path, *, device: str | torch.device = "cpu", dtype: t
     file and the tensor), also after a cast to float16 that overflows. Each tensor is checked once as it is
     read, which adds a few percent to the load time. None (the default) follows the environment variable
     ``DIFFUSE_CHECK_WEIGHTS``: the check runs unless it is ``0``; True or False decides regardless of it.
+
+    ``shard``: one tensor-parallel rank's share (a :class:`diffuse_engine.distributed.ShardPlan`): only its slice
+    of each split tensor is read from the files, and the model's parameters have the local shapes.
     """
     folder = resolve_model_path(path)
     if not folder.is_dir():
@@ -289,9 +310,11 @@ def load_model(path: str | Path, *, device: str | torch.device = "cpu", dtype: t
 
     model = build_model(config, dtype=target, meta=True)
     expected = {name: t.shape for name, t in model.state_dict().items()}
+    if shard is not None:
+        shard.resize_meta(model)
     ignored = {_HEAD_TENSOR[config.arch]} if config.tie_word_embeddings else set()
     state = {}
-    for name, tensor in _iter_tensors(files, expected, ignored, check):
+    for name, tensor in _iter_tensors(files, expected, ignored, check, shard):
         state[name] = tensor.to(device=device, dtype=target)
         if check and target == torch.float16 and tensor.dtype != torch.float16 and (
                 bad := _count_non_finite(state[name])):

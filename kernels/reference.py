@@ -75,8 +75,8 @@ def row_keys(seed: torch.Tensor, step: torch.Tensor, position: torch.Tensor, str
     return lowbias32(h ^ _i32_const(stream & MASK32))
 
 
-def column_hashes(num_cols: int, device: torch.device | str = "cpu") -> torch.Tensor:
-    cols = torch.arange(num_cols, device=device, dtype=torch.int32)
+def column_hashes(num_cols: int, device: torch.device | str = "cpu", first_col: int = 0) -> torch.Tensor:
+    cols = torch.arange(first_col, first_col + num_cols, device=device, dtype=torch.int32)
     return lowbias32(cols ^ _i32_const(COLUMN_SALT))
 
 
@@ -86,18 +86,20 @@ def bits_to_uniform(bits: torch.Tensor) -> torch.Tensor:
 
 
 def counter_uniform(seed: torch.Tensor, step: torch.Tensor, position: torch.Tensor, stream: int,
-                    num_cols: int | None = None) -> torch.Tensor:
-    """Uniforms in (0, 1), fp32: ``[M]`` when ``num_cols`` is None (column 0), else ``[M, num_cols]``."""
+                    num_cols: int | None = None, first_col: int = 0) -> torch.Tensor:
+    """Uniforms in (0, 1), fp32: ``[M]`` when ``num_cols`` is None (column 0), else ``[M, num_cols]`` for the
+    columns ``first_col .. first_col + num_cols - 1`` (a slice of the vocabulary draws the same numbers as the
+    matching columns of the whole)."""
     h = row_keys(seed, step, position, stream)
     if num_cols is None:
         return bits_to_uniform(lowbias32(h ^ column_hashes(1, h.device)[0]))
-    return bits_to_uniform(lowbias32(h[:, None] ^ column_hashes(num_cols, h.device)[None, :]))
+    return bits_to_uniform(lowbias32(h[:, None] ^ column_hashes(num_cols, h.device, first_col)[None, :]))
 
 
 def counter_gumbel(seed: torch.Tensor, step: torch.Tensor, position: torch.Tensor, stream: int,
-                   num_cols: int | None = None) -> torch.Tensor:
+                   num_cols: int | None = None, first_col: int = 0) -> torch.Tensor:
     """Standard Gumbel noise ``-log(-log(u))`` of :func:`counter_uniform`, fp32."""
-    return -torch.log(-torch.log(counter_uniform(seed, step, position, stream, num_cols)))
+    return -torch.log(-torch.log(counter_uniform(seed, step, position, stream, num_cols, first_col)))
 
 
 # ----------------------------------------------------------------------------------------------- sampling

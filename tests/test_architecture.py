@@ -24,6 +24,7 @@ LAYERS: list[tuple[str, list[str]]] = [
     ("checkpoints", ["tokenizer", "hub", "loader", "checkpoint"]),
     ("policies", ["policies", "sampling_params"]),  # SamplingParams checks names against the policy registries
     ("engine", ["engine"]),
+    ("distributed", ["distributed"]),  # tensor parallelism: ranks, sharded loading, the model's collectives
     ("api", ["entrypoints.llm", "entrypoints.async_engine"]),
     ("quality", ["quality"]),
     ("bench", ["bench"]),  # benchmark suites and profiling: any layer of the product below the command line

@@ -94,6 +94,7 @@ class AttentionPlan:
 
     def __init__(self, cache: PagedKVCache | None, seqs: list[SeqPlan], device: torch.device) -> None:
         self.cache = cache
+        self.seqs = seqs  # the host description (what tensor-parallel ranks rebuild the plan from)
         self.cu = [0]
         for s in seqs:
             self.cu.append(self.cu[-1] + s.num_tokens)
@@ -165,6 +166,7 @@ class AttentionPlan:
         plan = cls.__new__(cls)
         g, n = rows.shape
         plan.cache = cache
+        plan.seqs = None
         plan.cu = [i * n for i in range(g + 1)]
         plan.write_rows = plan.write_slots = None
         plan.groups = [_Group(list(range(g)), rows, None, kernel)]

@@ -115,3 +115,39 @@ def preset_for(device: torch.device | str) -> DeviceCeilings:
                 return PRESETS[key]
         raise ValueError(f"no preset for {name!r}; calibrate it (ceilings_for(..., calibrate=True)).")
     raise ValueError(f"no preset for device {device}; use 'cpu' or an available CUDA device.")
+
+
+@dataclass(frozen=True, slots=True)
+class LinkCeilings:
+    """The link between tensor-parallel ranks, as an all-reduce sees it: ``bandwidth_gbs`` is the bus bandwidth
+    (GB/s; a ring all-reduce of n bytes over r ranks moves ``2 (r - 1) / r * n`` bytes through each link) and
+    ``latency_s`` the fixed cost of one collective. Measured when a tensor-parallel engine starts
+    (:meth:`diffuse_engine.distributed.TPContext.measure_link`), else a preset."""
+
+    name: str
+    bandwidth_gbs: float
+    latency_s: float
+    source: str = "preset"
+
+    def __post_init__(self) -> None:
+        if not (isinstance(self.bandwidth_gbs, (int, float)) and math.isfinite(self.bandwidth_gbs)
+                and self.bandwidth_gbs > 0):
+            raise ValueError(f"LinkCeilings.bandwidth_gbs must be a finite number > 0, got {self.bandwidth_gbs!r}.")
+        if not (isinstance(self.latency_s, (int, float)) and math.isfinite(self.latency_s) and self.latency_s >= 0):
+            raise ValueError(f"LinkCeilings.latency_s must be a finite number >= 0, got {self.latency_s!r}.")
+
+    def all_reduce_seconds(self, nbytes: float, ranks: int) -> float:
+        """One ring all-reduce of ``nbytes`` per rank over ``ranks`` ranks."""
+        if ranks <= 1:
+            return 0.0
+        return self.latency_s + 2.0 * (ranks - 1) / ranks * nbytes / (self.bandwidth_gbs * 1e9)
+
+
+# NVLink 4 between H100 / H200 cards (NCCL all-reduce bus bandwidth of about 360 GB/s at large messages on an
+# 8-GPU HGX board; small messages are latency-bound), and gloo between processes of one host.
+NVLINK = LinkCeilings("NVLink", bandwidth_gbs=360.0, latency_s=10e-6)
+LOOPBACK = LinkCeilings("gloo-loopback", bandwidth_gbs=2.0, latency_s=60e-6)
+
+
+def link_preset_for(device: torch.device | str) -> LinkCeilings:
+    return NVLINK if torch.device(device).type == "cuda" else LOOPBACK

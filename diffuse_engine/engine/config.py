@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 SCHEDULING = ("roofline", "fcfs")
+DISTRIBUTED_INIT = ("spawn", "env")  # how tensor-parallel ranks start: by the engine, or by a launcher (torchrun)
 
 
 @dataclass(slots=True)
@@ -28,7 +29,12 @@ class EngineConfig:
     ``cuda_graphs``: replay the cached block step (forward, head and commit) from CUDA graphs captured at bucketed
     batch sizes (:data:`.graphs.GRAPH_BATCH_SIZES`), padding a batch up to its bucket; None = on for CUDA models,
     False = never, True = required (a capture failure raises instead of falling back to eager with a warning). CPU
-    models always step eagerly: True on a CPU model is refused when the engine starts."""
+    models always step eagerly: True on a CPU model is refused when the engine starts.
+    ``tensor_parallel_size``: ranks the model is sharded over (:mod:`diffuse_engine.distributed`; the model must be
+    started that way: ``LLM(path, tensor_parallel_size=N)``); ``distributed_init``: ``"spawn"`` (the engine starts
+    its worker processes) or ``"env"`` (a launcher such as torchrun started every rank); ``distributed_timeout_s``:
+    how long rank 0 waits on a rank in a collective (or for the ranks to start) before it fails the engine's
+    requests with a :class:`~diffuse_engine.errors.TensorParallelError`."""
 
     max_num_seqs: int = 64
     max_num_batched_tokens: int = 65536
@@ -41,6 +47,9 @@ class EngineConfig:
     calibrate: bool | None = None
     cuda_graphs: bool | None = None
     knee: float = 0.98
+    tensor_parallel_size: int = 1
+    distributed_init: str = "spawn"
+    distributed_timeout_s: float = 120.0
 
     def __post_init__(self) -> None:
         if self.scheduling not in SCHEDULING:
@@ -53,7 +62,14 @@ class EngineConfig:
             raise ValueError(f"knee must be a number in (0, 1]; got {self.knee!r}.")
         if self.cuda_graphs is not None and not isinstance(self.cuda_graphs, bool):
             raise ValueError(f"cuda_graphs must be True, False or None; got {self.cuda_graphs!r}.")
-        for name in ("max_num_seqs", "max_num_batched_tokens", "page_size", "kv_cache_tokens", "max_retained"):
+        if self.distributed_init not in DISTRIBUTED_INIT:
+            raise ValueError(f"distributed_init must be one of {', '.join(DISTRIBUTED_INIT)}; got "
+                             f"{self.distributed_init!r}.")
+        t = self.distributed_timeout_s
+        if isinstance(t, bool) or not isinstance(t, (int, float)) or not 0 < t < float("inf"):
+            raise ValueError(f"distributed_timeout_s must be a positive number of seconds; got {t!r}.")
+        for name in ("max_num_seqs", "max_num_batched_tokens", "page_size", "kv_cache_tokens", "max_retained",
+                     "tensor_parallel_size"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"{name} must be a positive integer; got {value!r}.")

@@ -32,9 +32,10 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from ..config import ModelConfig
-from .ceilings import A100, CPU, H100, H200, PRESETS, DeviceCeilings, preset_for
+from .ceilings import A100, CPU, H100, H200, LOOPBACK, NVLINK, PRESETS, DeviceCeilings, LinkCeilings, preset_for
 
-__all__ = ["A100", "CPU", "H100", "H200", "PRESETS", "CostModel", "DeviceCeilings", "StepEstimate", "preset_for"]
+__all__ = ["A100", "CPU", "H100", "H200", "PRESETS", "CostModel", "DeviceCeilings", "LinkCeilings", "StepEstimate",
+           "preset_for"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -71,7 +72,7 @@ class CostModel:
 
     def __init__(self, config: ModelConfig, ceilings: DeviceCeilings, dtype_bytes: int = 2, *,
                  fused_head: bool = False, activation_elems: tuple[float, float, float] = (25.0, 26.0, 8.0),
-                 kv_passes: float = 5.0) -> None:
+                 kv_passes: float = 5.0, tensor_parallel: int = 1, link: LinkCeilings | None = None) -> None:
         if not isinstance(config, ModelConfig):
             raise ValueError(f"config must be a ModelConfig, got {type(config).__name__}.")
         if not isinstance(ceilings, DeviceCeilings):
@@ -80,18 +81,26 @@ class CostModel:
             raise ValueError(f"dtype_bytes must be 1, 2, 4 or 8 (bytes per element), got {dtype_bytes!r}.")
         if len(activation_elems) != 3 or any(not a >= 0 for a in activation_elems) or not kv_passes >= 0:
             raise ValueError("activation_elems must be three numbers >= 0 and kv_passes a number >= 0.")
+        if isinstance(tensor_parallel, bool) or not isinstance(tensor_parallel, int) or tensor_parallel < 1:
+            raise ValueError(f"tensor_parallel must be a positive integer, got {tensor_parallel!r}.")
+        if link is not None and not isinstance(link, LinkCeilings):
+            raise ValueError(f"link must be a LinkCeilings or None, got {type(link).__name__}.")
         self.config, self.ceilings, self.dtype_bytes = config, ceilings, dtype_bytes
         self.fused_head = fused_head
-        c = config
+        self.tp = tensor_parallel
+        self.link = link if link is not None else (LOOPBACK if ceilings.name == "CPU" else NVLINK)
+        c, tp = config, tensor_parallel
         d, hd = c.hidden_size, c.head_dim
-        self.attn_width = c.num_heads * hd
-        self.kv_width = c.num_kv_heads * hd
+        # One rank's share (all of it on one device): heads, key/value heads (replicated when fewer than ranks),
+        # MLP width and vocabulary are split; the hidden width is not.
+        self.attn_width = c.num_heads * hd // tp
+        self.kv_width = max(c.num_kv_heads // tp, 1) * hd
+        mlp = c.intermediate_size // tp
         # Matmul weights of one layer (q, k, v, o, gate, up, down); biases and norms are negligible.
-        self.layer_weights = 2 * d * self.attn_width + 2 * d * self.kv_width + 3 * d * c.intermediate_size
-        self.head_weights = d * c.vocab_size
+        self.layer_weights = 2 * d * self.attn_width + 2 * d * self.kv_width + 3 * d * mlp
+        self.head_weights = d * -(-c.vocab_size // tp)
         a_d, a_h, a_i = activation_elems
-        self.act_elems_per_token_layer = a_d * d + a_h * (self.attn_width + self.kv_width) / 2 \
-            + a_i * c.intermediate_size
+        self.act_elems_per_token_layer = a_d * d + a_h * (self.attn_width + self.kv_width) / 2 + a_i * mlp
         self.kv_passes = kv_passes
 
     def _pad(self, rows: int) -> int:
@@ -145,7 +154,7 @@ class CostModel:
             hm = self._pad(head_rows)
             head_flops = 2.0 * self.head_weights * head_rows
             w = self.head_weights * b
-            logits = 0.0 if self.fused_head else hm * c.vocab_size * b
+            logits = 0.0 if self.fused_head else hm * c.vocab_size * b / self.tp
             head_bytes = w + logits * head_rows / hm
             fresh = ce.alloc_write_gbs is not None and logits > ce.fresh_alloc_bytes
             write_bw = (ce.alloc_write_gbs if fresh else ce.bandwidth_gbs) * 1e9
@@ -156,6 +165,10 @@ class CostModel:
         flops = body_flops + attn_flops + head_flops
         memory_s, compute_s = nbytes / (ce.bandwidth_gbs * 1e9), flops / (ce.peak_tflops * 1e12)
         phases = {"body": body_s, "attention": attn_s, "activations": act_s, "head": head_s}
+        if self.tp > 1:  # two all-reduces of the hidden states per layer, one after the embedding, the head's gather
+            hidden = tokens * c.hidden_size * b
+            phases["comm"] = (2 * layers + 1) * self.link.all_reduce_seconds(hidden, self.tp) \
+                + self.link.all_reduce_seconds(head_rows * 64, self.tp)
         return StepEstimate(
             seconds=sum(phases.values()) + overhead, bytes=nbytes, flops=flops,
             regime="compute" if compute_s >= memory_s else "memory", intensity=flops / nbytes,

@@ -28,7 +28,7 @@ from collections import OrderedDict, deque
 import numpy as np
 import torch
 
-from ..errors import BackendUnavailableError
+from ..errors import BackendUnavailableError, TensorParallelError
 from ..models import DiffusionLM
 from ..sampling_params import SamplingParams
 from .calibration import engine_ceilings
@@ -58,7 +58,9 @@ class Engine:
         if self.config.cuda_graphs and device.type != "cuda":
             raise ValueError(f"cuda_graphs=True needs a model on a CUDA device; this one is on {device}. Use None "
                              f"(graphs on CUDA only) or False.")
-        self.runner = ModelRunner(model, fused_head=self.config.fused_head, cuda_graphs=self.config.cuda_graphs)
+        tp = _check_tensor_parallel(model, self.config)
+        graphs = False if tp > 1 else self.config.cuda_graphs
+        self.runner = ModelRunner(model, fused_head=self.config.fused_head, cuda_graphs=graphs)
         cfg = self.model_config
         # A block-diffusion request's sequence runs to the end of its last model block: past the model's length by
         # less than a block.
@@ -67,8 +69,9 @@ class Engine:
         self._plan: StepPlan | None = None
         fused = self.config.fused_head if self.config.fused_head is not None else device.type == "cuda"
         self.cost_model = CostModel(self.model_config, engine_ceilings(device, dtype, self.config.calibrate),
-                                    torch.empty((), dtype=dtype).element_size(), fused_head=bool(fused))
-        pages = PageManager(cfg, self.config, dtype, device)
+                                    torch.empty((), dtype=dtype).element_size(), fused_head=bool(fused),
+                                    tensor_parallel=tp, link=getattr(model.tp, "link", None))
+        pages = PageManager(cfg, self.config, dtype, device, kv_heads=model.kv_heads())
         self.scheduler = Scheduler(self.config, self.cost_model, pages, self.store)
         self.output = OutputProcessor(cfg, tokenizer, self.scheduler)
         self.last_estimate: StepEstimate | None = None  # the cost model's view of the last step
@@ -77,6 +80,7 @@ class Engine:
         self.step_seconds = 0.0
         self.num_failed_steps = 0  # batched steps that raised (their failures were pinned to requests)
         self.last_step_error: str | None = None  # why the last step raised; None when it ran
+        self.broken: str | None = None  # why the engine can run no more steps (a tensor-parallel rank failed)
 
     # ------------------------------------------------------------------------- state kept by the scheduler
     @property
@@ -125,6 +129,8 @@ class Engine:
         common prefix of its sequence and this prompt are reused, not recomputed (the earlier turns).
         ``suffix``: token ids that follow the canvas (infilling: the canvas is written between ``prompt`` and them;
         full-attention models only)."""
+        if self.broken is not None:
+            raise TensorParallelError(self.broken)
         params = check_params(params)
         cfg = self.model_config
         prompt = check_prompt(prompt, cfg)
@@ -171,6 +177,10 @@ class Engine:
         t0 = time.perf_counter()
         try:
             plan, result = self._run_step()
+        except TensorParallelError as exc:  # the ranks are out of step: nothing more can run
+            self.broken = self.last_step_error = str(exc)
+            self.num_failed_steps += 1
+            outputs = self._fail_all(str(exc))
         except BackendUnavailableError:  # an explicit engine setting that cannot run: no request's fault
             self._recover(self.running)
             raise
@@ -230,6 +240,20 @@ class Engine:
                                                  f"({type(error).__name__}: {error}); the request stopped there."))
         return outputs
 
+    def _fail_all(self, message: str) -> list[StepOutput]:
+        """Finish every running and waiting request with ``message`` (the engine is broken)."""
+        self._recover(self.running)
+        outputs = []
+        while True:
+            outputs.extend(self.output.fail(req, message) for req in list(self.running))
+            if not self.waiting:
+                return outputs
+            self.scheduler.schedule()
+            if not self.running:  # nothing more can be admitted: drop the rest
+                for req in list(self.waiting):
+                    self.scheduler.abort(req.request_id)
+                return outputs
+
     def _current_plan(self) -> StepPlan:
         """The plan of this step: the last one while no running request changed phase, else a new one."""
         key = (tuple(phase(r) for r in self.running), self.store.generation, id(self.kv_cache))
@@ -245,3 +269,15 @@ class Engine:
     def _fetch(self, result: torch.Tensor) -> np.ndarray:
         """The step's one device-to-host copy (:meth:`.runner.ModelRunner.fetch`)."""
         return self.runner.fetch(result)
+
+
+def _check_tensor_parallel(model: DiffusionLM, config: EngineConfig) -> int:
+    """The model's tensor-parallel degree, checked against the engine's settings."""
+    tp = model.tp.world if model.tp is not None else 1
+    if config.tensor_parallel_size != tp:
+        raise ValueError(f"EngineConfig.tensor_parallel_size is {config.tensor_parallel_size} but the model is "
+                         f"{'sharded over ' + str(tp) + ' ranks' if tp > 1 else 'on one device'}; start a "
+                         f"tensor-parallel model with LLM(path, tensor_parallel_size=N), which starts the ranks.")
+    if tp > 1 and config.cuda_graphs:
+        raise ValueError("cuda_graphs=True is not supported with tensor parallelism; use None or False.")
+    return tp

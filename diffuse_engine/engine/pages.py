@@ -23,8 +23,9 @@ from .request import Request
 
 class PageManager:
     def __init__(self, model_config: ModelConfig, config: EngineConfig, dtype: torch.dtype,
-                 device: torch.device) -> None:
+                 device: torch.device, kv_heads: int | None = None) -> None:
         self.model_config, self.config = model_config, config
+        self.kv_heads = kv_heads if kv_heads is not None else model_config.num_kv_heads  # this rank's share
         self.dtype, self.device = dtype, device
         self.cache: PagedKVCache | None = None
         self.retained: OrderedDict[str, tuple[torch.Tensor, torch.Tensor]] = OrderedDict()  # id -> (tokens, pages)
@@ -32,7 +33,7 @@ class PageManager:
     def _pool(self) -> PagedKVCache:
         if self.cache is None:
             cfg, c = self.model_config, self.config
-            self.cache = PagedKVCache(cfg.num_layers, cfg.num_kv_heads, cfg.head_dim,
+            self.cache = PagedKVCache(cfg.num_layers, self.kv_heads, cfg.head_dim,
                                       c.kv_cache_tokens // c.page_size, c.page_size, self.dtype, self.device)
         return self.cache
 

@@ -68,6 +68,7 @@ class StepPlan:
     trash: int
     # host decisions about which paths run
     fused: bool = False
+    head_eligible: bool = False  # no request needs the logits themselves (guidance, top-k / top-p, eos at -inf)
     any_hot: bool = False
     any_raw: bool = False
     all_raw: bool = False
@@ -145,11 +146,12 @@ def build_plan(requests: list[Request], key: tuple, store: CanvasStore, cache: P
     else:
         layout.cu_seqlens_device = upload(np.asarray(layout.cu_seqlens, dtype=np.int32), store.device)
     scores = score_statistics(ordering, [r.params.policy for r in requests])
+    eligible = not any_cfg and not smp.top_k.any() and not (smp.top_p < 1).any() and not smp.eos_inf.any()
     host_rows, host_cols = np.nonzero(pad_valid)
     return StepPlan(
         key=key, requests=list(requests), batch=len(requests), width=width, num_rows=m, layout=layout, t=t,
         generation=store.generation, trash=store.trash,
-        fused=fused and not any_cfg and not smp.top_k.any() and not (smp.top_p < 1).any() and not smp.eos_inf.any(),
+        fused=fused and eligible, head_eligible=eligible,
         any_hot=bool((smp.temps > 0).any()), any_raw=bool(smp.raw.any()), all_raw=bool(smp.raw.all()),
         any_exclude=smp.any_exclude, any_top_k=bool(smp.top_k.any()), any_top_p=bool((smp.top_p < 1).any()),
         any_eos_inf=bool(smp.eos_inf.any()), any_cfg=any_cfg, any_verify=any_verify, any_random=any(ord_random),

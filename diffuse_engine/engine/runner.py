@@ -15,7 +15,7 @@ from collections.abc import Callable
 import numpy as np
 import torch
 
-from ..errors import BackendUnavailableError
+from ..errors import BackendUnavailableError, TensorParallelError
 from ..models import DiffusionLM
 from . import step as device_step
 from .canvas import CanvasStore, upload
@@ -66,7 +66,7 @@ class ModelRunner:
             return device_step.head(self.model, plan, hidden, self.eos_id, rows)
         try:
             return device_step.head(self.model, plan, hidden, self.eos_id, rows)
-        except ValueError:
+        except (ValueError, TensorParallelError):
             raise
         except Exception as exc:  # noqa: BLE001 - automatic choice must not fail where the unfused head runs
             if self.fused_head:  # asked for explicitly: a setting of the engine that cannot run

@@ -22,6 +22,8 @@ import torch
 from .. import ops
 from ..kernels.reference import STREAM_ORDER, STREAM_REMASK, STREAM_TRANSFER
 from ..kernels.sample_torch import RowFlags, sample_rows
+
+ENTROPY_EPS = 1e-10  # Dream's q log(q + eps), the unfused head's entropy (kernels.sample_torch.sample_rows)
 from ..models import DiffusionLM
 from ..policies import REVISION, RevisionContext
 from ..policies.fixed import origin_probability, step_counts
@@ -47,14 +49,17 @@ def head(model: DiffusionLM, plan: StepPlan, hidden: torch.Tensor, eos_id: int,
     step = plan.t["nfe"][t["row_req"]]
     conf_exclude = t.get("row_exclude")
     args = (t["row_temp"], t["row_seed"], step, t["row_pos"])
-    if plan.fused:
-        return ops.lm_head_stats(hidden, model.lm_head_weight(), t["row_hidden"], *args,
-                                 raw_confidence=t["row_raw"], conf_exclude=conf_exclude, check=False)
-    logits = model.logits_from_hidden(hidden[t["row_hidden"]])
+    if plan.fused or (model.tp is not None and plan.head_eligible):
+        # The fused head; under tensor parallelism the vocabulary-parallel head, with the entropy of the head the
+        # same step would use on one device (exact when fused or on CUDA in fp32, Dream's eps otherwise).
+        exact = plan.fused or (hidden.device.type == "cuda" and hidden.dtype != torch.float64)
+        return model.head_stats(hidden, t["row_hidden"], *args, raw_confidence=t["row_raw"],
+                                conf_exclude=conf_exclude, entropy_eps=0.0 if exact else ENTROPY_EPS)
+    logits = model.logits_at(hidden, t["row_hidden"])
     work = torch.float64 if logits.dtype == torch.float64 else torch.float32
     logits = logits.to(work)
     if plan.any_cfg:  # (never with a row subset: see ModelRunner.candidate_rows)
-        un = model.logits_from_hidden(hidden[plan.t["cfg_hidden"]]).to(work)
+        un = model.logits_at(hidden, plan.t["cfg_hidden"]).to(work)
         cond = logits[plan.t["cfg_row"]]
         scale = plan.t["cfg_scale"].to(work)[:, None]
         logits = logits.index_copy(0, plan.t["cfg_row"], un + (scale + 1) * (cond - un))
@@ -80,7 +85,7 @@ def _verification(model: DiffusionLM, plan: StepPlan, hidden: torch.Tensor, cur:
     """Leave-one-out scores of the verified block cells, as [B, W] matrices: probability of the current token,
     and the most probable token and its probability (padding: 1, -1, 0)."""
     t = plan.t
-    logits = model.logits_from_hidden(hidden[t["verify_hidden"]])
+    logits = model.logits_at(hidden, t["verify_hidden"])
     probs = torch.softmax(logits.to(torch.float64 if logits.dtype == torch.float64 else torch.float32), -1)
     top_prob, top_token = probs.max(-1)
     at = t["verify_pad"]

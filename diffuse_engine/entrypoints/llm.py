@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -26,27 +27,61 @@ class LLM:
     ``DIFFUSE_CHECK_WEIGHTS=0`` skips that. ``LLM.model`` is the ``nn.Module`` (its ``forward(input_ids,
     attention_mask=None)`` returns logits ``[batch, seq, vocab]``), ``LLM.tokenizer`` the tokenizer (None for a
     weights-only folder).
+
+    ``tensor_parallel_size=N`` (or ``EngineConfig.tensor_parallel_size``) shards the model over N ranks
+    (:mod:`diffuse_engine.distributed`): N GPUs (``cuda:0`` .. ``cuda:N-1``, NCCL) or N CPU processes (gloo). The
+    engine starts its N - 1 worker processes itself, or joins a ``torchrun`` launch with
+    ``EngineConfig(distributed_init="env")``; :meth:`close` (or leaving a ``with`` block) stops them.
     """
 
     def __init__(self, model_path: str | Path, device: str | torch.device | None = None,
                  dtype: str | torch.dtype | None = None, engine_config: EngineConfig | None = None, *,
-                 check_weights: bool | None = None) -> None:
-        from ..loader import load_model
+                 check_weights: bool | None = None, tensor_parallel_size: int | None = None) -> None:
+        from ..loader import load_model, resolve_model_path
+        from ..sampling_params import read_generation_defaults
 
         if device is None:
             device = "cuda" if torch.cuda.is_available() else "cpu"
-        from ..loader import resolve_model_path
-        from ..sampling_params import read_generation_defaults
-
+        config = engine_config or EngineConfig()
+        if tensor_parallel_size is not None:
+            config = dataclasses.replace(config, tensor_parallel_size=tensor_parallel_size)
+        self._runtime = None
         folder = resolve_model_path(model_path)  # once: a Hub name may ask the Hub
-        model, _, tokenizer = load_model(folder, device=device, dtype=dtype, check_weights=check_weights)
-        self.engine = Engine(model, tokenizer, engine_config)
+        if config.tensor_parallel_size > 1:
+            from ..distributed import launch
+
+            model, _, tokenizer, self._runtime = launch(
+                folder, size=config.tensor_parallel_size, device=device, dtype=dtype, check_weights=check_weights,
+                init=config.distributed_init, timeout_s=config.distributed_timeout_s)
+        else:
+            model, _, tokenizer = load_model(folder, device=device, dtype=dtype, check_weights=check_weights)
+        try:
+            self.engine = Engine(model, tokenizer, config)
+        except BaseException:
+            self.close()
+            raise
         self.generation_defaults = read_generation_defaults(folder)
+
+    def close(self) -> None:
+        """Stop the tensor-parallel worker processes, if any (also done at interpreter exit). Idempotent; the
+        engine cannot run steps afterwards."""
+        runtime, self._runtime = getattr(self, "_runtime", None), None
+        if runtime is not None:
+            runtime.shutdown()
+            if getattr(self, "engine", None) is not None and self.engine.broken is None:
+                self.engine.broken = "the engine was closed (LLM.close); start a new one."
+
+    def __enter__(self) -> LLM:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
     @classmethod
     def from_model(cls, model: DiffusionLM, tokenizer=None, engine_config: EngineConfig | None = None) -> LLM:
         """Wrap an already built model (e.g. random weights for a benchmark)."""
         llm = cls.__new__(cls)
+        llm._runtime = None
         llm.engine = Engine(model, tokenizer, engine_config)
         llm.generation_defaults = {}
         return llm

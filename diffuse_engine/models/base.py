@@ -20,6 +20,10 @@ class DiffusionLM(nn.Module):
     """
 
     rope_full_precision = False
+    # A tensor-parallel context (:class:`diffuse_engine.distributed.TPContext`) when this instance holds one rank's
+    # shard of the model; None on a single device. The context tells the other ranks what to run (on rank 0) and
+    # does the collectives; the model only calls it.
+    tp = None
 
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
@@ -53,16 +57,47 @@ class DiffusionLM(nn.Module):
             raise ValueError("hidden_states takes flat input_ids and positions of the same shape [num_tokens].")
         if input_ids.numel() != layout.num_tokens:
             raise ValueError(f"layout covers {layout.num_tokens} tokens but {input_ids.numel()} were given.")
+        if self.tp is not None:  # every rank runs its shard (rank 0 first tells the others what to run)
+            return self.tp.forward(self, input_ids, positions, layout)
+        return self.local_hidden_states(input_ids, positions, layout)
+
+    def local_hidden_states(self, input_ids: torch.Tensor, positions: torch.Tensor,
+                            layout: TokenLayout) -> torch.Tensor:
+        """:meth:`hidden_states` on this instance's weights (one rank's share under tensor parallelism, whose
+        embedding and row-parallel projections do their own collectives)."""
         cfg = self.config
         rope = Rotary(*rope_cos_sin(positions, cfg.head_dim, cfg.rope_theta, self.dtype), self.rope_full_precision)
-        h = self.embed(input_ids)
+        h = self.embed(input_ids) if self.tp is None else self.tp.embed(self.embed, input_ids)
         for block in self.blocks():
             h = block(h, rope, layout)
         return self.final_norm(h)
 
     def logits_from_hidden(self, hidden: torch.Tensor) -> torch.Tensor:
         """LM head: ``[M, hidden] -> [M, vocab]`` in the model dtype."""
-        return ops.linear(hidden, self.lm_head_weight())
+        return self.logits_at(hidden)
+
+    def logits_at(self, hidden: torch.Tensor, rows: torch.Tensor | None = None) -> torch.Tensor:
+        """Logits of the rows ``rows`` (indices; None: all) of ``hidden`` ``[N, hidden]``: ``[M, vocab]``. Under
+        tensor parallelism each rank computes its vocabulary slice and the slices are gathered."""
+        if self.tp is not None:
+            return self.tp.logits(self, hidden, rows)
+        return ops.linear(hidden if rows is None else hidden[rows], self.lm_head_weight())
+
+    def head_stats(self, hidden: torch.Tensor, rows: torch.Tensor, temperature: torch.Tensor, seed: torch.Tensor,
+                   step: torch.Tensor, position: torch.Tensor, *, raw_confidence: torch.Tensor,
+                   conf_exclude: torch.Tensor | None = None, entropy_eps: float = 0.0) -> dict[str, torch.Tensor]:
+        """The sampling statistics of rows ``rows`` of ``hidden`` without writing their logits: the fused head
+        (:func:`ops.lm_head_stats`, exact entropy) on one device; under tensor parallelism the vocabulary-parallel
+        head (:mod:`diffuse_engine.ops.vocab_parallel`), with Dream's ``entropy_eps`` when it is > 0."""
+        if self.tp is None:
+            return ops.lm_head_stats(hidden, self.lm_head_weight(), rows, temperature, seed, step, position,
+                                     raw_confidence=raw_confidence, conf_exclude=conf_exclude, check=False)
+        return self.tp.head_stats(self, hidden, rows, temperature, seed, step, position, raw_confidence=raw_confidence,
+                                  conf_exclude=conf_exclude, entropy_eps=entropy_eps)
+
+    def kv_heads(self) -> int:
+        """Key/value heads this instance holds (all of them, or one rank's share under tensor parallelism)."""
+        return self.blocks()[0].n_kv if self.tp is not None else self.config.num_kv_heads
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                 position_ids: torch.Tensor | None = None) -> torch.Tensor:
@@ -90,7 +125,7 @@ class DiffusionLM(nn.Module):
         layout = TokenLayout.padded(b, s, key_mask)
         layout.block_size = self.config.block_size
         h = self.hidden_states(input_ids.reshape(-1), position_ids.reshape(-1), layout)
-        return self.logits_from_hidden(h).view(b, s, -1)
+        return self.logits_at(h).view(b, s, -1)
 
     @torch.no_grad()
     def init_random_(self, seed: int = 0, *, on_device: bool = False) -> DiffusionLM:

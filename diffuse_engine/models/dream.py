@@ -11,7 +11,7 @@ from torch import nn
 from .. import ops
 from ..config import ModelConfig
 from .base import DiffusionLM
-from .layers import RMSNorm, Rotary, TokenLayout, attend, swiglu
+from .layers import RMSNorm, Rotary, TokenLayout, attend, row_linear, swiglu
 
 
 class _Attention(nn.Module):
@@ -39,6 +39,8 @@ class _MLP(nn.Module):
 
 
 class DreamLayer(nn.Module):
+    tp = None  # tensor-parallel context of a sharded layer (see DiffusionLM.tp)
+
     def __init__(self, c: ModelConfig, layer: int) -> None:
         super().__init__()
         self.layer = layer
@@ -57,10 +59,11 @@ class DreamLayer(nn.Module):
         v = ops.linear(x, at.v_proj.weight, at.v_proj.bias).view(n, self.n_kv, self.head_dim)
         if self.qk_norm:
             q, k = at.q_norm(q), at.k_norm(k)
-        h = h + ops.linear(attend(q, k, v, layout, self.layer, rope).reshape(n, -1), at.o_proj.weight, at.o_proj.bias)
+        h = h + row_linear(attend(q, k, v, layout, self.layer, rope).reshape(n, -1), at.o_proj.weight,
+                           at.o_proj.bias, self.tp)
         x = self.post_attention_layernorm(h)
         g = swiglu(ops.linear(x, mlp.gate_proj.weight), ops.linear(x, mlp.up_proj.weight))
-        return h + ops.linear(g, mlp.down_proj.weight)
+        return h + row_linear(g, mlp.down_proj.weight, None, self.tp)
 
 
 class _Model(nn.Module):

@@ -76,6 +76,15 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, full_preci
     return (x * c + rotated * s).to(dtype)
 
 
+def row_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, tp) -> torch.Tensor:
+    """A row-parallel projection: ``x @ weight.T`` summed over the tensor-parallel ranks (each holds a slice of the
+    input features), then the bias once. On one device (``tp`` None) it is ``ops.linear(x, weight, bias)``."""
+    if tp is None:
+        return ops.linear(x, weight, bias)
+    y = tp.all_reduce(ops.linear(x, weight))
+    return y if bias is None else y + bias
+
+
 def swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     return torch.nn.functional.silu(gate) * up
 

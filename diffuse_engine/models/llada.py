@@ -10,10 +10,12 @@ from torch import nn
 from .. import ops
 from ..config import ModelConfig
 from .base import DiffusionLM
-from .layers import RMSNorm, Rotary, TokenLayout, attend, swiglu
+from .layers import RMSNorm, Rotary, TokenLayout, attend, row_linear, swiglu
 
 
 class LLaDABlock(nn.Module):
+    tp = None  # tensor-parallel context of a sharded block (see DiffusionLM.tp)
+
     def __init__(self, c: ModelConfig, layer: int) -> None:
         super().__init__()
         self.layer = layer
@@ -36,10 +38,10 @@ class LLaDABlock(nn.Module):
         k = ops.linear(x, self.k_proj.weight, self.k_proj.bias).view(n, self.n_kv, self.head_dim)
         v = ops.linear(x, self.v_proj.weight, self.v_proj.bias).view(n, self.n_kv, self.head_dim)
         a = attend(q, k, v, layout, self.layer, rope).reshape(n, -1)
-        h = h + ops.linear(a, self.attn_out.weight)
+        h = h + row_linear(a, self.attn_out.weight, None, self.tp)
         x = self.ff_norm(h)
         g = swiglu(ops.linear(x, self.ff_proj.weight), ops.linear(x, self.up_proj.weight))
-        return h + ops.linear(g, self.ff_out.weight)
+        return h + row_linear(g, self.ff_out.weight, None, self.tp)
 
 
 class _Transformer(nn.Module):
