@@ -18,7 +18,6 @@ import torch
 import torch.distributed as dist
 
 
-
 def _is_timeout(exc: BaseException) -> bool:
     text = str(exc).lower()
     return "timeout" in text or "timed out" in text

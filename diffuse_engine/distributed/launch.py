@@ -34,7 +34,6 @@ from .sharding import check_tensor_parallel
 from .worker import WorkerSpec, backend_for, load_shard, rank_device, serve, spawn_worker
 
 
-
 class TPRuntime:
     """Rank 0's handle on the other ranks: their processes (spawn) and the process group; :meth:`shutdown` stops
     them (also at interpreter exit)."""

@@ -22,13 +22,13 @@ import torch
 from .. import ops
 from ..kernels.reference import STREAM_ORDER, STREAM_REMASK, STREAM_TRANSFER
 from ..kernels.sample_torch import RowFlags, sample_rows
-
-ENTROPY_EPS = 1e-10  # Dream's q log(q + eps), the unfused head's entropy (kernels.sample_torch.sample_rows)
 from ..models import DiffusionLM
 from ..policies import REVISION, RevisionContext
 from ..policies.fixed import origin_probability, step_counts
 from .canvas import CanvasStore
 from .plan import StepPlan
+
+ENTROPY_EPS = 1e-10  # Dream's q log(q + eps), the unfused head's entropy (kernels.sample_torch.sample_rows)
 
 
 def forward(model: DiffusionLM, plan: StepPlan, store: CanvasStore, mask_id: int) -> torch.Tensor:

@@ -24,7 +24,7 @@ from typing import Any, NoReturn, TextIO
 
 from ..sampling_params import CACHES, POLICIES, REMASKING, REMDM_VARIANTS, REVISIONS, SamplingParams
 from ..version import __version__
-from .common import UsageError, check_device, cuda_reason
+from .common import UsageError, add_parallel_args, check_device, cuda_reason, parallel_config
 
 PROG = "diffuse-engine"
 
@@ -56,7 +56,9 @@ def build_parser() -> argparse.ArgumentParser:
     src.add_argument("--prompt-ids", type=_token_ids, metavar="IDS", help="prompt token ids, e.g. 1,2,3")
     gen.add_argument("--chat", action="store_true", help="wrap the prompt as a user message in the chat template")
     gen.add_argument("--device", help="cpu, cuda or cuda:N (default: cuda when available)")
-    gen.add_argument("--dtype", help="float32, bfloat16, float16 (default: the checkpoint's on CUDA, fp32 on CPU)")
+    gen.add_argument("--dtype", help="float32, bfloat16, float16 or float64 (exactness checks) (default: the "
+                                     "checkpoint's on CUDA, fp32 on CPU)")
+    add_parallel_args(gen)
     sp = gen.add_argument_group("sampling parameters (see SamplingParams)")
     sp.add_argument("--effort", metavar="LEVEL", help="low, medium, high or a number in [0, 1]: sets the decoding "
                     "policy's knob (threshold by default; explicit flags win)")
@@ -169,11 +171,12 @@ def cmd_generate(args: argparse.Namespace) -> int:
         raise UsageError("--chat applies to a --prompt text, not to --prompt-ids.")
     device = check_device(args.device)
     prompt = user_prompt = read_stdin_prompt(sys.stdin) if args.prompt == "-" else args.prompt
+    from ..engine import EngineConfig
     from ..loader import resolve_model_path
     from .cli_view import LiveView, print_result
     from .llm import LLM
 
-    llm = LLM(args.model, device=device, dtype=args.dtype)
+    llm = LLM(args.model, device=device, dtype=args.dtype, engine_config=EngineConfig(**parallel_config(args)))
     params = sampling_params_from_args(args, llm)
     tok, cfg = llm.tokenizer, llm.config
     if args.chat:

@@ -16,6 +16,7 @@ from typing import Any
 from ..bench.suites.options import ints
 from ..progress import Progress
 from ..quality.tasks import CORPORA, TASKS
+from .common import add_parallel_args
 
 # The sweep writes under the current folder unless --out names one (never into the package or a checkout's
 # committed results): diffuse-results/sweep-<UTC date and time>/.
@@ -66,7 +67,9 @@ def add_quality_commands(sub: argparse._SubParsersAction) -> None:
         p.add_argument("--task", required=True, choices=names if name == "eval" else list(TASKS))
         p.add_argument("--limit", type=int, metavar="K", help="first K examples of the test set")
         p.add_argument("--device", help="cpu, cuda or cuda:N (default: cuda when available)")
-        p.add_argument("--dtype", help="float32, bfloat16, float16")
+        p.add_argument("--dtype", help="float32, bfloat16, float16 or float64")
+        if name == "eval":
+            add_parallel_args(p)
         p.add_argument("--quiet", action="store_true", help="no progress line on stderr")
         if name == "eval":
             p.add_argument("--policy", default="low_confidence", choices=list(POLICIES))
@@ -114,10 +117,12 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def _llm(args: argparse.Namespace):
-    from .common import check_device
+    from ..engine import EngineConfig
+    from .common import check_device, parallel_config
     from .llm import LLM
 
-    return LLM(args.model, device=check_device(args.device), dtype=args.dtype)
+    return LLM(args.model, device=check_device(args.device), dtype=args.dtype,
+               engine_config=EngineConfig(**parallel_config(args)))
 
 
 def _model_path(model: str) -> str:

@@ -5,7 +5,7 @@ import contextlib
 import os
 from pathlib import Path
 
-from .common import UsageError, check_device
+from .common import UsageError, add_parallel_args, check_device, parallel_config
 from .server_input import DEFAULT_MAX_REQUEST_BYTES, DEFAULT_REQUEST_TIMEOUT
 
 API_KEY_ENV = "DIFFUSE_API_KEY"
@@ -22,7 +22,9 @@ def add_serve_command(sub: argparse._SubParsersAction) -> None:
     cmd.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
     cmd.add_argument("--port", type=int, default=8000, help="port (default 8000)")
     cmd.add_argument("--device", help="cpu, cuda or cuda:N (default: cuda when available)")
-    cmd.add_argument("--dtype", help="float32, bfloat16, float16 (default: the checkpoint's on CUDA, fp32 on CPU)")
+    cmd.add_argument("--dtype", help="float32, bfloat16, float16 or float64 (default: the checkpoint's on CUDA, fp32 "
+                                     "on CPU)")
+    add_parallel_args(cmd)
     cmd.add_argument("--max-num-seqs", type=int, help="requests decoded per step (default 64)")
     cmd.add_argument("--kv-cache-tokens", type=int, help="token slots of the paged KV cache (default 16384)")
     cmd.add_argument("--api-key", metavar="KEY",
@@ -71,7 +73,7 @@ def serve(args: argparse.Namespace) -> int:
         torch.set_num_threads(args.threads)  # before the model loads and the engine starts stepping
     limits = {k: getattr(args, k) for k in ("max_num_seqs", "kv_cache_tokens") if getattr(args, k) is not None}
     engine = AsyncEngine.from_pretrained(args.model, device=check_device(args.device), dtype=args.dtype,
-                                         engine_config=EngineConfig(**limits))
+                                         engine_config=EngineConfig(**limits, **parallel_config(args)))
     app = build_app(engine, args.served_model_name or Path(str(args.model).rstrip("/")).name, api_key=api_key,
                     max_request_bytes=args.max_request_bytes, request_timeout=args.request_timeout)
     config = uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level,
