@@ -22,6 +22,7 @@ SHAPES = {
     "lm_head_stats": ["M=1,V=4097,D=64", "M=16,V=4097,D=64"],
     "commit": ["B=4,R=32", "B=16,R=32"],
     "noise": ["M=4,V=4097,kind=uniform", "M=16,V=32768,kind=gumbel"],
+    "moe": ["N=16,D=128,I=64,E=8,K=2", "N=64,D=256,I=128,E=16,K=4"],
 }
 DEVICE, DTYPE = torch.device("cpu"), torch.float32
 _CASES: dict[tuple[str, str], tuple] = {}

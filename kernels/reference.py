@@ -405,3 +405,32 @@ def commit_reference(batch: CommitBatch) -> tuple[torch.Tensor, torch.Tensor]:
             committed[lo + i] = True
         counters[b] = torch.tensor([k, remasked, n - k + remasked], dtype=torch.int32)
     return committed, counters
+
+
+# ---------------------------------------------------------------------------------------------- moe experts
+def moe_experts_reference(x: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor, w_down: torch.Tensor,
+                          topk_ids: torch.Tensor, topk_weights: torch.Tensor, *,
+                          dtype: torch.dtype = torch.float64) -> torch.Tensor:
+    """The routed experts of a mixture-of-experts feed-forward, one token at a time (``ops.moe_experts``).
+
+    x ``[N, d]``; w_gate, w_up ``[E, I, d]`` and w_down ``[E, d, I]`` (each expert's Linear weights, HF
+    ``gate_proj`` / ``up_proj`` / ``down_proj``); topk_ids ``[N, k]`` expert ids, topk_weights ``[N, k]``.
+    ``out[n] = sum_{j = 0..k-1} topk_weights[n, j] * down_e(silu(gate_e x[n]) * up_e x[n])``, e = topk_ids[n, j],
+    every operation in ``dtype`` (fp64: the oracle; the input dtype: "plain torch" of the tolerance rule).
+    Returns ``[N, d]`` in ``dtype``."""
+    n, d = x.shape
+    out = torch.zeros(n, d, dtype=dtype, device=x.device)
+    ids = topk_ids.tolist()
+    weights = topk_weights.to(dtype)
+    experts: dict[int, tuple[torch.Tensor, ...]] = {}  # only the experts the tokens use, converted once
+    for t in range(n):
+        xt = x[t].to(dtype)
+        acc = torch.zeros(d, dtype=dtype, device=x.device)
+        for j, e in enumerate(ids[t]):
+            if e not in experts:
+                experts[e] = (w_gate[e].to(dtype), w_up[e].to(dtype), w_down[e].to(dtype))
+            gate, up, down = experts[e]
+            h = torch.nn.functional.silu(gate @ xt) * (up @ xt)
+            acc = acc + weights[t, j] * (down @ h)
+        out[t] = acc
+    return out

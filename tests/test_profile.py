@@ -22,7 +22,7 @@ from diffuse_engine.entrypoints.cli import main as cli
 ROOT = Path(__file__).resolve().parent.parent
 TINY = {"attention": ["B=1,S=16,H=2,KV=1,D=16,block=8", "B=1,L=4,P=16,H=2,KV=2,D=16"], "row_stats": ["M=3,V=50"],
         "lm_head_stats": ["M=2,V=40,D=16"], "commit": ["B=2,R=8"], "noise": ["M=2,V=33,kind=uniform"],
-        "step": ["B=1,P=4,G=32,K=16"]}
+        "moe": ["N=5,D=16,I=16,E=4,K=2"], "step": ["B=1,P=4,G=32,K=16"]}
 KEYS = {"variant", "shape", "time_ms", "error", "correct", "op", "date", "commit", "device", "torch", "triton",
         "diffuse_engine", "command"}
 
@@ -80,7 +80,7 @@ def test_every_op_runs_on_a_tiny_shape(op, tmp_path):
         assert mine[0]["correct"] is True and mine[0]["time_ms"] > 0, mine[0]
         assert all(r["correct"] is not False for r in mine), [r for r in mine if r["correct"] is False]
         assert all(r["status"] == "ok" or r["status"].startswith("unavailable") for r in mine)
-    if os.environ.get("TRITON_INTERPRET") == "1" and op in ("attention", "row_stats", "lm_head_stats", "commit"):
+    if os.environ.get("TRITON_INTERPRET") == "1" and op in ("attention", "row_stats", "lm_head_stats", "commit", "moe"):
         interpreted = [r for r in rows if r["variant"] in ("triton", "fused-triton")]
         assert interpreted and all(r["status"] == "ok" and r["note"] == "interpreter timing" for r in interpreted)
 
@@ -129,7 +129,7 @@ def test_kernels_suite_writes_kernels_csv(tmp_path):
     from diffuse_engine.bench.suites import kernels
 
     args = argparse.Namespace(quick=True, device="cpu", dtype=None, preset="llada-tiny", model=None, progress=False,
-                              reps=1, warmup=0, variants="torch,matmul+torch,c++,matmul+native")
+                              reps=1, warmup=0, variants="torch,matmul+torch,c++,matmul+native,grouped")
     rows = kernels.run(args, tmp_path)
     written = list(csv.DictReader((tmp_path / "kernels.csv").open()))
     assert len(written) == len(rows) and {r["op"] for r in written} == set(kernels.OPS)

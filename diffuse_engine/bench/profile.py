@@ -7,6 +7,7 @@ Shapes (``--shape``, repeatable, ``KEY=VALUE`` pairs separated by commas; keys w
   ``B=16,L=32,P=1024,H=32,KV=32,D=128`` (a block of L queries over P cached tokens);
 - row_stats: ``M=256,V=126464``; lm_head_stats: ``M=32,V=126464,D=4096``;
 - commit: ``B=32,R=32`` (B requests of R candidate rows); noise: ``M=256,V=126464,kind=gumbel|uniform``;
+- moe: ``N=32,D=2048,I=512,E=256,K=8`` (N tokens routed to K of E experts of hidden D, intermediate I);
 - step: ``B=1,P=64,G=256,K=32`` (batch, prompt, generation and block lengths; see :mod:`.ops_step`).
 
 Without ``--shape`` the grid comes from ``--model DIR`` / ``--preset`` (default llada-8b on CUDA, llada-tiny on the

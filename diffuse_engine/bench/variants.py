@@ -2,9 +2,9 @@
 fp64 reference, error measure, counted bytes / FLOPs) and its :class:`Variant` s, each of which says whether it
 runs on a device and builds the callable that is checked, then timed.
 
-The ops' modules (:mod:`.ops_attention`, :mod:`.ops_sampling`, :mod:`.ops_misc`) register themselves when
-:func:`spec` first loads them; ``profile step`` is :mod:`.ops_step`. A test (or a user) adds a variant with
-:func:`register`.
+The ops' modules (:mod:`.ops_attention`, :mod:`.ops_sampling`, :mod:`.ops_misc`, :mod:`.ops_moe`) register
+themselves when :func:`spec` first loads them; ``profile step`` is :mod:`.ops_step`. A test (or a user) adds a
+variant with :func:`register`.
 
 Correctness (:func:`judge`): a variant's output is compared with the reference computed in fp64 on the same
 (rounded) inputs. Float outputs: its error must be at most twice plain torch's error in the profiled dtype (the
@@ -22,7 +22,7 @@ from typing import Any
 import torch
 
 OP_MODULES = {"attention": "ops_attention", "row_stats": "ops_sampling", "lm_head_stats": "ops_sampling",
-              "commit": "ops_misc", "noise": "ops_misc"}
+              "commit": "ops_misc", "noise": "ops_misc", "moe": "ops_moe"}
 
 
 class Unavailable(Exception):

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import argparse
 
-PROFILE_OPS = ("attention", "row_stats", "lm_head_stats", "commit", "noise", "step")
+PROFILE_OPS = ("attention", "row_stats", "lm_head_stats", "commit", "noise", "moe", "step")
 SUITES = ("kernels", "engine", "cache", "serving", "cost-model", "quality", "gpu")
 
 
@@ -35,7 +35,8 @@ def _add_profile(sub: argparse._SubParsersAction) -> None:
                      help="a shape instead of the default grid (repeatable); keys per OP: attention "
                           "B=1,S=320,H=32,KV=32,D=128[,block=32] or B=16,L=32,P=1024,H=32,KV=32,D=128 (block over a "
                           "cache); row_stats M=256,V=126464; lm_head_stats M=32,V=126464,D=4096; commit B=32,R=32; "
-                          "noise M=256,V=126464[,kind=uniform]; step B=1,P=64,G=256,K=32")
+                          "noise M=256,V=126464[,kind=uniform]; moe N=32,D=2048,I=512,E=256,K=8; "
+                          "step B=1,P=64,G=256,K=32")
     cmd.add_argument("--variants", metavar="NAMES", help="comma-separated variant names to run (default: all)")
     cmd.add_argument("--json", action="store_true", help="print the rows as one JSON list and nothing else")
     cmd.add_argument("--csv", metavar="FILE", help="also write the rows to FILE")

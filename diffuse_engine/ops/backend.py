@@ -47,6 +47,7 @@ KERNEL_OPS = {
     "row_stats": ("cuda", "triton", "torch"),
     "commit": ("cuda", "triton", "torch"),
     "lm_head_stats": ("triton", "torch"),
+    "moe_experts": ("triton", "torch"),
     "counter_uniform": ("cuda", "torch"),
     "counter_gumbel": ("cuda", "torch"),
 }

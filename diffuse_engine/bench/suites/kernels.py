@@ -1,4 +1,4 @@
-"""The kernels suite: ``profile`` of attention, row_stats, lm_head_stats, commit and noise over their default grids
+"""The kernels suite: ``profile`` of attention, row_stats, lm_head_stats, commit, noise and moe over their default grids
 (from ``--preset`` / ``--model``, on ``--device`` in ``--dtype``), every row written to ``out/kernels.csv``."""
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ from pathlib import Path
 from .. import common
 from ..profile import op_rows
 
-OPS = ("attention", "row_stats", "lm_head_stats", "commit", "noise")
+OPS = ("attention", "row_stats", "lm_head_stats", "commit", "noise", "moe")
 
 
 def run(args: argparse.Namespace, out: Path) -> list[dict]:
