@@ -65,12 +65,16 @@ class Served:
             time.sleep(0.02)
 
 
-@pytest.fixture(scope="module")
-def served() -> Iterator[Served]:
+@pytest.fixture(scope="module", params=[1, 2], ids=["tp1", "tp2"])
+def served(request) -> Iterator[Served]:
+    """The server on one process, then sharded over two (tensor parallelism, gloo): every test runs on both."""
     engine = AsyncEngine.from_pretrained(MODEL, device="cpu", engine_config=EngineConfig(
-        max_num_seqs=16, page_size=4, kv_cache_tokens=2048))
-    with serve_app(build_app(engine, MODEL)) as port:
-        yield Served(port, engine)
+        max_num_seqs=16, page_size=4, kv_cache_tokens=2048, tensor_parallel_size=request.param))
+    try:
+        with serve_app(build_app(engine, MODEL)) as port:
+            yield Served(port, engine)
+    finally:
+        engine.llm.close()
 
 
 @pytest.fixture(scope="module")

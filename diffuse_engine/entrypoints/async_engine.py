@@ -147,6 +147,9 @@ class AsyncEngine:
                 if self.engine.abort(rid):
                     self.num_aborted += 1
                 self._deliver_error(rid, RuntimeError("the engine shut down before the request finished."))
+        llm = getattr(self, "llm", None)
+        if llm is not None:  # stops tensor-parallel worker processes
+            llm.close()
 
     def _run(self) -> None:
         while not self._stopped:

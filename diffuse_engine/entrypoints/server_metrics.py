@@ -37,6 +37,9 @@ def health_status(server: "ServerState") -> tuple[int, dict[str, str]]:
     engine = server.engine
     if not engine.is_running:
         return 503, {"status": "error", "message": "the engine thread is not running."}
+    broken = getattr(engine.engine, "broken", None)
+    if isinstance(broken, str):  # a tensor-parallel rank failed: no step can run again
+        return 503, {"status": "error", "message": scrub(broken, server.roots)}
     healthy = getattr(engine, "healthy", None)
     if not isinstance(healthy, bool):  # an AsyncEngine without it: failing until a step succeeds
         error, seen = engine.error, note_failure(server)
