@@ -8,11 +8,12 @@ best available backend is chosen; CPU tensors use the torch path. The environmen
 cached per op and device (:mod:`.backend`); call :func:`reload` after changing the variables in a running process.
 
 One module per op: :mod:`.linear`, :mod:`.attention` (``attention``, ``block_attention_cached``),
-:mod:`.sampling` (``sample_and_score``, ``row_stats``, ``lm_head_stats``), :mod:`.commit`, :mod:`.noise`
-(``counter_uniform``, ``counter_gumbel``). The functions ``linear``, ``attention`` and ``commit`` share their
-module's name, so ``ops.commit`` is the function; reach a module as ``importlib.import_module(
-"diffuse_engine.ops.commit")``. Tensor contracts are checked by :mod:`diffuse_engine.contract` (re-exported
-here as :class:`Contract`), the commit op's arguments travel as a :class:`CommitBatch`.
+:mod:`.sampling` (``sample_and_score``, ``row_stats``, ``lm_head_stats``), :mod:`.moe` (``moe_experts``),
+:mod:`.commit`, :mod:`.noise` (``counter_uniform``, ``counter_gumbel``). The functions ``linear``, ``attention``
+and ``commit`` share their module's name, so ``ops.commit`` is the function; reach a module as
+``importlib.import_module("diffuse_engine.ops.commit")``. Tensor contracts are checked by
+:mod:`diffuse_engine.contract` (re-exported here as :class:`Contract`), the commit op's arguments travel as a
+:class:`CommitBatch`.
 """
 
 from __future__ import annotations
@@ -38,6 +39,7 @@ from .backend import (
 )
 from .commit import commit
 from .linear import INVARIANT_ROWS, linear
+from .moe import moe_experts
 from .noise import counter_gumbel, counter_uniform
 from .sampling import lm_head_stats, row_stats, sample_and_score
 
@@ -45,5 +47,6 @@ __all__ = [
     "ATTENTION_BACKENDS", "ATTENTION_ENV", "BACKENDS", "BACKEND_ENV", "INVARIANT_ROWS", "BackendUnavailableError",
     "CommitBatch", "Contract", "Settings", "attention", "attention_backend", "attention_report", "backend_report",
     "block_attention_cached", "commit", "counter_gumbel", "counter_uniform", "linear", "lm_head_stats",
-    "native_status", "reload", "requested_backend", "row_stats", "sample_and_score", "settings", "triton_runs",
+    "moe_experts", "native_status", "reload", "requested_backend", "row_stats", "sample_and_score", "settings",
+    "triton_runs",
 ]
