@@ -209,8 +209,8 @@ _LLADA_MOE_DEFAULTS: dict[str, Any] = {
     "auto_map": {"AutoConfig": "configuration_lladamoe.LLaDAConfig", "AutoModel": "modeling_lladamoe.LLaDAMoEModelLM",
                  "AutoModelForCausalLM": "modeling_lladamoe.LLaDAMoEModelLM"},
     "clip_qkv": None, "hidden_act": "silu", "initializer_range": 0.02, "model_type": "llada",
-    "moe_router_score_function": "softmax", "norm_topk_prob": False, "output_router_logits": False,
-    "qk_layernorm": True, "rope_scaling": None, "router_aux_loss_coef": 0.01, "use_cache": False,
+    "output_router_logits": False, "qk_layernorm": True, "rope_scaling": None, "router_aux_loss_coef": 0.01,
+    "use_cache": False,
 }
 _LLADA2_DEFAULTS: dict[str, Any] = {
     "architectures": ["LLaDA2MoeModelLM"], "attention_dropout": 0.0,

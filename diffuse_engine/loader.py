@@ -19,6 +19,7 @@ from typing import Any
 import torch
 from safetensors import safe_open
 
+from . import config_moe
 from .config import ModelConfig
 from .errors import CheckpointError
 from .hub import parse_hub_name, snapshot_folder
@@ -83,15 +84,22 @@ def read_json_file(file: Path) -> Any:
         raise CheckpointError(f"{file.name} is not valid JSON (nested too deeply).") from None
 
 
-def _read_config(folder: Path) -> tuple[ModelConfig, dict]:
+def _read_config(folder: Path, tokenizer: Tokenizer | None = None) -> tuple[ModelConfig, dict]:
+    """The config and the raw ``config.json`` dict. A family whose config.json never names its mask token
+    (LLaDA-MoE, LLaDA2) is parsed with the tokenizer's ``<|mask|>`` id when the folder has one."""
     file = folder / CONFIG_FILE
     if not file.is_file():
         raise CheckpointError(f"Model folder {folder} has no {CONFIG_FILE}.")
     raw = read_json_file(file)
     if not isinstance(raw, dict):
         raise CheckpointError(f"{CONFIG_FILE} must hold a JSON object, not {type(raw).__name__}.")
+    parsed = dict(raw)
+    if tokenizer is not None and "mask_token_id" not in raw and config_moe.detect(raw) is not None:
+        mask = tokenizer.token_to_id("<|mask|>")
+        if mask is not None:
+            parsed["mask_token_id"] = mask
     try:
-        return ModelConfig.from_hf(raw), raw
+        return ModelConfig.from_hf(parsed), raw
     except ValueError as exc:
         message = str(exc)  # config messages name config.json and the key; others get the file name in front
         raise CheckpointError(message if message.startswith(CONFIG_FILE) else f"{CONFIG_FILE}: {message}") from None
@@ -279,11 +287,11 @@ def load_model(path: str | Path, *, device: str | torch.device = "cpu", dtype: t
     device = torch.device(device)
     target = parse_dtype(dtype) if dtype is not None else None
     check = check_weights_default() if check_weights is None else bool(check_weights)
-    config, raw = _read_config(folder)
+    tokenizer = Tokenizer.from_dir(folder) if (folder / TOKENIZER_FILE).is_file() else None
+    config, raw = _read_config(folder, tokenizer)
     target = target or _default_dtype(device, config, raw)
     files = _weight_files(folder)
 
-    tokenizer = Tokenizer.from_dir(folder) if (folder / TOKENIZER_FILE).is_file() else None
     if config.eot_token_id is None and tokenizer is not None:
         eot = tokenizer.token_to_id(_EOT_TOKEN[config.arch])
         if eot is not None and eot < config.vocab_size:
