@@ -5,18 +5,21 @@ and the command line."""
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 from pathlib import Path
 
 import pytest
 import torch
+from oracles_parallel import sdar_generate
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from diffuse_engine import ops, presets
+from diffuse_engine import LLM, SamplingParams, ops, presets
 from diffuse_engine.checkpoint import write_random_checkpoint
 from diffuse_engine.config import ModelConfig
+from diffuse_engine.entrypoints.cli import main
 from diffuse_engine.errors import CheckpointError
 from diffuse_engine.loader import load_model
 from diffuse_engine.models import LLaDA2MoeModelLM, LLaDAMoEModelLM, build_model
@@ -357,3 +360,73 @@ def test_forward_equals_the_published_architecture_layer_by_layer(tmp_path, name
     assert bias_mattered == (config.expert_bias and config.arch == "llada2") or config.arch == "llada_moe"
     scale = want.abs().max().item()
     assert (got - want).abs().max().item() <= 1e-10 * scale
+
+
+# ------------------------------------------------------------------------------------------------ the engine
+@functools.cache
+def _llm(name: str, dtype: torch.dtype = torch.float64) -> LLM:
+    return LLM.from_model(build_model(presets.from_name(name).config, dtype=dtype).init_random_(3).eval())
+
+
+def _prompt(n: int, seed: int) -> list[int]:
+    return torch.randint(0, 256, (n,), generator=torch.Generator().manual_seed(seed)).tolist()
+
+
+@pytest.mark.parametrize("plen, steps_per_block", [(5, 8), (11, 2), (16, 1)])
+def test_llada2_block_cache_equals_recomputing_every_block(plen, steps_per_block):
+    """The exact cache of finished blocks: tokens (and forwards) equal the loop that recomputes blocks < b."""
+    llm = _llm("llada2-tiny")
+    b, gen = L2.block_size, 16
+    prompt = _prompt(plen, plen)
+    want, nfe = sdar_generate(llm.model, prompt, gen_length=gen, block_length=b, steps_per_block=steps_per_block,
+                              mask_id=L2.mask_token_id)
+    out = llm.generate([prompt], SamplingParams(gen_length=gen, block_length=b, steps=steps_per_block * gen // b))[0]
+    assert out.token_ids == want and out.nfe == nfe
+
+
+@pytest.mark.parametrize("name, cache", [("llada-moe-tiny", "none"), ("llada-moe-tiny", "prefix"),
+                                         ("llada-moe-tiny", "dual"), ("llada2-tiny", "none")])
+def test_every_cache_mode_and_policy_runs(name, cache):
+    llm = _llm(name)
+    b = llm.model.config.block_size or 8
+    prompts = [_prompt(6, 1), _prompt(13, 2)]
+    fixed = SamplingParams(gen_length=16, block_length=b, steps=16, cache=cache, seed=0)
+    outs = {"fixed": llm.generate(prompts, fixed)}
+    for policy, knob in (("threshold", {"threshold": 0.02}), ("eb", {"eb_gamma": 5.0})):
+        params = SamplingParams(gen_length=16, block_length=b, cache=cache, seed=0, policy=policy, **knob)
+        outs[policy] = llm.generate(prompts, params)
+    for policy, done in outs.items():
+        assert all(len(o.token_ids) == 16 and L2.mask_token_id not in o.token_ids for o in done), policy
+    assert sum(o.nfe for o in outs["threshold"]) < sum(o.nfe for o in outs["fixed"])  # decodes wider
+    if cache != "none":  # a cache refreshed at every step is the no-cache decode
+        plain = llm.generate(prompts, SamplingParams(gen_length=16, block_length=b, steps=16, seed=0))
+        again = llm.generate(prompts, SamplingParams(gen_length=16, block_length=b, steps=16, seed=0, cache=cache,
+                                                     cache_refresh=1))
+        assert [o.token_ids for o in again] == [o.token_ids for o in plain]
+    assert llm.engine.kv_cache is None or llm.engine.kv_cache.num_free_pages == llm.engine.kv_cache.num_pages
+
+
+@pytest.mark.parametrize("name", ["llada-moe-tiny", "llada2-tiny"])
+def test_batch_invariance(name):
+    """fp32: a request's tokens alone equal its tokens in a mixed batch (routing never depends on the batch)."""
+    llm = _llm(name, torch.float32)
+    b = llm.model.config.block_size or 8
+    prompts = [_prompt(n, 10 + n) for n in (1, 17, 5, 9)]
+    params = [SamplingParams(gen_length=16, block_length=b, steps=8, temperature=0.8, seed=5),
+              SamplingParams(gen_length=8, block_length=b, steps=8, seed=6, policy="threshold", threshold=0.02),
+              SamplingParams(gen_length=16, block_length=b, steps=16, seed=7, cache="prefix" if b == 8 else "none"),
+              SamplingParams(gen_length=8, block_length=b, seed=8, policy="eb", eb_gamma=2.0)]
+    alone = [llm.generate([p], sp)[0].token_ids for p, sp in zip(prompts, params, strict=True)]
+    assert [o.token_ids for o in llm.generate(prompts, params)] == alone
+
+
+def test_init_random_then_generate_on_the_command_line(tmp_path, capsys):
+    out = tmp_path / "llada2"
+    assert main(["init-random", "--preset", "llada2-tiny", "--out", str(out), "--seed", "1"]) == 0
+    assert "llada2-tiny" in capsys.readouterr().out
+    assert main(["generate", "--model", str(out), "--prompt-ids", "65,66,67", "--json", "--gen-length", "16",
+                 "--block-length", "8", "--steps", "8", "--seed", "2", "--device", "cpu"]) == 0
+    record = json.loads(capsys.readouterr().out)
+    assert record["model"]["arch"] == "llada2" and len(record["token_ids"]) == 16
+    llm = LLM(out, device="cpu")
+    assert llm.generation_defaults == presets.from_name("llada2-tiny").generation_defaults
