@@ -1,6 +1,7 @@
 """Model configuration: one dataclass for every supported architecture, read from and written to the exact
 ``config.json`` layouts of GSAI-ML/LLaDA-8B-Instruct, Dream-org/Dream-v0-Instruct-7B and JetLM/SDAR-*-Chat (the
-reading, its checks and the writing: :mod:`.config_io`)."""
+reading, its checks and the writing: :mod:`.config_io`), and of inclusionAI/LLaDA-MoE-7B-A1B-* and
+inclusionAI/LLaDA2.0-* (mixture of experts: :mod:`.config_moe`)."""
 
 from __future__ import annotations
 
