@@ -1,6 +1,8 @@
-"""Random-weight checkpoints in the Hugging Face folder layout of the published LLaDA, Dream and SDAR models, for
-tests and benchmarks that must not download weights: ``config.json``, ``model.safetensors`` (or shards with
-``model.safetensors.index.json``), ``tokenizer.json`` and ``tokenizer_config.json``."""
+"""Random-weight checkpoints in the Hugging Face folder layout of the published LLaDA, Dream, SDAR, LLaDA-MoE and
+LLaDA2 models, for tests and benchmarks that must not download weights: ``config.json``, ``model.safetensors`` (or
+shards with ``model.safetensors.index.json``), ``tokenizer.json``, ``tokenizer_config.json`` and, for presets with
+published sampling settings, ``generation_defaults.json``. Stacked experts are written per expert, under the
+published names."""
 
 from __future__ import annotations
 
@@ -14,8 +16,9 @@ from safetensors.torch import save_file
 
 from . import presets
 from .config import ModelConfig
-from .loader import CONFIG_FILE, INDEX_FILE, WEIGHTS_FILE, parse_dtype
+from .loader import CONFIG_FILE, GENERATION_DEFAULTS_FILE, INDEX_FILE, WEIGHTS_FILE, parse_dtype
 from .models import build_model
+from .models.moe import stacked_experts, unstack
 from .tokenizer import CHAT_TEMPLATE_FILE, TOKENIZER_CONFIG_FILE, TOKENIZER_FILE, build_byte_tokenizer
 
 # Config field -> special-token content, per family, for a bare ModelConfig (first name wins on a shared id).
@@ -24,9 +27,12 @@ _DERIVED_SPECIALS: dict[str, tuple[tuple[str, str], ...]] = {
               ("mask_token_id", "<|mdm_mask|>"), ("eot_token_id", "<|eot_id|>")),
     "dream": (("eos_token_id", "<|endoftext|>"), ("eot_token_id", "<|im_end|>"), ("mask_token_id", "<|mask|>")),
     "sdar": (("eos_token_id", "<|endoftext|>"), ("eot_token_id", "<|im_end|>"), ("mask_token_id", "<|MASK|>")),
+    **dict.fromkeys(("llada_moe", "llada2"), (("eos_token_id", "<|endoftext|>"), ("eot_token_id", "<|role_end|>"),
+                                              ("mask_token_id", "<|mask|>"))),
 }
 _FAMILY_TEMPLATES = {"llada": presets.LLADA_CHAT_TEMPLATE, "dream": presets.QWEN_CHAT_TEMPLATE,
-                     "sdar": presets.QWEN_CHAT_TEMPLATE}
+                     "sdar": presets.QWEN_CHAT_TEMPLATE, "llada_moe": presets.LING_CHAT_TEMPLATE,
+                     "llada2": presets.LING_CHAT_TEMPLATE}
 
 # Mode of every written file: readable by all (a model folder is often served by another user), whatever the
 # process umask or the writer's own default.
@@ -50,20 +56,20 @@ def derive_special_tokens(config: ModelConfig) -> dict[str, int]:
 
 
 def _resolve(preset: str | presets.Preset | ModelConfig, special_tokens: dict[str, int] | None,
-             chat_template: str | None) -> tuple[ModelConfig, dict[str, int], str, str | None, str]:
-    """(config, special tokens, chat template, bos string, eos string) of the ``preset`` argument."""
+             chat_template: str | None) -> tuple[ModelConfig, dict[str, int], str, str | None, str, dict[str, Any]]:
+    """(config, special tokens, chat template, bos string, eos string, generation defaults) of ``preset``."""
     if isinstance(preset, str):
         preset = presets.from_name(preset)
     if isinstance(preset, presets.Preset):
         specials = dict(special_tokens if special_tokens is not None else preset.special_tokens)
         template = chat_template if chat_template is not None else preset.chat_template
         bos, eos = preset.bos_token, preset.eos_token
-        config = preset.config
+        config, defaults = preset.config, dict(preset.generation_defaults)
     elif isinstance(preset, ModelConfig):
         config = preset
         specials = dict(special_tokens if special_tokens is not None else derive_special_tokens(config))
         template = chat_template if chat_template is not None else _FAMILY_TEMPLATES[config.arch]
-        bos, eos = None, ""
+        bos, eos, defaults = None, "", {}
     else:
         raise ValueError(f"preset must be a preset name, a Preset or a ModelConfig, got {type(preset).__name__}.")
     # Token strings follow the special tokens actually written (the caller may have replaced them).
@@ -72,7 +78,7 @@ def _resolve(preset: str | presets.Preset | ModelConfig, special_tokens: dict[st
         bos = by_id.get(config.bos_token_id) if config.arch == "llada" else None
     if eos not in specials:
         eos = by_id.get(config.eos_token_id, "")
-    return config, specials, template, bos, eos
+    return config, specials, template, bos, eos, defaults
 
 
 def _shard(tensors: dict[str, torch.Tensor], shard_size: int) -> list[dict[str, torch.Tensor]]:
@@ -126,15 +132,18 @@ def write_random_checkpoint(path: str | Path, preset: str | presets.Preset | Mod
     :func:`build_byte_tokenizer` over the config's vocabulary. A non-empty folder is refused unless
     ``overwrite``, which first removes the weight files and chat template a previous call may have left.
     """
-    config, specials, template, bos, eos = _resolve(preset, special_tokens, chat_template)
+    config, specials, template, bos, eos, defaults = _resolve(preset, special_tokens, chat_template)
     torch_dtype = parse_dtype(dtype)
     if shard_size is not None and (not isinstance(shard_size, int) or shard_size <= 0):
         raise ValueError(f"shard_size must be a positive number of bytes, got {shard_size!r}.")
     tokenizer = build_byte_tokenizer(config.vocab_size, specials)  # validates the ids before writing anything
     model = build_model(config, dtype=torch.float32).init_random_(seed)
-    return save_model_folder(path, model, special_tokens=specials, chat_template=template, bos_token=bos,
-                             eos_token=eos, dtype=torch_dtype, shard_size=shard_size, overwrite=overwrite,
-                             tokenizer=tokenizer)
+    folder = save_model_folder(path, model, special_tokens=specials, chat_template=template, bos_token=bos,
+                               eos_token=eos, dtype=torch_dtype, shard_size=shard_size, overwrite=overwrite,
+                               tokenizer=tokenizer)
+    if defaults:
+        _write_json(folder / GENERATION_DEFAULTS_FILE, defaults)
+    return folder
 
 
 def save_model_folder(path: str | Path, model: torch.nn.Module, *, special_tokens: dict[str, int],
@@ -158,7 +167,8 @@ def save_model_folder(path: str | Path, model: torch.nn.Module, *, special_token
     hf["torch_dtype"] = _DTYPE_NAMES[torch_dtype]
     _write_json(folder / CONFIG_FILE, hf)
 
-    tensors = {name: t.detach().to("cpu", torch_dtype).contiguous() for name, t in model.state_dict().items()}
+    state = unstack(model.state_dict(), stacked_experts(model))  # experts under their published per-expert names
+    tensors = {name: t.detach().to("cpu", torch_dtype).contiguous() for name, t in state.items()}
     metadata = {"format": "pt"}
     if shard_size is None:
         _save_tensors(tensors, folder / WEIGHTS_FILE, metadata)

@@ -1,5 +1,7 @@
-"""Load a LLaDA, Dream or SDAR model folder in the Hugging Face layout: ``config.json``, safetensors weights (one
-``model.safetensors`` or shards listed by ``model.safetensors.index.json``) and, optionally, the tokenizer.
+"""Load a LLaDA, Dream, SDAR, LLaDA-MoE or LLaDA2 model folder in the Hugging Face layout: ``config.json``,
+safetensors weights (one ``model.safetensors`` or shards listed by ``model.safetensors.index.json``) and, optionally,
+the tokenizer. Mixture-of-experts checkpoints hold each expert's projections under its own name; they are stacked
+into the model's ``[E, ...]`` parameters as they are read.
 
 Every problem with the folder raises :class:`~diffuse_engine.errors.CheckpointError` with a sentence that
 names the file (and tensor or config key) at fault, before any weight reaches the model. Files are named by
@@ -17,10 +19,12 @@ from typing import Any
 import torch
 from safetensors import safe_open
 
+from . import config_moe
 from .config import ModelConfig
 from .errors import CheckpointError
 from .hub import parse_hub_name, snapshot_folder
 from .models import DiffusionLM, build_model
+from .models.moe import ExpertStacker, checkpoint_shapes, stacked_experts
 from .tokenizer import TOKENIZER_FILE, Tokenizer
 
 CONFIG_FILE = "config.json"
@@ -37,13 +41,16 @@ DTYPE_ALIASES: dict[str, torch.dtype] = {
 }
 
 # The LM head of each family; a checkpoint of a tied-embedding config may still hold it (it is ignored).
-_HEAD_TENSOR = {"llada": "model.transformer.ff_out.weight", "dream": "lm_head.weight", "sdar": "lm_head.weight"}
+_HEAD_TENSOR = {"llada": "model.transformer.ff_out.weight", "dream": "lm_head.weight", "sdar": "lm_head.weight",
+                "llada_moe": "lm_head.weight", "llada2": "lm_head.weight"}
 # Buffers that older exports persisted and that the engine recomputes.
 _IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
 # End-of-turn token of each family's chat format, for configs that do not name it.
-_EOT_TOKEN = {"llada": "<|eot_id|>", "dream": "<|im_end|>", "sdar": "<|im_end|>"}
-# Mask token of each family whose config.json may omit ``mask_token_id`` (JetLM/SDAR-4B-Chat does).
-_MASK_TOKEN = {"sdar": "<|MASK|>"}
+_EOT_TOKEN = {"llada": "<|eot_id|>", "dream": "<|im_end|>", "sdar": "<|im_end|>", "llada_moe": "<|role_end|>",
+              "llada2": "<|role_end|>"}
+# Mask token of each family whose config.json may omit ``mask_token_id`` (JetLM/SDAR-4B-Chat does; LLaDA-MoE's and
+# LLaDA2's never name it).
+_MASK_TOKEN = {"sdar": "<|MASK|>", "llada_moe": "<|mask|>", "llada2": "<|mask|>"}
 
 
 def parse_dtype(value: str | torch.dtype) -> torch.dtype:
@@ -77,15 +84,22 @@ def read_json_file(file: Path) -> Any:
         raise CheckpointError(f"{file.name} is not valid JSON (nested too deeply).") from None
 
 
-def _read_config(folder: Path) -> tuple[ModelConfig, dict]:
+def _read_config(folder: Path, tokenizer: Tokenizer | None = None) -> tuple[ModelConfig, dict]:
+    """The config and the raw ``config.json`` dict. A family whose config.json never names its mask token
+    (LLaDA-MoE, LLaDA2) is parsed with the tokenizer's ``<|mask|>`` id when the folder has one."""
     file = folder / CONFIG_FILE
     if not file.is_file():
         raise CheckpointError(f"Model folder {folder} has no {CONFIG_FILE}.")
     raw = read_json_file(file)
     if not isinstance(raw, dict):
         raise CheckpointError(f"{CONFIG_FILE} must hold a JSON object, not {type(raw).__name__}.")
+    parsed = dict(raw)
+    if tokenizer is not None and "mask_token_id" not in raw and config_moe.detect(raw) is not None:
+        mask = tokenizer.token_to_id("<|mask|>")
+        if mask is not None:
+            parsed["mask_token_id"] = mask
     try:
-        return ModelConfig.from_hf(raw), raw
+        return ModelConfig.from_hf(parsed), raw
     except ValueError as exc:
         message = str(exc)  # config messages name config.json and the key; others get the file name in front
         raise CheckpointError(message if message.startswith(CONFIG_FILE) else f"{CONFIG_FILE}: {message}") from None
@@ -294,11 +308,11 @@ def load_model(path: str | Path, *, device: str | torch.device = "cpu", dtype: t
     device = torch.device(device)
     target = parse_dtype(dtype) if dtype is not None else None
     check = check_weights_default() if check_weights is None else bool(check_weights)
-    config, raw = _read_config(folder)
+    tokenizer = Tokenizer.from_dir(folder) if (folder / TOKENIZER_FILE).is_file() else None
+    config, raw = _read_config(folder, tokenizer)
     target = target or _default_dtype(device, config, raw)
     files = _weight_files(folder)
 
-    tokenizer = Tokenizer.from_dir(folder) if (folder / TOKENIZER_FILE).is_file() else None
     if config.eot_token_id is None and tokenizer is not None:
         eot = tokenizer.token_to_id(_EOT_TOKEN[config.arch])
         if eot is not None and eot < config.vocab_size:
@@ -309,17 +323,23 @@ def load_model(path: str | Path, *, device: str | torch.device = "cpu", dtype: t
             config = config.replace(mask_token_id=mask)
 
     model = build_model(config, dtype=target, meta=True)
-    expected = {name: t.shape for name, t in model.state_dict().items()}
+    expected = checkpoint_shapes(model)  # experts per expert, as published; stacked below
     if shard is not None:
         shard.resize_meta(model)
     ignored = {_HEAD_TENSOR[config.arch]} if config.tie_word_embeddings else set()
+    stacker = ExpertStacker(stacked_experts(model))
     state = {}
     for name, tensor in _iter_tensors(files, expected, ignored, check, shard):
-        state[name] = tensor.to(device=device, dtype=target)
-        if check and target == torch.float16 and tensor.dtype != torch.float16 and (
-                bad := _count_non_finite(state[name])):
+        source = tensor.dtype
+        tensor = tensor.to(device=device, dtype=target)
+        if check and target == torch.float16 and source != torch.float16 and (bad := _count_non_finite(tensor)):
             raise CheckpointError(f"Tensor {name!r} holds {bad} value(s) beyond the range of float16 (|x| > 65504); "
                                   f"load it with dtype='bfloat16' or 'float32'.")
+        if name in stacker.by_name:
+            if (done := stacker.add(name, tensor)) is not None:
+                state[done[0]] = done[1]
+        else:
+            state[name] = tensor
     model.load_state_dict(state, strict=True, assign=True)
     del state
     leftover = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]

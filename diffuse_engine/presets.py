@@ -6,7 +6,8 @@ Each preset carries the special tokens of its tokenizer (content -> id) and its 
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any
 
 from .config import ModelConfig
 
@@ -33,8 +34,23 @@ QWEN_CHAT_TEMPLATE = (
 )
 
 
+# The chat format of LLaDA-MoE and LLaDA2.x (the Ling tokenizer's roles; the real checkpoints ship their own template,
+# which also handles tools and thinking modes).
+LING_CHAT_TEMPLATE = (
+    "{% for message in messages %}"
+    "{% set role = {'user': 'HUMAN', 'assistant': 'ASSISTANT', 'system': 'SYSTEM'}.get(message['role'], "
+    "message['role'] | upper) %}"
+    "{{ '<role>' + role + '</role>' + message['content'] + '<|role_end|>' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<role>ASSISTANT</role>' }}{% endif %}"
+)
+
+
 @dataclass(frozen=True, slots=True)
 class Preset:
+    """A named configuration: ``generation_defaults`` are the SamplingParams fields the model is published with
+    (written to ``generation_defaults.json`` by :func:`~diffuse_engine.checkpoint.write_random_checkpoint`)."""
+
     name: str
     config: ModelConfig
     special_tokens: dict[str, int]
@@ -42,6 +58,7 @@ class Preset:
     bos_token: str | None
     eos_token: str
     description: str
+    generation_defaults: dict[str, Any] = field(default_factory=dict)
 
 
 def _llada_specials(base: int | None) -> dict[str, int]:
@@ -104,6 +121,74 @@ def _sdar(name: str, description: str, *, d: int, layers: int, heads: int, kv: i
     return Preset(name, config, specials, QWEN_CHAT_TEMPLATE, None, "<|endoftext|>", description)
 
 
+def _ling_specials(base: int | None) -> dict[str, int]:
+    if base is None:  # the ids that LLaDA-MoE's and LLaDA2's generate() use; the role markers' ids are not known here
+        return {"<|endoftext|>": 156892, "<|mask|>": 156895}
+    names = ["<|endoftext|>", "<role>", "</role>", "<|role_end|>", "<|mask|>"]
+    return {n: base + i for i, n in enumerate(names)}
+
+
+def _moe_config(arch: str, specials: dict[str, int], **fields: Any) -> ModelConfig:
+    return ModelConfig(arch=arch, mask_token_id=specials["<|mask|>"], eos_token_id=specials["<|endoftext|>"],
+                       pad_token_id=specials["<|endoftext|>"], eot_token_id=specials.get("<|role_end|>"), **fields)
+
+
+def _llada_moe(name: str, description: str, *, specials: dict[str, int], defaults: dict[str, Any],
+               **fields: Any) -> Preset:
+    fields = {"rms_norm_eps": 1e-5, "rope_theta": 50000.0, **fields}
+    config = _moe_config("llada_moe", specials, **fields)
+    return Preset(name, config, specials, LING_CHAT_TEMPLATE, None, "<|endoftext|>", description, defaults)
+
+
+def _llada2(name: str, description: str, *, specials: dict[str, int], defaults: dict[str, Any],
+            **fields: Any) -> Preset:
+    fields = {"rms_norm_eps": 1e-6, "rope_theta": 600000.0, "partial_rotary_factor": 0.5, "score_function": "sigmoid",
+              "norm_topk_prob": True, "routed_scaling_factor": 2.5, "expert_bias": True, "num_shared_experts": 1,
+              "first_k_dense_replace": 1, **fields}
+    config = _moe_config("llada2", specials, **fields)
+    return Preset(name, config, specials, LING_CHAT_TEMPLATE, None, "<|endoftext|>", description, defaults)
+
+
+# Published sampling settings. LLaDA-MoE: the LLaDA generate() of its model card (128 tokens in blocks of 32, one
+# token per step, greedy, low-confidence remasking). LLaDA2.x: its generate() defaults (blocks of 32, greedy,
+# threshold 0.95 with at least one token per step).
+LLADA_MOE_GENERATION = {"gen_length": 128, "block_length": 32, "steps": 128, "temperature": 0.0,
+                        "remasking": "low_confidence"}
+LLADA2_GENERATION = {"block_length": 32, "temperature": 0.0, "policy": "threshold", "threshold": 0.95,
+                     "remasking": "low_confidence"}
+
+_MOE_PRESETS = (
+    _llada_moe("llada-moe-7b-a1b", "inclusionAI/LLaDA-MoE-7B-A1B-Instruct architecture (7.4B parameters, 1.7B "
+               "active per token with embeddings): 16 layers, 64 experts, top-8, no shared expert.",
+               hidden_size=2048, num_layers=16, num_heads=16, num_kv_heads=16, intermediate_size=8192,
+               num_experts=64, num_experts_per_tok=8, moe_intermediate_size=1024, vocab_size=157184,
+               max_position_embeddings=8192, specials=_ling_specials(None), defaults=LLADA_MOE_GENERATION),
+    _llada_moe("llada-moe-tiny", "Tiny LLaDA-MoE: byte-level vocabulary of 320, 2 layers, 8 experts, top-2 (tests).",
+               hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=4, intermediate_size=128, num_experts=8,
+               num_experts_per_tok=2, moe_intermediate_size=32, vocab_size=320, max_position_embeddings=512,
+               specials=_ling_specials(256), defaults={**LLADA_MOE_GENERATION, "gen_length": 32, "block_length": 16,
+                                                        "steps": 32}),
+    _llada2("llada2-mini", "inclusionAI/LLaDA2.0-mini architecture (16.3B parameters, 1.4B active): 20 layers (the "
+            "first dense), 256 experts in 8 groups, top-8 from 4 groups, 1 shared expert, partial RoPE, blocks of 32.",
+            hidden_size=2048, num_layers=20, num_heads=16, num_kv_heads=4, explicit_head_dim=128,
+            intermediate_size=5120, num_experts=256, num_experts_per_tok=8, moe_intermediate_size=512, n_group=8,
+            topk_group=4, vocab_size=157184, max_position_embeddings=32768, specials=_ling_specials(None),
+            defaults=LLADA2_GENERATION),
+    _llada2("llada2-flash", "inclusionAI/LLaDA2.0-flash architecture (~103B parameters, ~6.1B active): 32 layers, "
+            "256 experts of 1024. Assumed, not read from its config.json: the dense layer's width 9216 and the mini's "
+            "router settings.",
+            hidden_size=4096, num_layers=32, num_heads=32, num_kv_heads=4, explicit_head_dim=128,
+            intermediate_size=9216, num_experts=256, num_experts_per_tok=8, moe_intermediate_size=1024, n_group=8,
+            topk_group=4, vocab_size=157184, max_position_embeddings=32768, specials=_ling_specials(None),
+            defaults=LLADA2_GENERATION),
+    _llada2("llada2-tiny", "Tiny LLaDA2: byte-level vocabulary of 320, 2 layers (the first dense), 8 experts in 4 "
+            "groups, top-2 from 2 groups, a shared expert, GQA 4:2, head dim 32 with RoPE on 16, blocks of 8 (tests).",
+            hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=2, explicit_head_dim=32, intermediate_size=128,
+            num_experts=8, num_experts_per_tok=2, moe_intermediate_size=32, n_group=4, topk_group=2, vocab_size=320,
+            max_position_embeddings=512, block_size=8, specials=_ling_specials(256),
+            defaults={**LLADA2_GENERATION, "block_length": 8, "gen_length": 32}),
+)
+
 PRESETS: dict[str, Preset] = {p.name: p for p in (
     _llada("llada-8b", "GSAI-ML/LLaDA-8B-Instruct architecture (8.0B parameters).",
            d=4096, layers=32, heads=32, mlp=12288, vocab=126464, specials=_llada_specials(None)),
@@ -124,6 +209,7 @@ PRESETS: dict[str, Preset] = {p.name: p for p in (
     _sdar("sdar-tiny", "Tiny SDAR: byte-level vocabulary of 320, 2 layers, GQA 4:2, head dim 32 != 64 / 4, "
           "block size 4 (tests).",
           d=64, layers=2, heads=4, kv=2, head_dim=32, mlp=192, vocab=320, specials=_sdar_specials(256), max_len=512),
+    *_MOE_PRESETS,
 )}
 
 

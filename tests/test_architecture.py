@@ -16,8 +16,8 @@ MAX_FUNCTION_LINES = 80
 # Lowest first. A module belongs to the entry with the longest matching prefix (``diffuse_engine`` itself names only
 # the package's ``__init__`` and ``__main__``). A module may import its own layer and the ones below, never above.
 LAYERS: list[tuple[str, list[str]]] = [
-    ("foundation", ["errors", "version", "progress", "contract", "commit_batch", "layout", "config_io", "config",
-                    "presets"]),
+    ("foundation", ["errors", "version", "progress", "contract", "commit_batch", "layout", "config_io", "config_moe",
+                    "config", "presets"]),
     ("native", ["native", "_C", "kernels"]),
     ("ops", ["ops"]),
     ("models", ["models"]),

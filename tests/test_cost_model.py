@@ -159,3 +159,61 @@ def test_bad_arguments_raise_value_error():
         calibration.preset_for("meta")
     with pytest.raises(ValueError, match="only 'cpu' and CUDA"):
         calibration.calibrate("meta")
+
+
+# ------------------------------------------------------------------------------------------ mixture of experts
+MOE_MINI = from_name("llada2-mini").config
+
+
+def test_expected_distinct_experts_matches_a_monte_carlo_count():
+    """E (1 - (1 - k/E)^T): the distinct experts that T tokens reach, each picking k of E at random."""
+    model = CostModel(MOE_MINI, H100, 2)
+    e, k = MOE_MINI.num_experts, MOE_MINI.num_experts_per_tok
+    g = torch.Generator().manual_seed(0)
+    for tokens in (1, 4, 32, 128, 512):
+        counts = [len(set(torch.rand(tokens, e, generator=g).argsort(-1)[:, :k].reshape(-1).tolist()))
+                  for _ in range(200)]
+        assert model.expected_experts(tokens) == pytest.approx(sum(counts) / len(counts), rel=0.03)
+    assert model.expected_experts(1) == k and model.expected_experts(10 ** 6) == pytest.approx(e)
+    assert CostModel(LLADA_8B, H100, 2).expected_experts(64) == 0.0
+
+
+def test_moe_step_reads_only_the_reached_experts_and_computes_k_per_token():
+    model = CostModel(MOE_MINI, H100, 2)
+    c = MOE_MINI
+    routed = c.num_moe_layers * c.expert_parameters()
+    one = model.predict([(1, 0, 0)])
+    all_experts = model.predict([(4096, 0, 0)])
+    assert one.bytes == pytest.approx(2 * (c.num_parameters() - 2 * c.vocab_size * c.hidden_size
+                                           - routed * (c.num_experts - c.num_experts_per_tok)), rel=0.01)
+    assert all_experts.bytes > 5 * one.bytes
+    per_token = (model.predict([(1, 0, 0)] * 65).flops - one.flops) / 64  # 1-token sequences: no attention growth
+    assert per_token == pytest.approx(2 * (c.active_parameters() - 2 * c.vocab_size * c.hidden_size), rel=0.1)
+
+
+@pytest.mark.parametrize("ceilings", [H100, H200])
+def test_moe_ridge_lies_right_of_a_dense_model_with_the_same_weights(ceilings):
+    """Few experts per step are read at small batches, but every token computes only k of them: the step stays
+    memory-bound to many more tokens than a dense model of the same total weights."""
+    dense = MOE_MINI.replace(num_experts=None, num_experts_per_tok=None, moe_intermediate_size=None,
+                             num_shared_experts=0, first_k_dense_replace=0, n_group=1, topk_group=1,
+                             score_function="softmax", routed_scaling_factor=1.0, norm_topk_prob=False,
+                             expert_bias=False, partial_rotary_factor=1.0, arch="sdar", block_size=4,
+                             intermediate_size=1)
+    width = 1 + (MOE_MINI.num_parameters() - dense.num_parameters()) // (3 * dense.hidden_size * dense.num_layers)
+    dense = dense.replace(intermediate_size=width)  # the same total weights in plain SwiGLU layers
+    assert dense.num_parameters() == pytest.approx(MOE_MINI.num_parameters(), rel=0.001)
+    moe_ridge = CostModel(MOE_MINI, ceilings, 2).ridge_tokens()
+    dense_ridge = CostModel(dense, ceilings, 2).ridge_tokens()
+    assert moe_ridge > 4 * dense_ridge
+
+
+def test_calibration_runs_on_a_moe_preset(tmp_path, monkeypatch):
+    monkeypatch.setenv(calibration.CACHE_ENV, str(tmp_path))
+    config = from_name("llada2-tiny").config
+    got = calibration.calibrate("cpu", torch.float32, config=config)
+    assert got.source == "calibrated" and got.name.endswith("|llada2 E8 k2")
+    assert got.name in json.loads((tmp_path / calibration.CACHE_FILE).read_text())
+    tiny = calibration.tiny_config(config, 2)
+    assert (tiny.num_experts, tiny.num_experts_per_tok, tiny.first_k_dense_replace) == (8, 2, 0)
+    assert CostModel(config, got, 4).predict([(8, 0, 8)]).seconds > 0

@@ -55,15 +55,30 @@ def median_seconds(fn: Callable[[], object], device: torch.device, reps: int) ->
     return sorted(times[1:])[reps // 2]
 
 
-def _overheads(device: torch.device, dtype: torch.dtype) -> tuple[float, float, float, float]:
-    """(step, layer, sequence-layer, cached sequence-layer) launch overheads from tiny forwards of our model."""
+def tiny_config(config: ModelConfig | None, layers: int) -> ModelConfig:
+    """A tiny model of ``config``'s family (None: LLaDA) with ``layers`` layers, for the launch overheads: widths
+    shrunk, the routing (experts, top-k, groups, shared experts) kept, every layer a MoE layer when it has experts."""
+    base = ModelConfig(arch="llada", hidden_size=32, num_layers=layers, num_heads=2, num_kv_heads=2,
+                       intermediate_size=64, vocab_size=64, mask_token_id=63, eos_token_id=62)
+    if config is None:
+        return base
+    head_dim = 16 if config.explicit_head_dim is not None else None
+    moe = {} if config.num_experts is None else {"moe_intermediate_size": 16, "first_k_dense_replace": 0}
+    return config.replace(hidden_size=32, num_layers=layers, num_heads=2, num_kv_heads=2, intermediate_size=64,
+                          vocab_size=64, mask_token_id=63, eos_token_id=62, pad_token_id=None, bos_token_id=None,
+                          eot_token_id=None, explicit_head_dim=head_dim, max_position_embeddings=64, extra={}, **moe)
+
+
+def _overheads(device: torch.device, dtype: torch.dtype,
+               config: ModelConfig | None = None) -> tuple[float, float, float, float]:
+    """(step, layer, sequence-layer, cached sequence-layer) launch overheads from tiny forwards of our model (of
+    ``config``'s family when given: a MoE layer launches many more kernels than a dense one)."""
     def tiny(layers: int):
-        cfg = ModelConfig(arch="llada", hidden_size=32, num_layers=layers, num_heads=2, num_kv_heads=2,
-                          intermediate_size=64, vocab_size=64, mask_token_id=63, eos_token_id=62)
+        cfg = tiny_config(config, layers)
         return build_model(cfg, device=device, dtype=dtype).init_random_(0).eval()
 
     n = 8
-    cache = PagedKVCache(4, 2, 16, 8, 16, dtype, device)
+    cache = PagedKVCache(4, 2, tiny_config(config, 1).head_dim, 8, 16, dtype, device)
     pages = [cache.allocate(2 * n) for _ in range(4)]
 
     def forward(model, seqs: int, cached: bool) -> Callable[[], object]:
@@ -136,10 +151,11 @@ def _attention_half_dim(device: torch.device, dtype: torch.dtype, peak: float, h
 
 
 def calibrate(device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32, *,
-              use_cache: bool = True) -> DeviceCeilings:
+              use_cache: bool = True, config: ModelConfig | None = None) -> DeviceCeilings:
     """Measure the ceilings of ``device`` for ``dtype`` (under 2 s on a CPU): copy bandwidth, the rate of a
     large and of a 16-row matmul, the write rate into fresh buffers, and the launch overheads of tiny forwards
-    of our model. The result is stored in (and, with ``use_cache``, read back from) :func:`cache_path`."""
+    of our model (a tiny model of ``config``'s family when it has experts, cached under its own key). The result
+    is stored in (and, with ``use_cache``, read back from) :func:`cache_path`."""
     device = torch.device(device)
     if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
         raise ValueError(f"dtype must be a floating-point torch.dtype, got {dtype!r}.")
@@ -148,6 +164,10 @@ def calibrate(device: torch.device | str = "cpu", dtype: torch.dtype = torch.flo
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"cannot calibrate {device}: CUDA is not available here.")
     key = device_key(device, dtype)
+    if config is not None and config.num_experts is not None:
+        key += f"|{config.arch} E{config.num_experts} k{config.num_experts_per_tok}"
+    else:
+        config = None  # dense families share the LLaDA measurement
     path = cache_path()
     stored = _read_cache(path)
     if use_cache and isinstance(stored.get(key), dict):
@@ -159,7 +179,7 @@ def calibrate(device: torch.device | str = "cpu", dtype: torch.dtype = torch.flo
     bandwidth, fresh_gbs = _copy_rates(device, dtype)
     peak, half_rows = _matmul_rates(device, dtype)
     half_dim = _attention_half_dim(device, dtype, peak, half_rows)
-    step, layer, seq, cached_seq = _overheads(device, dtype)
+    step, layer, seq, cached_seq = _overheads(device, dtype, config)
     ceilings = DeviceCeilings(
         name=key, bandwidth_gbs=bandwidth, peak_tflops=peak / 1e12,
         step_overhead_s=step, layer_overhead_s=layer, seq_overhead_s=seq, cached_seq_overhead_s=cached_seq,
@@ -188,24 +208,26 @@ def _write_cache(path: Path, data: dict) -> None:
     os.replace(tmp, path)
 
 
-def ceilings_for(device: torch.device | str, dtype: torch.dtype = torch.float32, calibrate: bool = True
-                 ) -> DeviceCeilings:
-    """Ceilings of ``device`` for ``dtype``: the cached calibration, measured now when absent (``calibrate``),
-    or the device's preset (``calibrate=False``)."""
+def ceilings_for(device: torch.device | str, dtype: torch.dtype = torch.float32, calibrate: bool = True,
+                 config: ModelConfig | None = None) -> DeviceCeilings:
+    """Ceilings of ``device`` for ``dtype``: the cached calibration (for ``config``'s family, see
+    :func:`calibrate`), measured now when absent (``calibrate``), or the device's preset (``calibrate=False``)."""
     if calibrate:
-        return _calibrate(device, dtype)
+        return _calibrate(device, dtype, config=config)
     return preset_for(device)
 
 
 _calibrate = calibrate
 
 
-def engine_ceilings(device: torch.device, dtype: torch.dtype, calibrate: bool | None) -> DeviceCeilings:
+def engine_ceilings(device: torch.device, dtype: torch.dtype, calibrate: bool | None,
+                    config: ModelConfig | None = None) -> DeviceCeilings:
     """The ceilings an engine schedules by (``EngineConfig.calibrate``; None: calibrate on CUDA only). An
     automatic calibration that fails (or a GPU without a preset) falls back, with a warning, to the closest preset;
     an explicit ``calibrate=True`` raises."""
     try:
-        return ceilings_for(device, dtype, calibrate=calibrate if calibrate is not None else device.type == "cuda")
+        return ceilings_for(device, dtype, calibrate=calibrate if calibrate is not None else device.type == "cuda",
+                            config=config)
     except Exception as exc:  # noqa: BLE001 - scheduling must not stop the engine from running
         if calibrate:
             raise

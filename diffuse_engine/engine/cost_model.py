@@ -8,7 +8,11 @@ plus the launch / Python overhead of the forward. (On a device whose kernels do 
 arithmetic, ``overlap < 1`` adds part of the shorter of the two; the CPU measures as ``overlap = 0``.)
 
 - body matmuls: every layer's weights are streamed once; ``2 * weights`` FLOPs per query token, at the
-  matmul rate for that many rows (``peak * M / (M + matmul_half_rows)``, rows padded as the device pads them);
+  matmul rate for that many rows (``peak * M / (M + matmul_half_rows)``, rows padded as the device pads them).
+  Mixture-of-experts layers stream their router, shared experts and only the routed experts the step's tokens
+  reach: with T tokens each picking k of E experts, ``E * (1 - (1 - k/E)^T)`` distinct experts are expected per
+  layer (:meth:`CostModel.expected_experts`); each token costs the FLOPs of its k experts. So a MoE step stays
+  memory-bound for many more tokens than a dense model of the same total weights (its ridge lies further right);
 - attention, per sequence (one SDPA call each): ``4 * q * (context + q) * heads * head_dim`` FLOPs per layer
   (at the matmul rate scaled by ``head_dim / (head_dim + attention_half_dim)``) and the cached K/V it reads
   (counted :attr:`CostModel.kv_passes` times: the eager path gathers, concatenates and reads them);
@@ -92,16 +96,33 @@ class CostModel:
         c, tp = config, tensor_parallel
         d, hd = c.hidden_size, c.head_dim
         # One rank's share (all of it on one device): heads, key/value heads (replicated when fewer than ranks),
-        # MLP width and vocabulary are split; the hidden width is not.
+        # MLP width and vocabulary are split; the hidden width is not (tensor parallelism runs the dense families).
         self.attn_width = c.num_heads * hd // tp
         self.kv_width = max(c.num_kv_heads // tp, 1) * hd
         mlp = c.intermediate_size // tp
-        # Matmul weights of one layer (q, k, v, o, gate, up, down); biases and norms are negligible.
-        self.layer_weights = 2 * d * self.attn_width + 2 * d * self.kv_width + 3 * d * mlp
+        # Matmul weights streamed by every step (q, k, v, o of every layer; the MLP of dense layers; the router and
+        # shared experts of MoE layers); biases and norms are negligible. Routed experts are counted per step.
+        moe = c.num_moe_layers
+        attn = 2 * d * self.attn_width + 2 * d * self.kv_width
+        self.fixed_weights = c.num_layers * attn + (c.num_layers - moe) * 3 * d * mlp
+        if moe:
+            self.fixed_weights += moe * (c.num_experts * d + c.num_shared_experts * c.expert_parameters())
+        self.expert_weights = c.expert_parameters()  # one routed expert
+        self.moe_layers = moe
         self.head_weights = d * -(-c.vocab_size // tp)
         a_d, a_h, a_i = activation_elems
-        self.act_elems_per_token_layer = a_d * d + a_h * (self.attn_width + self.kv_width) / 2 + a_i * mlp
+        mlp_width = mlp if not moe else (c.num_experts_per_tok + c.num_shared_experts) * c.moe_intermediate_size
+        self.act_elems_per_token_layer = a_d * d + a_h * (self.attn_width + self.kv_width) / 2 + a_i * mlp_width
         self.kv_passes = kv_passes
+
+    def expected_experts(self, tokens: int) -> float:
+        """Distinct routed experts a MoE layer is expected to read for ``tokens`` tokens, each picking
+        ``k = num_experts_per_tok`` of ``E = num_experts`` (as if uniformly): ``E * (1 - (1 - k/E)^tokens)``."""
+        c = self.config
+        if not self.moe_layers:
+            return 0.0
+        e, k = c.num_experts, c.num_experts_per_tok
+        return e * (1.0 - (1.0 - k / e) ** tokens)
 
     def _pad(self, rows: int) -> int:
         p = self.ceilings.row_padding
@@ -132,9 +153,10 @@ class CostModel:
         layers = c.num_layers
         tokens = sum(q for q, _, _ in items)
         head_rows = sum(r for _, _, r in items)
-        # Body matmuls: weights once, rows padded for the device.
-        body_bytes = self.layer_weights * layers * b
-        body_flops = 2.0 * self.layer_weights * layers * tokens
+        # Body matmuls: weights once (the routed experts the tokens reach), rows padded for the device.
+        body_bytes = (self.fixed_weights + self.moe_layers * self.expected_experts(tokens) * self.expert_weights) * b
+        routed = self.moe_layers * (c.num_experts_per_tok or 0) * self.expert_weights
+        body_flops = 2.0 * (self.fixed_weights + routed) * tokens
         m = self._pad(tokens)
         body_s = ce.kernel_seconds(body_bytes, body_flops * m / tokens, ce.matmul_rate(m))
         # Attention: per sequence and layer, over its cached context plus its own fresh tokens.

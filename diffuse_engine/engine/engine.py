@@ -68,9 +68,9 @@ class Engine:
         self.store = CanvasStore(self.config.max_num_seqs, longest, device, cfg.mask_token_id)
         self._plan: StepPlan | None = None
         fused = self.config.fused_head if self.config.fused_head is not None else device.type == "cuda"
-        self.cost_model = CostModel(self.model_config, engine_ceilings(device, dtype, self.config.calibrate),
-                                    torch.empty((), dtype=dtype).element_size(), fused_head=bool(fused),
-                                    tensor_parallel=tp, link=getattr(model.tp, "link", None))
+        ceilings = engine_ceilings(device, dtype, self.config.calibrate, self.model_config)
+        self.cost_model = CostModel(self.model_config, ceilings, torch.empty((), dtype=dtype).element_size(),
+                                    fused_head=bool(fused), tensor_parallel=tp, link=getattr(model.tp, "link", None))
         pages = PageManager(cfg, self.config, dtype, device, kv_heads=model.kv_heads())
         self.scheduler = Scheduler(self.config, self.cost_model, pages, self.store)
         self.output = OutputProcessor(cfg, tokenizer, self.scheduler)

@@ -9,9 +9,12 @@ from .base import DiffusionLM
 from .dream import DreamModel
 from .layers import TokenLayout
 from .llada import LLaDAModelLM
+from .llada2 import LLaDA2MoeModelLM
+from .llada_moe import LLaDAMoEModelLM
 from .sdar import SDARModel
 
-MODEL_REGISTRY: dict[str, type[DiffusionLM]] = {"llada": LLaDAModelLM, "dream": DreamModel, "sdar": SDARModel}
+MODEL_REGISTRY: dict[str, type[DiffusionLM]] = {"llada": LLaDAModelLM, "dream": DreamModel, "sdar": SDARModel,
+                                                "llada_moe": LLaDAMoEModelLM, "llada2": LLaDA2MoeModelLM}
 
 
 def build_model(config: ModelConfig, *, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32,
@@ -33,5 +36,5 @@ def build_model(config: ModelConfig, *, device: torch.device | str = "cpu", dtyp
     return model
 
 
-__all__ = ["MODEL_REGISTRY", "DiffusionLM", "DreamModel", "LLaDAModelLM", "SDARModel", "TokenLayout",
-           "build_model"]
+__all__ = ["MODEL_REGISTRY", "DiffusionLM", "DreamModel", "LLaDA2MoeModelLM", "LLaDAMoEModelLM", "LLaDAModelLM",
+           "SDARModel", "TokenLayout", "build_model"]

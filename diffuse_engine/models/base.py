@@ -66,7 +66,8 @@ class DiffusionLM(nn.Module):
         """:meth:`hidden_states` on this instance's weights (one rank's share under tensor parallelism, whose
         embedding and row-parallel projections do their own collectives)."""
         cfg = self.config
-        rope = Rotary(*rope_cos_sin(positions, cfg.head_dim, cfg.rope_theta, self.dtype), self.rope_full_precision)
+        tables = rope_cos_sin(positions, cfg.head_dim, cfg.rope_theta, self.dtype, cfg.rotary_dim)
+        rope = Rotary(*tables, self.rope_full_precision)
         h = self.embed(input_ids) if self.tp is None else self.tp.embed(self.embed, input_ids)
         for block in self.blocks():
             h = block(h, rope, layout)
@@ -131,9 +132,10 @@ class DiffusionLM(nn.Module):
     def init_random_(self, seed: int = 0, *, on_device: bool = False) -> DiffusionLM:
         """Fill every parameter from ``seed``: linear weights N(0, 1/fan_in) (q/k projections 3x that std, so
         that a random model's predictions vary with position and context), embeddings N(0, 1), biases
-        N(0, 0.02), norms 1. By default drawn in fp32 on the CPU and copied, so the values are the same on
-        every device; ``on_device=True`` draws directly on the parameters' device (fast for 8B-size models,
-        reproducible only on the same kind of device)."""
+        N(0, 0.02), norms 1, stacked experts ``[E, out, in]`` N(0, 1/in) each, expert biases N(0, 0.02). By
+        default drawn in fp32 on the CPU and copied, so the values are the same on every device; ``on_device=True``
+        draws directly on the parameters' device (fast for 8B-size models, reproducible only on the same kind of
+        device)."""
         gen = torch.Generator(device=self.device if on_device else "cpu").manual_seed(seed)
         for name, p in self.named_parameters():
             t = p if on_device else torch.empty(p.shape, dtype=torch.float32)
@@ -141,8 +143,10 @@ class DiffusionLM(nn.Module):
                 t.fill_(1.0)
             elif name.endswith(".bias"):
                 t.normal_(0.0, 0.02, generator=gen)
-            elif p.ndim == 2 and ("wte" in name or "embed_tokens" in name):
+            elif p.ndim == 2 and ("wte" in name or "embed_tokens" in name or "word_embeddings" in name):
                 t.normal_(0.0, 1.0, generator=gen)
+            elif p.ndim == 3:
+                t.normal_(0.0, p.shape[2] ** -0.5, generator=gen)
             elif p.ndim == 2:
                 init_linear_(t, gen)
                 if "q_proj" in name or "k_proj" in name:

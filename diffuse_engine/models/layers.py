@@ -53,14 +53,34 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: TokenLayou
     return ops.attention(q, k, v, layout, block_size=layout.block_size)
 
 
-def rope_cos_sin(positions: torch.Tensor, head_dim: int, theta: float,
-                 dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos and sin tables ``[num_tokens, head_dim]`` for the halves convention (``rotate_half``)."""
+def rope_cos_sin(positions: torch.Tensor, head_dim: int, theta: float, dtype: torch.dtype = torch.float32,
+                 rotary_dim: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin tables ``[num_tokens, head_dim]`` for the halves convention (``rotate_half``).
+
+    With a ``rotary_dim`` below ``head_dim`` (partial RoPE), the frequencies are those of a ``rotary_dim``-wide
+    rotation and the other pairs get angle 0 (cos 1, sin 0): heads laid out by :func:`rotary_permutation` then
+    rotate exactly their first ``rotary_dim`` dims, as the published partial-RoPE models do."""
     work = torch.float64 if dtype == torch.float64 else torch.float32
-    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, device=positions.device, dtype=work) / head_dim))
+    rot = head_dim if rotary_dim is None else rotary_dim
+    inv_freq = 1.0 / (theta ** (torch.arange(0, rot, 2, device=positions.device, dtype=work) / rot))
+    if rot < head_dim:
+        inv_freq = torch.cat([inv_freq, inv_freq.new_zeros((head_dim - rot) // 2)])
     freqs = positions.to(work)[:, None] * inv_freq[None, :]
     emb = torch.cat((freqs, freqs), dim=-1)
     return emb.cos(), emb.sin()
+
+
+def rotary_permutation(head_dim: int, rotary_dim: int, device: torch.device | str = "cpu") -> torch.Tensor | None:
+    """The order of head dims under which partial RoPE (``rotate_half`` over the first ``rotary_dim`` dims, the
+    rest untouched) is the whole-head ``rotate_half`` of :func:`apply_rope` with :func:`rope_cos_sin`'s tables:
+    ``[r0 | p0 | r1 | p1]`` for rotary halves r0, r1 and pass-through halves p0, p1. q and k take the same
+    permutation, so their dot products (all that attention reads of them) do not change. None when RoPE covers the
+    whole head."""
+    if rotary_dim >= head_dim:
+        return None
+    half, rest = rotary_dim // 2, (head_dim - rotary_dim) // 2
+    idx = torch.arange(head_dim, device=device)
+    return torch.cat([idx[:half], idx[rotary_dim:rotary_dim + rest], idx[half:rotary_dim], idx[rotary_dim + rest:]])
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, full_precision: bool) -> torch.Tensor:

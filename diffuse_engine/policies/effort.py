@@ -50,7 +50,8 @@ __all__ = ["EFFORT_FAMILIES", "EFFORT_LEVELS", "EFFORT_POINTS", "effort_override
 
 EFFORT_LEVELS = {"low": 0.0, "medium": 0.5, "high": 1.0}
 # The decoding rule of each model family (ModelConfig.arch): the policy effort picks when the request names none.
-EFFORT_FAMILIES = {"llada": "threshold", "dream": "threshold", "sdar": "threshold"}
+EFFORT_FAMILIES = {"llada": "threshold", "dream": "threshold", "sdar": "threshold", "llada_moe": "threshold",
+                   "llada2": "threshold"}
 # Per policy: (field, values at effort 0, 0.5 and 1, interpolation). "fixed" sets a fraction of gen_length as steps.
 EFFORT_POINTS: dict[str, tuple[str, tuple[float, float, float], str]] = {
     "threshold": ("threshold", (0.9, 0.99, 1.0), "linear"),
@@ -88,9 +89,9 @@ def _interpolate(effort: float, points: tuple[float, float, float], how: str) ->
 def effort_overrides(effort: object, arch: str, *, policy: str | None = None, gen_length: int = 1,
                      num_blocks: int = 1) -> dict[str, Any]:
     """The SamplingParams fields that ``effort`` sets for a model of family ``arch`` (``"llada"``, ``"dream"``,
-    ``"sdar"``). ``policy``: the policy the request names (None: the family's, :data:`EFFORT_FAMILIES`);
-    ``gen_length`` / ``num_blocks``: the request's canvas, for the steps of ``"fixed"`` (a multiple of the number
-    of blocks). A policy without measured points (a registered plug-in) gets no overrides."""
+    ``"sdar"``, ``"llada_moe"``, ``"llada2"``). ``policy``: the policy the request names (None: the family's,
+    :data:`EFFORT_FAMILIES`); ``gen_length`` / ``num_blocks``: the request's canvas, for the steps of ``"fixed"``
+    (a multiple of the number of blocks). A policy without measured points (a registered plug-in) gets no overrides."""
     level = parse_effort(effort)
     if arch not in EFFORT_FAMILIES:
         raise ValueError(f"effort has no rule for model family {arch!r}; known: {', '.join(EFFORT_FAMILIES)}.")

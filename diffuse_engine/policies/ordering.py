@@ -73,10 +73,11 @@ def unregister_ordering(name: str) -> None:
     ORDERINGS.unregister(name)
 
 
-# LLaDA's: low_confidence (softmax of the raw logits at the sampled token), random.
+# LLaDA's (and SDAR's, LLaDA-MoE's, LLaDA2's): low_confidence (softmax of the raw logits at the sampled token), random.
 # Dream's: origin (each position unmasked by an independent coin), maskgit_plus (probability of the sampled token),
 # topk_margin (top-1 minus top-2 probability), entropy (negative entropy).
-for _ordering in (Ordering("low_confidence", raw=True, families=("llada", "sdar")), Ordering("random", "uniform"),
+for _ordering in (Ordering("low_confidence", raw=True, families=("llada", "sdar", "llada_moe", "llada2")),
+                  Ordering("random", "uniform"),
                   Ordering("origin", "coins"), Ordering("maskgit_plus", families=("dream",)),
                   Ordering("topk_margin", "margin", "margin"), Ordering("entropy", "neg_entropy", "exp_neg_entropy")):
     register_ordering(_ordering)
