@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# Install check: builds an sdist, builds a wheel from that sdist, installs each (non-editable) into a fresh venv
-# holding only torch==2.13.0 (the CPU build) first, and then, from a folder outside the checkout: imports every
+# Install check: builds an sdist, builds a wheel from that sdist (so the sdist is complete: the native module builds
+# from its own files), installs the wheel (non-editable) into a fresh venv holding only torch==2.13.0 (the CPU
+# build) first, and then, from a folder outside the checkout: imports every
 # module of the installed package, checks that the native module diffuse_engine._C was built (when
 # DIFFUSE_REQUIRE_NATIVE=1, as in CI; nvcc must be present) and runs the README's first generate command.
 # Usage: .ci/check_install.sh   (PYTHON=python3.X to choose the interpreter)
@@ -32,7 +33,7 @@ pip_q "$WORK/build" wheel --no-deps -w "$WORK/dist" "$sdist"
 wheel=$(ls "$WORK"/dist/*.whl)
 
 mkdir -p "$WORK/outside"
-for artifact in "$wheel" "$sdist"; do
+for artifact in "$wheel"; do  # installing the sdist would build this same wheel a second time
     name=$(basename "$artifact")
     venv="$WORK/venv-${name##*.}"
     step "install $name into a fresh venv"

@@ -7,4 +7,5 @@ import pickle
 
 from .worker import worker_main
 
-worker_main(pickle.loads(base64.b64decode(os.environ["DIFFUSE_TP_WORKER"])))
+if __name__ == "__main__":
+    worker_main(pickle.loads(base64.b64decode(os.environ["DIFFUSE_TP_WORKER"])))

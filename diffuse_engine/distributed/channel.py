@@ -1,5 +1,9 @@
-"""How rank 0 tells the other ranks what to run: a command header through the process group's key-value store, then
-its tensors by broadcast.
+"""The ranks' process group (:func:`make_group`) and how rank 0 tells the other ranks what to run: a command header
+through the group's key-value store, then its tensors by broadcast.
+
+The group is a torch.distributed backend (``ProcessGroupGloo`` on the CPU, ``ProcessGroupNCCL`` on CUDA) built on the
+engine's own store, not the process-wide default group: one process may hold several tensor-parallel engines (one
+after another, or side by side), and a program that uses torch.distributed for itself is not disturbed.
 
 Workers wait on the store, not in a collective, so an idle engine never hits the collectives' timeout, and rank 0
 never blocks on a command it sends (a store write returns at once; each worker has its own key and deletes it after
@@ -23,12 +27,22 @@ def _is_timeout(exc: BaseException) -> bool:
     return "timeout" in text or "timed out" in text
 
 
-class Channel:
-    """The command channel of one process group. ``store``: its key-value store; ``device``: where the tensors
-    live (the rank's device)."""
+def make_group(store, rank: int, world: int, device: torch.device, timeout: timedelta):
+    """The ranks' collectives backend on ``store``: NCCL for CUDA devices, else gloo; every collective waits at most
+    ``timeout``."""
+    if device.type == "cuda":
+        options = dist.ProcessGroupNCCL.Options()
+        options._timeout = timeout
+        return dist.ProcessGroupNCCL(dist.PrefixStore("nccl/", store), rank, world, options)
+    return dist.ProcessGroupGloo(dist.PrefixStore("gloo/", store), rank, world, timeout)
 
-    def __init__(self, store, rank: int, world: int, device: torch.device, poll_s: float = 30.0) -> None:
-        self.store, self.rank, self.world, self.device = store, rank, world, device
+
+class Channel:
+    """The command channel and collectives of one group of ranks. ``store``: its key-value store; ``group``: the
+    backend of :func:`make_group`; ``device``: where the tensors live (the rank's device)."""
+
+    def __init__(self, store, group, rank: int, world: int, device: torch.device, poll_s: float = 30.0) -> None:
+        self.store, self.group, self.rank, self.world, self.device = store, group, rank, world, device
         self.poll = timedelta(seconds=poll_s)  # how often an idle worker checks that it should go on waiting
         self.seq = 0
         self.parent = os.getppid()
@@ -41,7 +55,7 @@ class Channel:
         for r in range(1, self.world):
             self.store.set(f"cmd/{r}/{self.seq}", payload)
         for t in tensors:
-            dist.broadcast(t.contiguous(), src=0)
+            self.broadcast(t.contiguous())
 
     def receive(self, alive=None) -> tuple[str, dict[str, Any], list[torch.Tensor]]:
         """A worker: the next command and its tensors. Waits as long as needed (polling ``alive()``, which returns
@@ -62,6 +76,19 @@ class Channel:
         tensors = []
         for shape, dtype in specs:
             t = torch.empty(shape, dtype=dtype, device=self.device)
-            dist.broadcast(t, src=0)
+            self.broadcast(t)
             tensors.append(t)
         return op, meta, tensors
+
+    # ------------------------------------------------------------------ collectives (each waits for its result)
+    def broadcast(self, t: torch.Tensor) -> torch.Tensor:
+        self.group.broadcast(t, 0).wait()
+        return t
+
+    def all_reduce(self, t: torch.Tensor) -> torch.Tensor:
+        """Sum over the ranks, in place."""
+        self.group.allreduce(t).wait()
+        return t
+
+    def all_gather(self, outputs: list[torch.Tensor], t: torch.Tensor) -> None:
+        self.group.allgather([outputs], [t]).wait()

@@ -20,7 +20,6 @@ from collections.abc import Callable
 
 import numpy as np
 import torch
-import torch.distributed as dist
 
 from ..engine.attention_plan import AttentionPlan
 from ..engine.ceilings import LinkCeilings
@@ -81,8 +80,7 @@ class TPContext:
 
     # ------------------------------------------------------------------ collectives
     def all_reduce(self, x: torch.Tensor) -> torch.Tensor:
-        dist.all_reduce(x)
-        return x
+        return self.channel.all_reduce(x)
 
     def embed(self, embed: Callable[[torch.Tensor], torch.Tensor], ids: torch.Tensor) -> torch.Tensor:
         """The vocabulary-parallel embedding: each rank looks up the ids in its slice, zeros elsewhere, summed."""
@@ -97,7 +95,7 @@ class TPContext:
         padded = local.new_zeros((local.shape[0], self.width))
         padded[:, : local.shape[1]] = local
         parts = [torch.empty_like(padded) for _ in range(self.world)]
-        dist.all_gather(parts, padded)
+        self.channel.all_gather(parts, padded)
         return torch.cat([p[:, : hi - lo] for p, (lo, hi) in zip(parts, self.ranges, strict=True)], dim=1)
 
     # ------------------------------------------------------------------ entry points
@@ -132,7 +130,7 @@ class TPContext:
         parts, q = slice_partials(x, self.vocab[0], a["temperature"], a["seed"], a["step"], a["position"],
                                   raw_confidence=a["raw_confidence"], conf_exclude=a["conf_exclude"])
         gathered = [torch.empty_like(parts) for _ in range(self.world)]
-        dist.all_gather(gathered, parts)
+        self.channel.all_gather(gathered, parts)
         out = combine_partials(torch.stack(gathered))
         if entropy_eps > 0:
             share = self.all_reduce(slice_neg_entropy(q, out["mx"], out["s"], entropy_eps))
@@ -159,7 +157,7 @@ class TPContext:
         what the cost model charges for the step's collectives (kept as :attr:`link`)."""
         if self.driver:
             self._guard("sending a link probe", self.channel.send, "probe", {"dtype": dtype}, [])
-        link = self._guard("the link probe", _probe, self.device, dtype, self.world)
+        link = self._guard("the link probe", _probe, self.channel, self.device, dtype, self.world)
         self.link = link
         return link
 
@@ -203,17 +201,17 @@ class TPContext:
         return self._cache
 
 
-def _probe(device: torch.device, dtype: torch.dtype, world: int) -> LinkCeilings:
+def _probe(channel: Channel, device: torch.device, dtype: torch.dtype, world: int) -> LinkCeilings:
     small = torch.zeros(1, dtype=dtype, device=device)
     big = torch.zeros((4 << 20) // small.element_size(), dtype=dtype, device=device)
     times = []
     for x, reps in ((small, 20), (big, 4)):
-        dist.all_reduce(x)  # warm-up
+        channel.all_reduce(x)  # warm-up
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         t0 = time.perf_counter()
         for _ in range(reps):
-            dist.all_reduce(x)
+            channel.all_reduce(x)
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         times.append((time.perf_counter() - t0) / reps)

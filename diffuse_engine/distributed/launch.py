@@ -28,10 +28,10 @@ import torch.distributed as dist
 
 from ..engine.config import DISTRIBUTED_INIT
 from ..errors import TensorParallelError
-from .channel import Channel
+from .channel import Channel, make_group
 from .context import TPContext
 from .sharding import check_tensor_parallel
-from .worker import WorkerSpec, backend_for, load_shard, rank_device, serve, spawn_worker
+from .worker import WorkerSpec, load_shard, rank_device, serve, spawn_worker
 
 
 class TPRuntime:
@@ -68,6 +68,8 @@ class TPRuntime:
                 ctx.stop()
             except Exception:  # noqa: BLE001 - the workers are stopped by force below
                 pass
+        elif ctx is not None:  # a broken group: the workers may hang; do not wait for them
+            timeout_s = min(timeout_s, 1.0)
         deadline = time.monotonic() + timeout_s
         for p in self.procs:
             try:
@@ -78,11 +80,8 @@ class TPRuntime:
             if p.poll() is None:
                 p.kill()  # also a stopped (SIGSTOP) or hung process
                 p.wait()
-        if dist.is_initialized():
-            try:
-                dist.destroy_process_group()
-            except Exception:  # noqa: BLE001 - a broken group may fail to tear down cleanly
-                pass
+        if ctx is not None:
+            ctx.channel.group = None  # the backend's connections close with it
         self.store = None
 
     def alive_workers(self) -> list[int]:
@@ -130,9 +129,6 @@ def launch(path, *, size: int, device: torch.device | str, dtype=None, check_wei
     if init == "env":
         return _launch_env(path, config, size, device, dtype, check_weights, timeout_s)
     check_tensor_parallel(config, size, device)
-    if dist.is_initialized():
-        raise ValueError("this process already belongs to a torch.distributed process group (another tensor-parallel "
-                         "engine, or torchrun): shut that engine down first, or use distributed_init='env'.")
     timeout = timedelta(seconds=timeout_s)
     store = dist.TCPStore("127.0.0.1", 0, size, True, timeout=timeout, wait_for_workers=False)
     procs = []
@@ -146,11 +142,11 @@ def launch(path, *, size: int, device: torch.device | str, dtype=None, check_wei
         dev = rank_device(device.type, 0)
         if dev.type == "cuda":
             torch.cuda.set_device(dev)
-        dist.init_process_group(backend_for(dev), store=dist.PrefixStore("pg/", store), rank=0, world_size=size,
-                                timeout=timeout)
+        group = make_group(store, 0, size, dev, timeout)
         model, config, tokenizer, plan = load_shard(path, 0, size, dev, dtype, check_weights)
         _wait_keys(store, [f"ready/{r}" for r in range(1, size)], procs, None, "loading its shard")
-        ctx = TPContext(0, size, config.vocab_size, dev, Channel(store, 0, size, dev), describe=runtime.describe)
+        ctx = TPContext(0, size, config.vocab_size, dev, Channel(store, group, 0, size, dev),
+                        describe=runtime.describe)
         plan.attach(model, ctx)
         runtime.context = ctx
         ctx.measure_link(model.dtype)
@@ -174,25 +170,39 @@ def _launch_env(path, config, size: int, device: torch.device, dtype, check_weig
     dev = rank_device(device.type, local)
     if dev.type == "cuda":
         torch.cuda.set_device(dev)
-    if not dist.is_initialized():
-        dist.init_process_group(backend_for(dev), init_method="env://", timeout=timedelta(seconds=timeout_s))
-    store = dist.PrefixStore("diffuse/", dist.distributed_c10d._get_default_store())
+    timeout = timedelta(seconds=timeout_s)
+    store = dist.PrefixStore("diffuse/", _launcher_store(rank, world, timeout))
+    group = make_group(store, rank, world, dev, timeout)
     try:
         model, config, tokenizer, plan = load_shard(path, rank, world, dev, dtype, check_weights)
     except Exception as exc:
         store.set(f"error/{rank}", f"{type(exc).__name__}: {exc}")
         raise
     if rank:
-        ctx = TPContext(rank, world, config.vocab_size, dev, Channel(store, rank, world, dev))
+        ctx = TPContext(rank, world, config.vocab_size, dev, Channel(store, group, rank, world, dev))
         plan.attach(model, ctx)
         store.set(f"ready/{rank}", "1")
-        serve(model, ctx)
-        dist.destroy_process_group()
+        try:
+            serve(model, ctx)
+        except ConnectionError:
+            raise SystemExit(1) from None
         raise SystemExit(0)
     runtime = TPRuntime(size, "env", [], store)
     _wait_keys(store, [f"ready/{r}" for r in range(1, size)], [], timeout_s, "loading its shard")
-    ctx = TPContext(0, world, config.vocab_size, dev, Channel(store, 0, world, dev), describe=runtime.describe)
+    ctx = TPContext(0, world, config.vocab_size, dev, Channel(store, group, 0, world, dev), describe=runtime.describe)
     plan.attach(model, ctx)
     runtime.context = ctx
     ctx.measure_link(model.dtype)
     return model, config, tokenizer, runtime
+
+
+def _launcher_store(rank: int, world: int, timeout: timedelta):
+    """The launcher's key-value store at ``MASTER_ADDR:MASTER_PORT``: torchrun's own (its agent serves it), or one
+    that rank 0 serves for a launcher that does not."""
+    try:
+        host, port = os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"])
+    except (KeyError, ValueError):
+        raise ValueError("distributed_init='env' needs MASTER_ADDR and MASTER_PORT in the environment (start the "
+                         "program with torchrun).") from None
+    agent = os.environ.get("TORCHELASTIC_USE_AGENT_STORE", "").lower() == "true"
+    return dist.TCPStore(host, port, world, rank == 0 and not agent, timeout=timeout)

@@ -23,7 +23,7 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
-from .channel import Channel
+from .channel import Channel, make_group
 from .context import TPContext
 from .sharding import ShardPlan
 
@@ -42,10 +42,6 @@ class WorkerSpec:
     check_weights: bool | None
     timeout_s: float
     parent: int
-
-
-def backend_for(device: torch.device) -> str:
-    return "nccl" if device.type == "cuda" else "gloo"
 
 
 def rank_device(kind: str, index: int) -> torch.device:
@@ -115,14 +111,13 @@ def worker_main(spec: WorkerSpec) -> None:
     device = rank_device(spec.device, spec.rank)
     if device.type == "cuda":
         torch.cuda.set_device(device)
-    dist.init_process_group(backend_for(device), store=dist.PrefixStore("pg/", store), rank=spec.rank,
-                            world_size=spec.world, timeout=timeout)
+    group = make_group(store, spec.rank, spec.world, device, timeout)
     try:
         model, config, _, plan = load_shard(spec.path, spec.rank, spec.world, device, spec.dtype, spec.check_weights)
     except Exception as exc:  # noqa: BLE001 - reported to rank 0, which raises it
         store.set(f"error/{spec.rank}", f"{type(exc).__name__}: {exc}")
         os._exit(1)
-    channel = Channel(store, spec.rank, spec.world, device, poll_s=1.0)
+    channel = Channel(store, group, spec.rank, spec.world, device, poll_s=1.0)
     ctx = TPContext(spec.rank, spec.world, config.vocab_size, device, channel)
     plan.attach(model, ctx)
     store.set(f"ready/{spec.rank}", "1")
@@ -130,7 +125,4 @@ def worker_main(spec: WorkerSpec) -> None:
         serve(model, ctx, alive=lambda: os.getppid() == spec.parent)
     except BaseException:  # noqa: BLE001 - rank 0 is gone or the group broke: nothing to report to
         os._exit(1)
-    try:
-        dist.destroy_process_group()
-    finally:
-        os._exit(0)
+    os._exit(0)

@@ -87,7 +87,7 @@ class StackedExperts(nn.Module):
         self.down_proj = nn.Parameter(torch.empty(num_experts, hidden, inter))
 
     def forward(self, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-        return ops.moe_experts(x, self.gate_proj, self.up_proj, self.down_proj, ids, weights)
+        return ops.moe_experts(x, self.gate_proj, self.up_proj, self.down_proj, ids, weights, check_ids=False)
 
 
 class SwiGLU(nn.Module):
