@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import os
 import pickle
+import time
 from datetime import timedelta
 from typing import Any
 
@@ -44,6 +45,10 @@ class Channel:
     def __init__(self, store, group, rank: int, world: int, device: torch.device, poll_s: float = 30.0) -> None:
         self.store, self.group, self.rank, self.world, self.device = store, group, rank, world, device
         self.poll = timedelta(seconds=poll_s)  # how often an idle worker checks that it should go on waiting
+        # Host time spent in the step's collectives (all-reduces, all-gathers), for the benchmarks: the wall time
+        # of each wait on the CPU (gloo); on CUDA only the enqueue (the work overlaps on the stream).
+        self.collective_seconds = 0.0
+        self.collectives = 0
         self.seq = 0
         self.parent = os.getppid()
 
@@ -87,8 +92,14 @@ class Channel:
 
     def all_reduce(self, t: torch.Tensor) -> torch.Tensor:
         """Sum over the ranks, in place."""
+        t0 = time.perf_counter()
         self.group.allreduce(t).wait()
+        self.collective_seconds += time.perf_counter() - t0
+        self.collectives += 1
         return t
 
     def all_gather(self, outputs: list[torch.Tensor], t: torch.Tensor) -> None:
+        t0 = time.perf_counter()
         self.group.allgather([outputs], [t]).wait()
+        self.collective_seconds += time.perf_counter() - t0
+        self.collectives += 1

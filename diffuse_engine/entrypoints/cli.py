@@ -293,16 +293,19 @@ def cmd_presets(args: argparse.Namespace) -> int:
     rows = []
     for p in PRESETS.values():
         c = p.config
-        rows.append({"name": p.name, "arch": c.arch, "parameters": c.num_parameters(), "layers": c.num_layers,
+        rows.append({"name": p.name, "arch": c.arch, "parameters": c.num_parameters(),
+                     "active_parameters": c.active_parameters(), "layers": c.num_layers,
                      "hidden_size": c.hidden_size, "heads": c.num_heads, "kv_heads": c.num_kv_heads,
-                     "vocab_size": c.vocab_size, "description": p.description})
+                     "experts": c.num_experts or 0, "vocab_size": c.vocab_size, "description": p.description})
     if args.json:
         print(json.dumps(rows, indent=2))
         return 0
-    print(f"{'name':<12} {'arch':<6} {'params':>7} {'layers':>6} {'hidden':>6} {'heads':>7} {'vocab':>7}  description")
+    print(f"{'name':<16} {'arch':<9} {'params':>7} {'active':>7} {'layers':>6} {'hidden':>6} {'heads':>7} {'vocab':>7}"
+          f"  description")
     for r in rows:
-        print(f"{r['name']:<12} {r['arch']:<6} {_count(r['parameters']):>7} {r['layers']:>6} {r['hidden_size']:>6} "
-              f"{r['heads']:>3}/{r['kv_heads']:<3} {r['vocab_size']:>7}  {r['description']}")
+        print(f"{r['name']:<16} {r['arch']:<9} {_count(r['parameters']):>7} {_count(r['active_parameters']):>7} "
+              f"{r['layers']:>6} {r['hidden_size']:>6} {r['heads']:>3}/{r['kv_heads']:<3} {r['vocab_size']:>7}  "
+              f"{r['description']}")
     return 0
 
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 import argparse
 
 PROFILE_OPS = ("attention", "row_stats", "lm_head_stats", "commit", "noise", "moe", "step")
-SUITES = ("kernels", "engine", "cache", "serving", "cost-model", "quality", "gpu")
+SUITES = ("kernels", "engine", "cache", "serving", "cost-model", "quality", "gpu", "tensor-parallel")
 
 
 def _add_model_flags(cmd: argparse.ArgumentParser) -> None:
@@ -95,6 +95,8 @@ def _add_suite_knobs(cmd: argparse.ArgumentParser) -> None:
     knobs.add_argument("--reference", action=argparse.BooleanOptionalAction, default=None,
                        help="engine: also run the reference loop at batch 1 (default: on, from a checkout)")
     knobs.add_argument("--seed", type=int, metavar="N", help="seed of the random weights and prompts")
+    knobs.add_argument("--tensor-parallel-size", type=int, metavar="N",
+                       help="tensor-parallel suite: ranks compared with one (default 2)")
 
 
 def add_bench_commands(sub: argparse._SubParsersAction) -> None:

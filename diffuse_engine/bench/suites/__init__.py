@@ -2,7 +2,7 @@
 compare with a previous run's folder (``--compare``) and draw the suite's plots.
 
 Each suite is a module of this package (``kernels``, ``engine``, ``cache``, ``serving``, ``cost_model``,
-``quality``, ``gpu``), imported by name when asked for, with ``run(args, out) -> list[dict]``: it writes its CSV(s)
+``quality``, ``gpu``, ``tensor_parallel``), imported by name when asked for, with ``run(args, out) -> list[dict]``: it writes its CSV(s)
 into ``out``, every row carrying :func:`..common.stamp`'s columns, and returns the rows. It may name its CSVs'
 identifying and time columns (``KEYS``, for ``--compare``) and the columns of the printed table (``COLUMNS``)."""
 
@@ -21,7 +21,7 @@ from ..compare import STAMP_COLUMNS, compare_folders
 from .options import PartialFailure, resolve_device
 
 MODULES = {"kernels": "kernels", "engine": "engine", "cache": "cache", "serving": "serving",
-           "cost-model": "cost_model", "quality": "quality", "gpu": "gpu"}
+           "cost-model": "cost_model", "quality": "quality", "gpu": "gpu", "tensor-parallel": "tensor_parallel"}
 TABLE_WIDTH = 12  # columns of the printed table when the suite names none
 
 
