@@ -31,7 +31,7 @@ from ..errors import TensorParallelError
 from .channel import Channel, make_group
 from .context import TPContext
 from .sharding import check_tensor_parallel
-from .worker import WorkerSpec, load_shard, rank_device, serve, spawn_worker
+from .worker import WorkerSpec, load_shard, rank_device, serve, share_cpu_threads, spawn_worker
 
 
 class TPRuntime:
@@ -142,6 +142,8 @@ def launch(path, *, size: int, device: torch.device | str, dtype=None, check_wei
         dev = rank_device(device.type, 0)
         if dev.type == "cuda":
             torch.cuda.set_device(dev)
+        else:
+            share_cpu_threads(size)
         group = make_group(store, 0, size, dev, timeout)
         model, config, tokenizer, plan = load_shard(path, 0, size, dev, dtype, check_weights)
         _wait_keys(store, [f"ready/{r}" for r in range(1, size)], procs, None, "loading its shard")

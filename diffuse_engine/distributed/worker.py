@@ -44,6 +44,13 @@ class WorkerSpec:
     parent: int
 
 
+def share_cpu_threads(world: int) -> None:
+    """On the CPU the ranks share the machine's cores: each takes ``cores // world`` intra-op threads (at least one),
+    so that the ranks do not oversubscribe the cores (which costs several times the step time)."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    torch.set_num_threads(max(1, min(torch.get_num_threads(), cores // world)))
+
+
 def rank_device(kind: str, index: int) -> torch.device:
     return torch.device(f"cuda:{index}") if kind == "cuda" else torch.device("cpu")
 
@@ -111,6 +118,8 @@ def worker_main(spec: WorkerSpec) -> None:
     device = rank_device(spec.device, spec.rank)
     if device.type == "cuda":
         torch.cuda.set_device(device)
+    else:
+        share_cpu_threads(spec.world)
     group = make_group(store, spec.rank, spec.world, device, timeout)
     try:
         model, config, _, plan = load_shard(spec.path, spec.rank, spec.world, device, spec.dtype, spec.check_weights)

@@ -54,7 +54,8 @@ def head(model: DiffusionLM, plan: StepPlan, hidden: torch.Tensor, eos_id: int,
         # same step would use on one device (exact when fused or on CUDA in fp32, Dream's eps otherwise).
         exact = plan.fused or (hidden.device.type == "cuda" and hidden.dtype != torch.float64)
         return model.head_stats(hidden, t["row_hidden"], *args, raw_confidence=t["row_raw"],
-                                conf_exclude=conf_exclude, entropy_eps=0.0 if exact else ENTROPY_EPS)
+                                conf_exclude=conf_exclude, entropy_eps=0.0 if exact else ENTROPY_EPS,
+                                scores=plan.scores)
     logits = model.logits_at(hidden, t["row_hidden"])
     work = torch.float64 if logits.dtype == torch.float64 else torch.float32
     logits = logits.to(work)

@@ -31,7 +31,8 @@ class LLM:
     ``tensor_parallel_size=N`` (or ``EngineConfig.tensor_parallel_size``) shards the model over N ranks
     (:mod:`diffuse_engine.distributed`): N GPUs (``cuda:0`` .. ``cuda:N-1``, NCCL) or N CPU processes (gloo). The
     engine starts its N - 1 worker processes itself, or joins a ``torchrun`` launch with
-    ``EngineConfig(distributed_init="env")``; :meth:`close` (or leaving a ``with`` block) stops them.
+    ``EngineConfig(distributed_init="env")``; :meth:`close` (or leaving a ``with`` block) stops them. On the CPU the
+    ranks share the cores: each (the calling process included) keeps at most ``cores // N`` torch threads.
     """
 
     def __init__(self, model_path: str | Path, device: str | torch.device | None = None,

@@ -35,25 +35,36 @@ NUM_PARTIALS = 8
 
 def _confidence_logits(x: torch.Tensor, z: torch.Tensor, col_lo: int, raw_confidence: torch.Tensor | None,
                        conf_exclude: torch.Tensor | None) -> torch.Tensor:
-    if raw_confidence is None or not bool(raw_confidence.any()):
+    """The rows' confidence logits: ``z``, or for rows with ``raw_confidence`` the raw logits with their excluded
+    columns (global ids) at -inf. Returns ``z`` itself when no row is raw (no copy)."""
+    if raw_confidence is None:
+        return z
+    raw_rows = raw_confidence.bool()
+    if not bool(raw_rows.any()):
         return z
     raw = x
     if conf_exclude is not None and conf_exclude.numel():
         cols = conf_exclude.to(torch.int64).reshape(x.shape[0], -1) - col_lo
         inside = (cols >= 0) & (cols < x.shape[1]) & (conf_exclude.reshape(x.shape[0], -1) >= 0)
+        inside &= raw_rows[:, None]
         if bool(inside.any()):
             raw = x.clone()
             r, k = inside.nonzero(as_tuple=True)
             raw[r, cols[r, k]] = float("-inf")
-    return torch.where(raw_confidence.bool()[:, None], raw, z)
+    if raw is z or bool(raw_rows.all()):
+        return raw
+    return torch.where(raw_rows[:, None], raw, z)
 
 
 def slice_partials(logits: torch.Tensor, col_lo: int, temperature: torch.Tensor, seed: torch.Tensor,
                    step: torch.Tensor, position: torch.Tensor, *, raw_confidence: torch.Tensor | None = None,
-                   conf_exclude: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                   conf_exclude: torch.Tensor | None = None,
+                   scores: tuple[str, ...] = ("margin", "neg_entropy")) -> tuple[torch.Tensor, torch.Tensor]:
     """Partial statistics ``[M, NUM_PARTIALS]`` of the logits slice ``[M, V_r]`` holding the global columns
     ``col_lo .. col_lo + V_r - 1``, and the slice's confidence logits (for :func:`slice_neg_entropy`). Per-row
-    arguments as :func:`kernels.reference.row_stats_reference` (``conf_exclude`` holds global ids)."""
+    arguments as :func:`kernels.reference.row_stats_reference` (``conf_exclude`` holds global ids). ``scores``:
+    the optional statistics to prepare (``margin`` needs the second largest logit, ``neg_entropy`` one more pass);
+    the columns of the others are left at zero. Three passes over the slice when neither is asked for."""
     m, v = logits.shape
     work = torch.float64 if logits.dtype == torch.float64 else torch.float32
     x = logits.to(work)
@@ -67,26 +78,30 @@ def slice_partials(logits: torch.Tensor, col_lo: int, temperature: torch.Tensor,
         noisy = torch.where(hot[:, None], z + g, z)
     q = _confidence_logits(x, z, col_lo, raw_confidence, conf_exclude)
     best, arg = noisy.max(dim=-1)
-    q_tok = q.gather(1, arg[:, None]).squeeze(1)
-    if v > 1:
+    zero = torch.zeros_like(best)
+    second = torch.full_like(best, float("-inf"))
+    if "margin" in scores and v > 1:
         top2 = q.topk(2, dim=-1).values
         mx, second = top2[:, 0], top2[:, 1]
     else:
-        mx, second = q[:, 0], torch.full_like(q[:, 0], float("-inf"))
+        mx = best if q is noisy else q.max(dim=-1).values
+    q_tok = best if q is noisy else q.gather(1, arg[:, None]).squeeze(1)
     empty = mx == float("-inf")
-    shift = torch.where(empty, torch.zeros_like(mx), mx)
-    d = q - shift[:, None]
-    e = d.exp()
-    s = torch.where(empty, torch.zeros_like(mx), e.sum(-1))
-    u = torch.where(torch.isfinite(d), e * d, torch.zeros_like(d)).sum(-1)
-    bad = (torch.isnan(q) | (q == float("inf"))).any(-1) | torch.isnan(noisy).any(-1)
+    shift = torch.where(empty, zero, mx)
+    e = torch.sub(q, shift[:, None]).exp_()
+    s = torch.where(empty, zero, e.sum(-1))
+    u = torch.special.xlogy(e, e).sum(-1) if "neg_entropy" in scores else zero  # e log e = e (q - mx), 0 at e = 0
+    # NaN propagates through max, so a NaN (or +inf) anywhere shows in the maxima.
+    bad = torch.isnan(mx) | (mx == float("inf")) | torch.isnan(best)
     parts = torch.stack((best, (arg + col_lo).to(work), q_tok, mx, second, s, u, bad.to(work)), dim=1)
     return parts, q
 
 
-def combine_partials(parts: torch.Tensor) -> dict[str, torch.Tensor]:
+def combine_partials(parts: torch.Tensor,
+                     scores: tuple[str, ...] = ("margin", "neg_entropy")) -> dict[str, torch.Tensor]:
     """The row statistics from every slice's partials ``[R, M, NUM_PARTIALS]`` (slices in vocabulary order): keys
-    ``token`` (int64, -1 on invalid rows), ``prob``, ``top1``, ``margin``, ``neg_entropy`` (exact), ``invalid``
+    ``token`` (int64, -1 on invalid rows), ``prob``, ``top1``, those of ``margin`` and ``neg_entropy`` (exact) that
+    ``scores`` names (the partials must have prepared them), ``invalid``
     (int32), and ``mx`` / ``s`` (the global maximum and normaliser, for :func:`slice_neg_entropy`). Invalid rows
     (NaN or +inf anywhere, or no finite confidence logit) get NaN scores."""
     best = parts[:, :, P_NOISY]
@@ -109,7 +124,8 @@ def combine_partials(parts: torch.Tensor) -> dict[str, torch.Tensor]:
     nan = torch.full_like(mx, float("nan"))
     out = {"token": torch.where(invalid, torch.full_like(token, -1), token), "invalid": invalid.to(torch.int32)}
     for key, value in (("prob", prob), ("top1", top1), ("margin", margin), ("neg_entropy", neg_entropy)):
-        out[key] = torch.where(invalid, nan, value)
+        if key in ("prob", "top1") or key in scores:
+            out[key] = torch.where(invalid, nan, value)
     out["mx"], out["s"] = mx, s
     return out
 
@@ -137,14 +153,15 @@ def split_columns(vocab_size: int, num_slices: int) -> list[tuple[int, int]]:
 
 def sliced_row_stats(logits: torch.Tensor, num_slices: int, temperature: torch.Tensor, seed: torch.Tensor,
                      step: torch.Tensor, position: torch.Tensor, *, raw_confidence: torch.Tensor | None = None,
-                     conf_exclude: torch.Tensor | None = None, entropy_eps: float = 0.0) -> dict[str, torch.Tensor]:
+                     conf_exclude: torch.Tensor | None = None, entropy_eps: float = 0.0,
+                     scores: tuple[str, ...] = ("margin", "neg_entropy")) -> dict[str, torch.Tensor]:
     """The statistics of ``logits`` ``[M, V]`` computed slice by slice in one process (what the tensor-parallel head
     computes across ranks; for tests and benchmarks)."""
     ranges = split_columns(logits.shape[1], num_slices)
     outs = [slice_partials(logits[:, lo:hi], lo, temperature, seed, step, position, raw_confidence=raw_confidence,
-                           conf_exclude=conf_exclude) for lo, hi in ranges]
-    out = combine_partials(torch.stack([p for p, _ in outs]))
-    if entropy_eps > 0:
+                           conf_exclude=conf_exclude, scores=scores) for lo, hi in ranges]
+    out = combine_partials(torch.stack([p for p, _ in outs]), scores)
+    if entropy_eps > 0 and "neg_entropy" in scores:
         share = sum(slice_neg_entropy(q, out["mx"], out["s"], entropy_eps) for _, q in outs)
         out["neg_entropy"] = torch.where(out["invalid"].bool(), out["neg_entropy"], share)
     return out
