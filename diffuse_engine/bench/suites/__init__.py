@@ -2,9 +2,10 @@
 compare with a previous run's folder (``--compare``) and draw the suite's plots.
 
 Each suite is a module of this package (``kernels``, ``engine``, ``cache``, ``serving``, ``cost_model``,
-``quality``, ``gpu``, ``tensor_parallel``), imported by name when asked for, with ``run(args, out) -> list[dict]``: it writes its CSV(s)
-into ``out``, every row carrying :func:`..common.stamp`'s columns, and returns the rows. It may name its CSVs'
-identifying and time columns (``KEYS``, for ``--compare``) and the columns of the printed table (``COLUMNS``)."""
+``quality``, ``gpu``, ``tensor_parallel``), imported by name when asked for, with ``run(args, out) -> list[dict]``:
+it writes its CSV(s) into ``out``, every row carrying :func:`..common.stamp`'s columns, and returns the rows. It may
+name its CSVs' identifying and time columns (``KEYS``, for ``--compare``) and the columns of the printed table
+(``COLUMNS``)."""
 
 from __future__ import annotations
 
