@@ -90,7 +90,8 @@ class LLM:
     def default_params(self, effort: str | float | None = None, **overrides) -> SamplingParams:
         """SamplingParams from the model folder's ``generation_defaults.json`` (e.g. a trained task model's
         canvas and block size), with ``overrides`` on top. Overriding ``gen_length`` drops the folder's
-        ``block_length`` and ``steps`` (they were chosen for its canvas) unless they are overridden too.
+        ``block_length`` and ``steps`` (they were chosen for its canvas) unless they are overridden too; a
+        block-diffusion model (SDAR, LLaDA2) then keeps its trained block size.
         ``effort``: ``"low"``, ``"medium"``, ``"high"`` or a number in [0, 1], the decoding policy's knob for this
         model's family (:mod:`diffuse_engine.policies.effort`, with the measured table); it beats the folder's
         defaults, ``overrides`` beat it."""
@@ -100,6 +101,9 @@ class LLM:
         if "gen_length" in overrides:
             base.pop("block_length", None)
             base.pop("steps", None)
+            block = getattr(self.config, "block_size", None)
+            if block and "block_length" not in overrides:  # a block-diffusion model decodes its trained blocks
+                base["block_length"] = block
         return params_with_effort(effort, self.config.arch, base, overrides)
 
     @property
