@@ -217,3 +217,34 @@ def test_calibration_runs_on_a_moe_preset(tmp_path, monkeypatch):
     tiny = calibration.tiny_config(config, 2)
     assert (tiny.num_experts, tiny.num_experts_per_tok, tiny.first_k_dense_replace) == (8, 2, 0)
     assert CostModel(config, got, 4).predict([(8, 0, 8)]).seconds > 0
+
+
+def test_tensor_parallel_counts_one_ranks_share_and_the_all_reduces():
+    """At tp=2 a rank streams half the layer and head weights of llada-8b and does half the FLOPs; the step adds
+    2 all-reduces per layer (and one after the embedding) of the hidden states over the link, plus the head's small
+    gather."""
+    from diffuse_engine.engine.ceilings import NVLINK, LinkCeilings
+
+    cfg = from_name("llada-8b").config
+    one = CostModel(cfg, H100, 2)
+    two = CostModel(cfg, H100, 2, tensor_parallel=2)
+    assert two.head_weights * 2 == one.head_weights
+    assert two.fixed_weights * 2 == one.fixed_weights
+    items = [(32, 256, 32)]
+    e1, e2 = one.predict(items), two.predict(items)
+    assert "comm" not in e1.phases and e2.flops == pytest.approx(e1.flops / 2, rel=1e-9)
+    hidden = 32 * cfg.hidden_size * 2
+    want = (2 * cfg.num_layers + 1) * NVLINK.all_reduce_seconds(hidden, 2) + NVLINK.all_reduce_seconds(32 * 64, 2)
+    assert e2.phases["comm"] == pytest.approx(want, rel=1e-12)
+    assert NVLINK.all_reduce_seconds(1e9, 2) == pytest.approx(NVLINK.latency_s + 1e9 / (NVLINK.bandwidth_gbs * 1e9))
+    assert NVLINK.all_reduce_seconds(1e9, 1) == 0.0
+    slow = CostModel(cfg, H100, 2, tensor_parallel=2, link=LinkCeilings("slow", 1.0, 1e-3))
+    assert slow.predict(items).seconds > e2.seconds + 0.05  # 65 all-reduces of 256 KiB over 1 GB/s
+    for bad in (0, -1, True, 1.5):
+        with pytest.raises(ValueError, match="tensor_parallel"):
+            CostModel(cfg, H100, 2, tensor_parallel=bad)
+    with pytest.raises(ValueError, match="link"):
+        CostModel(cfg, H100, 2, tensor_parallel=2, link="nvlink")
+    for bw, lat in ((0.0, 1e-6), (float("nan"), 1e-6), (1.0, -1.0)):
+        with pytest.raises(ValueError, match="LinkCeilings"):
+            LinkCeilings("x", bw, lat)
