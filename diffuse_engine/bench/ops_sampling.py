@@ -62,8 +62,23 @@ def _rs_triton(block_v: int | None):
     return build
 
 
+def _rs_sliced(slices: int):
+    """The tensor-parallel head's arithmetic in one process: the row's vocabulary in ``slices`` slices, each reduced
+    to its partial statistics, then combined (:mod:`diffuse_engine.ops.vocab_parallel`)."""
+    def build(case: dict):
+        from ..ops.vocab_parallel import sliced_row_stats
+
+        def run():
+            rows, *per_row = case["args"]
+            return sliced_row_stats(case["logits"][rows], slices, *per_row, raw_confidence=case["raw"])
+        return run
+    return build
+
+
 def _rs_variants() -> dict[str, Variant]:
     out = {"torch": Variant("torch", lambda case: lambda: _rs_call(ref.row_stats_reference, case)),
+           "vocab-parallel[2]": Variant("vocab-parallel[2]", _rs_sliced(2)),
+           "vocab-parallel[8]": Variant("vocab-parallel[8]", _rs_sliced(8)),
            "native": Variant("native", _rs_native, native_reason),
            "triton": Variant("triton", _rs_triton(None), triton_reason, interpreter_note)}
     for block_v in (1024, 16384):  # the default tile is 4096 columns
