@@ -30,6 +30,7 @@ from .tokenizer import TOKENIZER_FILE, Tokenizer
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
+GENERATION_DEFAULTS_FILE = "generation_defaults.json"
 # Set to 0 (or false/no/off) to skip the NaN/inf check of the weights when load_model is not told either way.
 CHECK_WEIGHTS_ENV = "DIFFUSE_CHECK_WEIGHTS"
 # Elements per slice of the exact non-finite count, so that its boolean temporary stays small.
@@ -201,12 +202,14 @@ def _read_file(file: Path, names: list[str] | None, expected: dict[str, torch.Si
 
 
 def _read_tensor(handle, name: str, shard) -> torch.Tensor:
+    """Tensor ``name``, or the ranges of one dim that ``shard.slice_of(name)`` names, read and concatenated."""
     cut = shard.slice_of(name) if shard is not None else None
     if cut is None:
         return handle.get_tensor(name)
-    dim, lo, hi = cut
+    dim, *rest = cut  # (dim, lo, hi) or (dim, ((lo, hi), ...))
     part = handle.get_slice(name)
-    return part[lo:hi] if dim == 0 else part[:, lo:hi]
+    pieces = [part[lo:hi] if dim == 0 else part[:, lo:hi] for lo, hi in ([rest] if len(rest) == 2 else rest[0])]
+    return pieces[0] if len(pieces) == 1 else torch.cat(pieces, dim)
 
 
 def _scrub(exc: Exception, file: Path) -> str:
@@ -244,9 +247,6 @@ def _default_dtype(device: torch.device, config: ModelConfig, raw: dict) -> torc
         return parse_dtype(raw.get("torch_dtype") or config.torch_dtype)
     except ValueError:
         return torch.bfloat16
-
-
-GENERATION_DEFAULTS_FILE = "generation_defaults.json"
 
 
 # The trained tiny models shipped with the package (:mod:`diffuse_engine.quality.zoo`): one folder each.

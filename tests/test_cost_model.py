@@ -208,6 +208,26 @@ def test_moe_ridge_lies_right_of_a_dense_model_with_the_same_weights(ceilings):
     assert moe_ridge > 4 * dense_ridge
 
 
+def test_tensor_parallel_splits_the_experts_and_keeps_two_all_reduces_per_layer():
+    """A rank of LLaDA2.0-flash over 8 GPUs streams an eighth of every matmul weight but the routers (replicated) and
+    the key/value heads (4 heads: each replicated on 2 ranks); the collectives are those of a dense model."""
+    c = from_name("llada2-flash").config
+    one, eight = CostModel(c, H200, 2), CostModel(c, H200, 2, tensor_parallel=8)
+    assert eight.expert_weights * 8 == one.expert_weights == c.expert_parameters()
+
+    def weights(m: CostModel) -> int:
+        return m.fixed_weights + m.moe_layers * c.num_experts * m.expert_weights
+
+    routers = c.num_moe_layers * c.num_experts * c.hidden_size
+    kv_copies = c.num_layers * 2 * c.hidden_size * (8 * eight.kv_width - c.num_kv_heads * c.head_dim)
+    assert weights(eight) * 8 == weights(one) + 7 * routers + kv_copies
+    step = eight.predict([(64, 0, 64)])
+    link, hidden = eight.link, 64 * c.hidden_size * 2
+    want = (2 * c.num_layers + 1) * link.all_reduce_seconds(hidden, 8) + link.all_reduce_seconds(64 * 64, 8)
+    assert step.phases["comm"] == pytest.approx(want)
+    assert step.phases["body"] < one.predict([(64, 0, 64)]).phases["body"] / 4
+
+
 def test_calibration_runs_on_a_moe_preset(tmp_path, monkeypatch):
     monkeypatch.setenv(calibration.CACHE_ENV, str(tmp_path))
     config = from_name("llada2-tiny").config

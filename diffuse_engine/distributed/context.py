@@ -3,7 +3,8 @@ three entry points of a model under tensor parallelism (``forward``, ``logits``,
 
 On rank 0 each entry point first sends the command to the other ranks (:mod:`.channel`), which run the same entry
 point on their shards (:mod:`.worker`); then every rank runs it, meeting in the same collectives: one all-reduce
-after each row-parallel projection and after the embedding, an all-gather of the logits slices (``logits``) or of a
+after each row-parallel projection (a mixture-of-experts layer: after its routed plus shared partial outputs) and
+after the embedding, an all-gather of the logits slices (``logits``) or of a
 few numbers per row (``head_stats``: the vocabulary-parallel head). The attention plan travels as its host
 description (the sequences' :class:`~diffuse_engine.engine.attention_plan.SeqPlan` list), sent once per plan and
 rebuilt by each rank over its own head-sharded KV cache.

@@ -96,7 +96,9 @@ class CostModel:
         c, tp = config, tensor_parallel
         d, hd = c.hidden_size, c.head_dim
         # One rank's share (all of it on one device): heads, key/value heads (replicated when fewer than ranks),
-        # MLP width and vocabulary are split; the hidden width is not (tensor parallelism runs the dense families).
+        # MLP width, every expert's width (routed and shared) and vocabulary are split; the hidden width and the
+        # router are not. The all-reduces stay two per layer (attention output; the MLP, or a MoE layer's routed
+        # plus shared partial sums).
         self.attn_width = c.num_heads * hd // tp
         self.kv_width = max(c.num_kv_heads // tp, 1) * hd
         mlp = c.intermediate_size // tp
@@ -106,12 +108,13 @@ class CostModel:
         attn = 2 * d * self.attn_width + 2 * d * self.kv_width
         self.fixed_weights = c.num_layers * attn + (c.num_layers - moe) * 3 * d * mlp
         if moe:
-            self.fixed_weights += moe * (c.num_experts * d + c.num_shared_experts * c.expert_parameters())
-        self.expert_weights = c.expert_parameters()  # one routed expert
+            self.fixed_weights += moe * (c.num_experts * d + c.num_shared_experts * c.expert_parameters() // tp)
+        self.expert_weights = c.expert_parameters() // tp  # one routed expert (a rank's slice of it)
         self.moe_layers = moe
         self.head_weights = d * -(-c.vocab_size // tp)
         a_d, a_h, a_i = activation_elems
-        mlp_width = mlp if not moe else (c.num_experts_per_tok + c.num_shared_experts) * c.moe_intermediate_size
+        expert_width = (c.moe_intermediate_size or 0) // tp
+        mlp_width = mlp if not moe else (c.num_experts_per_tok + c.num_shared_experts) * expert_width
         self.act_elems_per_token_layer = a_d * d + a_h * (self.attn_width + self.kv_width) / 2 + a_i * mlp_width
         self.kv_passes = kv_passes
 

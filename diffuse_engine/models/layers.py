@@ -105,6 +105,12 @@ def row_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
     return y if bias is None else y + bias
 
 
+def sum_over_ranks(x: torch.Tensor, tp) -> torch.Tensor:
+    """The sum of every tensor-parallel rank's partial ``x`` (one all-reduce); ``x`` itself on one device (``tp``
+    None). A mixture-of-experts layer adds its routed and shared partial outputs before this one reduce."""
+    return x if tp is None else tp.all_reduce(x)
+
+
 def swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     return torch.nn.functional.silu(gate) * up
 

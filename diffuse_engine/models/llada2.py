@@ -21,13 +21,14 @@ from torch import nn
 from .. import ops
 from ..config import ModelConfig
 from .base import DiffusionLM
-from .layers import RMSNorm, Rotary, TokenLayout, attend, rotary_permutation
+from .layers import RMSNorm, Rotary, TokenLayout, attend, rotary_permutation, row_linear, sum_over_ranks
 from .moe import Router, RouterSpec, StackedExperts, SwiGLU
 
 
 class HeadPermutation:
     """Applies :func:`~.layers.rotary_permutation` to the last dim of q and k (identity without partial RoPE); the
-    index is built once per device (not a buffer: a model built on the meta device still gets real indices)."""
+    index is built once per device (not a buffer: a model built on the meta device still gets real indices). It
+    moves dims within each head, so it is the same for any subset of heads (a tensor-parallel rank's own)."""
 
     def __init__(self, head_dim: int, rotary_dim: int) -> None:
         self.head_dim, self.rotary_dim = head_dim, rotary_dim
@@ -82,6 +83,8 @@ class LLaDA2SparseMoe(nn.Module):
 
 
 class LLaDA2Layer(nn.Module):
+    tp = None  # tensor-parallel context of a sharded layer (see DiffusionLM.tp)
+
     def __init__(self, c: ModelConfig, layer: int) -> None:
         super().__init__()
         self.layer = layer
@@ -95,11 +98,11 @@ class LLaDA2Layer(nn.Module):
     def forward(self, h: torch.Tensor, rope: Rotary, layout: TokenLayout) -> torch.Tensor:
         n, at = h.shape[0], self.attention
         x = self.input_layernorm(h)
-        qkv = ops.linear(x, at.query_key_value.weight, at.query_key_value.bias)
+        qkv = ops.linear(x, at.query_key_value.weight, at.query_key_value.bias)  # a rank's: its q | k | v heads
         q, k, v = qkv.view(n, -1, self.head_dim).split([self.n_heads, self.n_kv, self.n_kv], dim=1)
         a = norm_rope_attend(q, k, v, (at.query_layernorm, at.key_layernorm), self.perm, layout, self.layer, rope)
-        h = h + ops.linear(a, at.dense.weight)
-        return h + self.mlp(self.post_attention_layernorm(h))
+        h = h + row_linear(a, at.dense.weight, None, self.tp)
+        return h + sum_over_ranks(self.mlp(self.post_attention_layernorm(h)), self.tp)
 
 
 class _Model(nn.Module):

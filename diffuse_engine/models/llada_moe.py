@@ -19,7 +19,7 @@ from torch import nn
 from .. import ops
 from ..config import ModelConfig
 from .base import DiffusionLM
-from .layers import RMSNorm, Rotary, TokenLayout
+from .layers import RMSNorm, Rotary, TokenLayout, row_linear, sum_over_ranks
 from .llada2 import HeadPermutation, norm_rope_attend
 from .moe import Router, RouterSpec, StackedExperts, SwiGLU
 
@@ -53,6 +53,8 @@ class LLaDAMoESparseMoe(nn.Module):
 
 
 class LLaDAMoELayer(nn.Module):
+    tp = None  # tensor-parallel context of a sharded layer (see DiffusionLM.tp)
+
     def __init__(self, c: ModelConfig, layer: int) -> None:
         super().__init__()
         self.layer = layer
@@ -73,11 +75,11 @@ class LLaDAMoELayer(nn.Module):
         k = ops.linear(x, at.k_proj.weight).view(n, self.n_kv, self.head_dim)
         v = ops.linear(x, at.v_proj.weight).view(n, self.n_kv, self.head_dim)
         a = norm_rope_attend(q, k, v, (at.q_norm, at.k_norm), self.perm, layout, self.layer, rope)
-        h = h + ops.linear(a, at.o_proj.weight)
+        h = h + row_linear(a, at.o_proj.weight, None, self.tp)
         x = self.post_attention_layernorm(h)
         out = self.mlp(x)
         shared = getattr(self, "shared_expert", None)
-        return h + (out if shared is None else out + shared(x))
+        return h + sum_over_ranks(out if shared is None else out + shared(x), self.tp)
 
 
 class _Model(nn.Module):

@@ -78,7 +78,9 @@ class Router(nn.Module):
 
 
 class StackedExperts(nn.Module):
-    """The routed experts of one layer: ``gate_proj`` and ``up_proj`` ``[E, I, d]``, ``down_proj`` ``[E, d, I]``."""
+    """The routed experts of one layer: ``gate_proj`` and ``up_proj`` ``[E, I, d]``, ``down_proj`` ``[E, d, I]``
+    (under tensor parallelism a rank's slice ``I / tp`` of every expert: its output is that rank's partial sum,
+    already weighted by the routing weights)."""
 
     def __init__(self, num_experts: int, hidden: int, inter: int) -> None:
         super().__init__()
@@ -91,7 +93,9 @@ class StackedExperts(nn.Module):
 
 
 class SwiGLU(nn.Module):
-    """``down(silu(gate x) * up x)``: a dense layer's MLP, or the shared experts of a MoE layer."""
+    """``down(silu(gate x) * up x)``: a dense layer's MLP, or the shared experts of a MoE layer. Under tensor
+    parallelism it holds a slice of the intermediate width and returns its rank's partial output, which the layer
+    sums over the ranks (:func:`~.layers.sum_over_ranks`)."""
 
     def __init__(self, hidden: int, inter: int) -> None:
         super().__init__()
