@@ -99,6 +99,8 @@ def test_default_out_names_the_date_and_the_device():
     (["engine", "--preset", "no-such-preset"], "unknown preset"),
     (["engine", "--quick", "--compare", "/no/such/folder"], "no such folder"),
     (["quality", "--preset", "llada-tiny"], "trained task model"),
+    (["engine", "--quick", "--tensor-parallel-size", "2"], "applies to the tensor-parallel suite"),
+    (["tensor-parallel", "--quick", "--tensor-parallel-size", "1"], "at least 2"),
 ])
 def test_bad_input_exits_2_with_one_line(tmp_path, argv, message):
     proc = _bench(tmp_path, *argv, "--out", str(tmp_path / "o"), timeout=60)
@@ -180,3 +182,16 @@ def test_engine_suite_runs_a_model_folder(tmp_path):
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     (row,) = csv.DictReader(open(tmp_path / "out" / "engine.csv"))
     assert row["preset"] == "addition" and float(row["step_ms"]) > 0
+
+
+def test_tensor_parallel_suite(tmp_path):
+    """Two CPU ranks against one in the same run: a row per rank count, the ratio against one rank, the collective
+    time and the measured link."""
+    proc = _bench(tmp_path, "tensor-parallel", "--quick", "--device", "cpu", "--batches", "1", "--warmup-steps", "1",
+                  "--timed-steps", "2", "--out", str(tmp_path / "o"), "--no-plots", timeout=240)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    rows = list(csv.DictReader(open(tmp_path / "o" / "tensor_parallel.csv")))
+    assert [r["tp"] for r in rows] == ["1", "2"] and rows[0]["vs_tp1"] == "1.0"
+    two = rows[1]
+    assert float(two["step_ms"]) > 0 and float(two["collective_ms"]) > 0 and 0 < float(two["collective_share"]) < 1
+    assert float(two["link_gbs"]) > 0 and float(two["comm_model_ms"]) > 0

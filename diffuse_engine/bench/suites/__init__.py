@@ -56,6 +56,9 @@ def run(args: argparse.Namespace) -> int:
         if args.compare and not Path(args.compare).is_dir():
             raise ValueError(f"--compare {args.compare}: no such folder.")
         module = suite_module(args.suite)
+        if getattr(args, "tensor_parallel_size", None) is not None and args.suite != "tensor-parallel":
+            raise ValueError(f"--tensor-parallel-size applies to the tensor-parallel suite, not {args.suite!r} "
+                             f"(which runs one rank).")
         out = Path(args.out) if args.out else default_out(resolve_device(args.device))
         out.mkdir(parents=True, exist_ok=True)
         status = 0
