@@ -1,5 +1,5 @@
 """The ranks' process group (:func:`make_group`) and how rank 0 tells the other ranks what to run: a command header
-through the group's key-value store, then its tensors by broadcast.
+through the group's key-value store, then its tensors, packed as bytes into one broadcast.
 
 The group is a torch.distributed backend (``ProcessGroupGloo`` on the CPU, ``ProcessGroupNCCL`` on CUDA) built on the
 engine's own store, not the process-wide default group: one process may hold several tensor-parallel engines (one
@@ -13,6 +13,7 @@ of rank 0 on a worker that died or hangs.
 
 from __future__ import annotations
 
+import math
 import os
 import pickle
 import time
@@ -59,8 +60,14 @@ class Channel:
         payload = pickle.dumps((op, meta, specs), protocol=pickle.HIGHEST_PROTOCOL)
         for r in range(1, self.world):
             self.store.set(f"cmd/{r}/{self.seq}", payload)
-        for t in tensors:
-            self.broadcast(t.contiguous())
+        if tensors:  # one broadcast of all the command's bytes, each tensor's on an 8-byte boundary
+            parts = []
+            for t in tensors:
+                raw = t.contiguous().reshape(-1).view(torch.uint8)
+                parts.append(raw)
+                if raw.numel() % 8:
+                    parts.append(raw.new_zeros(8 - raw.numel() % 8))
+            self.broadcast(torch.cat(parts))
 
     def receive(self, alive=None) -> tuple[str, dict[str, Any], list[torch.Tensor]]:
         """A worker: the next command and its tensors. Waits as long as needed (polling ``alive()``, which returns
@@ -78,11 +85,13 @@ class Channel:
                     raise ConnectionError("rank 0 is gone") from None
         op, meta, specs = pickle.loads(self.store.get(key))
         self.store.delete_key(key)
+        sizes = [math.prod(shape) * torch.empty((), dtype=dtype).element_size() for shape, dtype in specs]
+        padded = [-(-n // 8) * 8 for n in sizes]
         tensors = []
-        for shape, dtype in specs:
-            t = torch.empty(shape, dtype=dtype, device=self.device)
-            self.broadcast(t)
-            tensors.append(t)
+        if specs:
+            data = self.broadcast(torch.empty(sum(padded), dtype=torch.uint8, device=self.device))
+            for (shape, dtype), n, part in zip(specs, sizes, data.split(padded), strict=True):
+                tensors.append(part[:n].view(dtype).reshape(shape))
         return op, meta, tensors
 
     # ------------------------------------------------------------------ collectives (each waits for its result)
