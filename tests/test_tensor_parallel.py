@@ -122,7 +122,9 @@ def _packed(n: int):
 
 def test_fp32_logits_within_fp32_tolerance(folders):
     one = LLM(folders["dream"], device="cpu", dtype="float32")
+    threads = torch.get_num_threads()
     with LLM(folders["dream"], device="cpu", dtype="float32", tensor_parallel_size=2) as two:
+        assert torch.get_num_threads() == max(1, min(threads, len(os.sched_getaffinity(0)) // 2))
         ids = torch.tensor([[5, 6, 7, 8, 9, 10, 11, 12], [13, 14, 15, 16, 17, 18, 19, 20]])
         mask = torch.ones_like(ids)
         mask[1, :2] = 0
@@ -130,6 +132,7 @@ def test_fp32_logits_within_fp32_tolerance(folders):
         assert a.shape == b.shape == (2, 8, 320)
         torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-5)
         assert two.engine.cost_model.tp == 2 and two.model.tp.link.source == "measured"
+    assert torch.get_num_threads() == threads  # the caller's threads are given back
 
 
 @pytest.mark.parametrize("slices", [1, 2, 3, 5])

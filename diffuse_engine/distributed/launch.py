@@ -42,6 +42,7 @@ class TPRuntime:
         self.size, self.mode, self.procs, self.store = size, mode, procs, store
         self.context: TPContext | None = None
         self.closed = False
+        self.threads = torch.get_num_threads()  # the caller's, given back at shutdown (CPU ranks share the cores)
         atexit.register(self.shutdown)
 
     def describe(self) -> str:
@@ -83,6 +84,7 @@ class TPRuntime:
         if ctx is not None:
             ctx.channel.group = None  # the backend's connections close with it
         self.store = None
+        torch.set_num_threads(self.threads)
 
     def alive_workers(self) -> list[int]:
         return [p.pid for p in self.procs if p.poll() is None]
