@@ -268,3 +268,18 @@ def test_tensor_parallel_counts_one_ranks_share_and_the_all_reduces():
     for bw, lat in ((0.0, 1e-6), (float("nan"), 1e-6), (1.0, -1.0)):
         with pytest.raises(ValueError, match="LinkCeilings"):
             LinkCeilings("x", bw, lat)
+
+
+def test_routed_experts_run_at_their_own_row_count():
+    """1024 tokens of llada2-mini reach nearly all 256 experts, about 32 (token, expert) rows each: the routed
+    matmuls run at the rate of 32-row matmuls (half of H100's peak at its 32 half-rows), not at the rate of 1024."""
+    cfg = from_name("llada2-mini").config
+    cm = CostModel(cfg, H100, 2)
+    est = cm.predict([(1024, 0, 32)])
+    touched = cm.expected_experts(1024)
+    rows = math.ceil(1024 * cfg.num_experts_per_tok / touched)
+    assert 250 < touched <= 256 and rows == 33
+    routed_flops = 2.0 * cm.moe_layers * cm.expert_weights * 1024 * cfg.num_experts_per_tok
+    at_batch_rate = routed_flops / H100.matmul_rate(1024)
+    assert est.phases["body"] > 1.5 * at_batch_rate
+    assert est.phases["body"] >= routed_flops / H100.matmul_rate(rows)

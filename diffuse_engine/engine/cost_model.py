@@ -156,12 +156,23 @@ class CostModel:
         layers = c.num_layers
         tokens = sum(q for q, _, _ in items)
         head_rows = sum(r for _, _, r in items)
-        # Body matmuls: weights once (the routed experts the tokens reach), rows padded for the device.
-        body_bytes = (self.fixed_weights + self.moe_layers * self.expected_experts(tokens) * self.expert_weights) * b
-        routed = self.moe_layers * (c.num_experts_per_tok or 0) * self.expert_weights
-        body_flops = 2.0 * (self.fixed_weights + routed) * tokens
+        # Body matmuls: weights once (the routed experts the tokens reach), rows padded for the device. The dense
+        # weights see every token; a routed expert only its share, tokens * k / (experts touched) rows, at the matmul
+        # rate of that many rows (each expert's group padded on its own).
         m = self._pad(tokens)
-        body_s = ce.kernel_seconds(body_bytes, body_flops * m / tokens, ce.matmul_rate(m))
+        dense_flops = 2.0 * self.fixed_weights * tokens
+        body_s = ce.kernel_seconds(self.fixed_weights * b, dense_flops * m / tokens, ce.matmul_rate(m))
+        body_bytes, body_flops = self.fixed_weights * b, dense_flops
+        if self.moe_layers:
+            touched = self.expected_experts(tokens)
+            pairs = tokens * c.num_experts_per_tok
+            per_expert = self._pad(max(1, math.ceil(pairs / touched)))
+            routed_bytes = self.moe_layers * touched * self.expert_weights * b
+            routed_flops = 2.0 * self.moe_layers * self.expert_weights * pairs
+            padded = routed_flops * touched * per_expert / pairs
+            body_s += ce.kernel_seconds(routed_bytes, padded, ce.matmul_rate(per_expert))
+            body_bytes += routed_bytes
+            body_flops += routed_flops
         # Attention: per sequence and layer, over its cached context plus its own fresh tokens.
         attn_bytes = attn_flops = attn_s = 0.0
         for q, ctx, _ in items:
