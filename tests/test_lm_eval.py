@@ -89,6 +89,22 @@ def test_generate_until_maps_until_and_max_gen_toks():
     assert first == second.split("2", 1)[0] and "2" not in first
 
 
+def test_two_tensor_parallel_ranks_answer_as_one_process():
+    """model_args tensor_parallel_size=2: the same generations, and the same Monte-Carlo bounds (fp64 masks and
+    forwards on the same seeds, logits gathered from the vocabulary slices), as one process."""
+    reqs = [Instance("generate_until", {}, ("04821+00379=", {"until": ["\n"], "max_gen_toks": 6}), 0)]
+    ll = [Instance("loglikelihood", {}, ("04821+00379=", "005200"), 0)]
+    one = DiffuseEngineLM(pretrained="addition", device="cpu", dtype="float64", mc_num=4, batch_size=4)
+    two = DiffuseEngineLM.create_from_arg_string(
+        "pretrained=addition,dtype=float64,mc_num=4,batch_size=4,tensor_parallel_size=2", {"device": "cpu"})
+    try:
+        assert two.generate_until(reqs) == one.generate_until(reqs) == ["005200"]
+        (a, greedy_a), (b, greedy_b) = one.loglikelihood(ll)[0], two.loglikelihood(ll)[0]
+        assert greedy_a is greedy_b is True and a == pytest.approx(b, rel=1e-9)
+    finally:
+        two.llm.close()
+
+
 def test_loglikelihood_requests_and_rolling():
     lm = DiffuseEngineLM(pretrained="addition", device="cpu", mc_num=8, batch_size=8)
     right, wrong = lm.loglikelihood([Instance("loglikelihood", {}, ("04821+00379=", "005200"), 0),
@@ -124,6 +140,8 @@ def test_lm_eval_command_runs_offline(capsys):
     ("pretrained=addition,steps=0", "steps"),
     ("pretrained=addition,block_length=4,steps=3,gen_length=8", "steps"),
     ("steps=4", "pretrained"),
+    ("pretrained=addition,tensor_parallel_size=0", "tensor_parallel_size"),
+    ("pretrained=addition,tensor_parallel_size=3", "tensor_parallel_size"),
 ])
 def test_bad_model_args_raise_naming_the_key(model_args, key):
     with pytest.raises(ValueError, match=key):

@@ -37,7 +37,7 @@ from ..sampling_params import SamplingParams
 TASKS_DIR = Path(__file__).resolve().with_name("lm_eval_tasks")
 SAMPLING_KEYS = tuple(f.name for f in dataclasses.fields(SamplingParams) if f.name != "stop")
 MODEL_KEYS = ("pretrained", "device", "dtype", "mc_num", "batch_size", "max_batch_size", "max_length",
-              "check_greedy", "effort", "max_gen_toks")
+              "check_greedy", "effort", "max_gen_toks", "tensor_parallel_size")
 DEFAULT_MAX_GEN_TOKS = 256
 logger = logging.getLogger("diffuse_engine.lm_eval")
 
@@ -68,7 +68,8 @@ class DiffuseEngineLM(LM):
     ``LLM`` accepts). Other keys: any :class:`SamplingParams` field but ``stop``, ``effort``, ``mc_num``
     (Monte-Carlo samples per loglikelihood request, default 128), ``batch_size`` (samples per forward, default 32;
     ``auto`` keeps the default), ``max_length`` (default: the model's), ``check_greedy`` (default true),
-    ``max_gen_toks`` (default 256), ``device``, ``dtype``. An unknown key or a bad value raises ValueError naming it."""
+    ``max_gen_toks`` (default 256), ``device``, ``dtype``, ``tensor_parallel_size`` (default 1: the model sharded over
+    that many GPUs or CPU processes). An unknown key or a bad value raises ValueError naming it."""
 
     def __init__(self, pretrained: str | None = None, **kwargs: Any) -> None:
         super().__init__()
@@ -90,7 +91,9 @@ class DiffuseEngineLM(LM):
             raise ValueError(f"model_args mc_num ({self.mc_num}) must be a multiple of batch_size ({self.mc_batch}).")
         self.check_greedy = str(kwargs.get("check_greedy", True)).lower() not in ("false", "0", "no")
         self.max_gen_toks = _positive_int("max_gen_toks", kwargs.get("max_gen_toks", DEFAULT_MAX_GEN_TOKS))
-        self.llm = LLM(pretrained, device=_device(kwargs.get("device")), dtype=kwargs.get("dtype"))
+        tp = _positive_int("tensor_parallel_size", kwargs.get("tensor_parallel_size", 1))
+        self.llm = LLM(pretrained, device=_device(kwargs.get("device")), dtype=kwargs.get("dtype"),
+                       tensor_parallel_size=tp)
         self.max_length = _positive_int("max_length", kwargs.get("max_length",
                                                                  self.llm.config.max_position_embeddings))
         self._params({} if "gen_length" in self.sampling else {"gen_length": self._check_length()})
