@@ -131,6 +131,9 @@ def test_fp32_logits_within_fp32_tolerance(folders):
         a, b = one.model(ids, attention_mask=mask), two.model(ids, attention_mask=mask)
         assert a.shape == b.shape == (2, 8, 320)
         torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-5)
+        with pytest.raises(ValueError, match=r"token ids must be in \[0, 320\)"):
+            two.model(torch.tensor([[5, 320]]))
+        torch.testing.assert_close(two.model(ids, attention_mask=mask), a, rtol=1e-5, atol=1e-5)  # still in step
         assert two.engine.cost_model.tp == 2 and two.model.tp.link.source == "measured"
     assert torch.get_num_threads() == threads  # the caller's threads are given back
 

@@ -102,6 +102,13 @@ class TPContext:
     # ------------------------------------------------------------------ entry points
     def forward(self, model, input_ids: torch.Tensor, positions: torch.Tensor, layout: TokenLayout) -> torch.Tensor:
         if self.driver:
+            vocab = self.ranges[-1][1]
+            # Each rank looks up only its slice, so an id outside the vocabulary would embed as zeros: refuse it
+            # first (on the CPU, where the check costs no synchronisation; the engine checks prompts anyway).
+            if input_ids.device.type == "cpu" and input_ids.numel() and not (
+                    0 <= int(input_ids.min()) and int(input_ids.max()) < vocab):
+                raise ValueError(f"token ids must be in [0, {vocab}); got ids from {int(input_ids.min())} to "
+                                 f"{int(input_ids.max())}.")
             self._guard("sending a forward", self._send_forward, input_ids, positions, layout)
         h = self._guard("the forward", model.local_hidden_states, input_ids, positions, layout)
         self.last_hidden = h
