@@ -74,10 +74,13 @@ class TPContext:
             return fn(*args, **kwargs)
         except TensorParallelError:
             raise
-        except Exception as exc:
+        except BaseException as exc:  # the ranks are out of step, whatever stopped this one (Ctrl-C included)
             if not self.driver:
                 raise
-            raise self._fail(what, exc) from exc
+            error = self._fail(what, exc)
+            if not isinstance(exc, Exception):
+                raise
+            raise error from exc
 
     # ------------------------------------------------------------------ collectives
     def all_reduce(self, x: torch.Tensor) -> torch.Tensor:
