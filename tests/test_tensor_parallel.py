@@ -15,6 +15,7 @@ import time
 
 import pytest
 import torch
+from tp_support import PROMPTS, alive, assert_same_tokens, one_and_two
 
 from diffuse_engine import LLM, SamplingParams
 from diffuse_engine.checkpoint import write_random_checkpoint
@@ -26,21 +27,6 @@ from diffuse_engine.ops import vocab_parallel as vp
 
 FAMILIES = {"llada": ("llada-tiny", 4), "dream": ("dream-tiny", 4), "sdar": ("sdar-tiny", 4)}  # preset, block
 CACHES = {"llada": ("none", "prefix", "dual"), "dream": ("none", "prefix", "dual"), "sdar": ("none",)}
-POLICIES = {"fixed": {"steps": 4}, "threshold": {"policy": "threshold", "threshold": 0.3},
-            "eb": {"policy": "eb", "eb_gamma": 0.5}}
-PROMPTS = [[5, 6, 7, 8], [9, 10, 11], [12] * 6]
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    try:  # a zombie is gone for our purpose
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().split(")")[-1].split()[0] != "Z"
-    except OSError:
-        return False
 
 
 @pytest.fixture(scope="module")
@@ -52,26 +38,13 @@ def folders(tmp_path_factory):
 @pytest.fixture(scope="module", params=list(FAMILIES))
 def pair(request, folders):
     """(family, one-process LLM, two-rank LLM), both fp64."""
-    fam = request.param
-    one = LLM(folders[fam], device="cpu", dtype="float64")
-    two = LLM(folders[fam], device="cpu", dtype="float64", tensor_parallel_size=2)
-    yield fam, one, two
-    pids = two._runtime.alive_workers()
-    two.close()
-    assert pids and not any(_alive(p) for p in pids), "close() left a worker process behind"
+    with one_and_two(folders[request.param]) as (one, two):
+        yield request.param, one, two
 
 
 def test_tokens_equal_one_process_fp64(pair):
     fam, one, two = pair
-    block = FAMILIES[fam][1]
-    for cache in CACHES[fam]:
-        for name, knobs in POLICIES.items():
-            p = SamplingParams(gen_length=8, block_length=block, seed=3, temperature=0.7, cache=cache, **knobs)
-            a = [o.token_ids for o in one.generate(PROMPTS, p)]
-            b = [o.token_ids for o in two.generate(PROMPTS, p)]
-            assert a == b, (fam, cache, name)
-    greedy = SamplingParams(gen_length=16, block_length=block, steps=16, remasking="low_confidence")
-    assert [o.token_ids for o in one.generate(PROMPTS, greedy)] == [o.token_ids for o in two.generate(PROMPTS, greedy)]
+    assert_same_tokens(one, two, CACHES[fam], FAMILIES[fam][1], 8)
 
 
 def test_guidance_and_top_k_gather_the_logits(pair):
@@ -244,7 +217,7 @@ def test_a_failed_worker_fails_the_requests_in_bounded_time(folders, fault):
     finally:
         pids = llm._runtime.alive_workers() if llm._runtime is not None else []
         llm.close()
-    assert not any(_alive(p) for p in pids)
+    assert not any(alive(p) for p in pids)
 
 
 def test_workers_die_with_their_parent(folders):
@@ -256,10 +229,10 @@ def test_workers_die_with_their_parent(folders):
               "time.sleep(120)\n")
     proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
     pids = [int(p) for p in proc.stdout.readline().split()]
-    assert pids and all(_alive(p) for p in pids)
+    assert pids and all(alive(p) for p in pids)
     proc.kill()
     proc.wait(timeout=60)
     deadline = time.monotonic() + 15
-    while any(_alive(p) for p in pids) and time.monotonic() < deadline:
+    while any(alive(p) for p in pids) and time.monotonic() < deadline:
         time.sleep(0.1)
-    assert not any(_alive(p) for p in pids), "a worker was left behind after its parent was killed"
+    assert not any(alive(p) for p in pids), "a worker was left behind after its parent was killed"

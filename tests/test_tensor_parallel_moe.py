@@ -9,9 +9,9 @@ import copy
 
 import pytest
 import torch
-from test_tensor_parallel import PROMPTS, _alive
+from tp_support import assert_same_tokens, one_and_two
 
-from diffuse_engine import LLM, SamplingParams
+from diffuse_engine import LLM
 from diffuse_engine import loader as loader_module
 from diffuse_engine.checkpoint import write_random_checkpoint
 from diffuse_engine.distributed import ShardPlan, check_tensor_parallel
@@ -23,11 +23,6 @@ from diffuse_engine.presets import from_name
 FAMILIES = {"llada_moe": ("llada-moe-tiny", 4, 8), "llada2": ("llada2-tiny", 8, 16)}  # preset, block, gen length
 # LLaDA2 is a block-diffusion model: every request runs its exact block cache, whatever ``cache`` says.
 CACHES = {"llada_moe": ("none", "prefix", "dual"), "llada2": ("none",)}
-# Thresholds that the tiny random models pass for several tokens per step (their sampled tokens have low probability).
-POLICIES = {"fixed": {"steps": 8}, "threshold": {"policy": "threshold", "threshold": 0.005},
-            "eb": {"policy": "eb", "eb_gamma": 12.0}}
-
-
 @pytest.fixture(scope="module")
 def folders(tmp_path_factory):
     root = tmp_path_factory.mktemp("tp-moe")
@@ -37,26 +32,14 @@ def folders(tmp_path_factory):
 @pytest.fixture(scope="module", params=list(FAMILIES))
 def pair(request, folders):
     """(family, one-process LLM, two-rank LLM), both fp64."""
-    fam = request.param
-    one = LLM(folders[fam], device="cpu", dtype="float64")
-    two = LLM(folders[fam], device="cpu", dtype="float64", tensor_parallel_size=2)
-    yield fam, one, two
-    pids = two._runtime.alive_workers()
-    two.close()
-    assert pids and not any(_alive(p) for p in pids), "close() left a worker process behind"
+    with one_and_two(folders[request.param]) as (one, two):
+        yield request.param, one, two
 
 
 def test_tokens_equal_one_process_fp64(pair):
     fam, one, two = pair
     _, block, gen = FAMILIES[fam]
-    for cache in CACHES[fam]:
-        for name, knobs in POLICIES.items():
-            p = SamplingParams(gen_length=gen, block_length=block, seed=3, temperature=0.7, cache=cache, **knobs)
-            a = [o.token_ids for o in one.generate(PROMPTS, p)]
-            b = [o.token_ids for o in two.generate(PROMPTS, p)]
-            assert a == b, (fam, cache, name)
-    greedy = SamplingParams(gen_length=gen, block_length=block, steps=gen, remasking="low_confidence")
-    assert [o.token_ids for o in one.generate(PROMPTS, greedy)] == [o.token_ids for o in two.generate(PROMPTS, greedy)]
+    assert_same_tokens(one, two, CACHES[fam], block, gen)
 
 
 def test_hidden_states_equal_one_process(pair):

@@ -67,17 +67,22 @@ class DreamLayer(nn.Module):
 
 
 class _Model(nn.Module):
-    def __init__(self, c: ModelConfig) -> None:
+    def __init__(self, c: ModelConfig, layer: type[nn.Module]) -> None:
         super().__init__()
         self.embed_tokens = nn.Embedding(c.vocab_size, c.hidden_size)
-        self.layers = nn.ModuleList(DreamLayer(c, i) for i in range(c.num_layers))
+        self.layers = nn.ModuleList(layer(c, i) for i in range(c.num_layers))
         self.norm = RMSNorm(c.hidden_size, c.rms_norm_eps)
 
 
 class DreamModel(DiffusionLM):
+    """The Qwen-style wrapper ``model.{embed_tokens, layers, norm}`` + ``lm_head``; subclasses that keep it (SDAR,
+    LLaDA-MoE) set :attr:`LAYER`, the decoder layer class."""
+
+    LAYER: type[nn.Module] = DreamLayer
+
     def __init__(self, config: ModelConfig) -> None:
         super().__init__(config)
-        self.model = _Model(config)
+        self.model = _Model(config, self.LAYER)
         if not config.tie_word_embeddings:
             self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
 

@@ -18,7 +18,7 @@ from torch import nn
 
 from .. import ops
 from ..config import ModelConfig
-from .base import DiffusionLM
+from .dream import DreamModel
 from .layers import RMSNorm, Rotary, TokenLayout, row_linear, sum_over_ranks
 from .llada2 import HeadPermutation, norm_rope_attend
 from .moe import Router, RouterSpec, StackedExperts, SwiGLU
@@ -82,33 +82,13 @@ class LLaDAMoELayer(nn.Module):
         return h + sum_over_ranks(out if shared is None else out + shared(x), self.tp)
 
 
-class _Model(nn.Module):
-    def __init__(self, c: ModelConfig) -> None:
-        super().__init__()
-        self.embed_tokens = nn.Embedding(c.vocab_size, c.hidden_size)
-        self.layers = nn.ModuleList(LLaDAMoELayer(c, i) for i in range(c.num_layers))
-        self.norm = RMSNorm(c.hidden_size, c.rms_norm_eps)
+class LLaDAMoEModelLM(DreamModel):
+    """A LLaDA-MoE checkpoint (the Qwen-style wrapper of :class:`~.dream.DreamModel` around
+    :class:`LLaDAMoELayer`). Its config must have ``arch == "llada_moe"``."""
 
-
-class LLaDAMoEModelLM(DiffusionLM):
-    """A LLaDA-MoE checkpoint. Its config must have ``arch == "llada_moe"``."""
+    LAYER = LLaDAMoELayer
 
     def __init__(self, config: ModelConfig) -> None:
         if config.arch != "llada_moe":
             raise ValueError(f"LLaDAMoEModelLM needs a config with arch 'llada_moe', got {config.arch!r}.")
         super().__init__(config)
-        self.model = _Model(config)
-        if not config.tie_word_embeddings:
-            self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
-
-    def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
-        return self.model.embed_tokens(input_ids)
-
-    def blocks(self) -> nn.ModuleList:
-        return self.model.layers
-
-    def final_norm(self, h: torch.Tensor) -> torch.Tensor:
-        return self.model.norm(h)
-
-    def lm_head_weight(self) -> torch.Tensor:
-        return self.model.embed_tokens.weight if self.config.tie_word_embeddings else self.lm_head.weight
