@@ -192,23 +192,28 @@ def _refuse_unsupported_qwen(raw: dict[str, Any]) -> None:
         raise ValueError(f"config.json sets hidden_act={act!r}; only 'silu' is supported.")
 
 
-def _qwen_fields(keys: _Keys, max_len: int, rms_eps: float, theta: float) -> dict[str, Any]:
-    """The fields that Dream (Qwen2) and SDAR (Qwen3) configs spell alike."""
+def _qwen_fields(keys: _Keys, max_len: int, rms_eps: float, theta: Any, *,
+                 intermediate: bool = True) -> dict[str, Any]:
+    """The fields that Dream (Qwen2), SDAR (Qwen3) and the MoE families' configs spell alike (``intermediate``:
+    also ``intermediate_size``, which the MoE configs name per family). ``torch_dtype`` falls back on the newer
+    ``dtype`` key."""
     _refuse_unsupported_qwen(keys.raw)
     n_heads = keys.read_int("num_heads", "num_attention_heads")
-    return dict(
+    fields = dict(
         hidden_size=keys.read_int("hidden_size", "hidden_size"),
         num_layers=keys.read_int("num_layers", "num_hidden_layers"),
         num_heads=n_heads,
         num_kv_heads=keys.read_int("num_kv_heads", "num_key_value_heads", n_heads),
-        intermediate_size=keys.read_int("intermediate_size", "intermediate_size"),
         vocab_size=keys.read_int("vocab_size", "vocab_size"),
         max_position_embeddings=keys.read_int("max_position_embeddings", "max_position_embeddings", max_len),
         rms_norm_eps=keys.read_float("rms_norm_eps", "rms_norm_eps", rms_eps),
         rope_theta=keys.read_float("rope_theta", "rope_theta", theta),
         tie_word_embeddings=keys.read_bool("tie_word_embeddings", False),
-        torch_dtype=keys.read_str("torch_dtype", "bfloat16"),
+        torch_dtype=keys.read_str("torch_dtype", keys.raw.get("dtype") or "bfloat16"),
     )
+    if intermediate:
+        fields["intermediate_size"] = keys.read_int("intermediate_size", "intermediate_size")
+    return fields
 
 
 def _dream_from_hf(keys: _Keys) -> Any:

@@ -17,7 +17,7 @@ from __future__ import annotations
 import math
 from typing import Any
 
-from .config_io import _REQUIRED, _build, _Keys, _refuse_unsupported_qwen, _token_ids
+from .config_io import _REQUIRED, _build, _Keys, _qwen_fields, _token_ids
 
 MOE_ARCHITECTURES = ("llada_moe", "llada2")
 # The token ids of the Ling / LLaDA2 tokenizer that both families share: <|endoftext|> and <|mask|>.
@@ -115,19 +115,10 @@ def detect(raw: dict[str, Any]) -> str | None:
 
 
 def _common(keys: _Keys, max_len: int, rms_eps: float, theta: float | object) -> dict[str, Any]:
-    _refuse_unsupported_qwen(keys.raw)
-    n_heads = keys.read_int("num_heads", "num_attention_heads")
+    """The Qwen-style fields (:func:`config_io._qwen_fields`; the MLP widths are read per family), then the MoE ones
+    both families spell alike."""
     return dict(
-        hidden_size=keys.read_int("hidden_size", "hidden_size"),
-        num_layers=keys.read_int("num_layers", "num_hidden_layers"),
-        num_heads=n_heads,
-        num_kv_heads=keys.read_int("num_kv_heads", "num_key_value_heads", n_heads),
-        vocab_size=keys.read_int("vocab_size", "vocab_size"),
-        max_position_embeddings=keys.read_int("max_position_embeddings", "max_position_embeddings", max_len),
-        rms_norm_eps=keys.read_float("rms_norm_eps", "rms_norm_eps", rms_eps),
-        rope_theta=keys.read_float("rope_theta", "rope_theta", theta),
-        tie_word_embeddings=keys.read_bool("tie_word_embeddings", False),
-        torch_dtype=keys.read_str("torch_dtype", keys.raw.get("dtype") or "bfloat16"),
+        **_qwen_fields(keys, max_len, rms_eps, theta, intermediate=False),
         partial_rotary_factor=keys.read_float("partial_rotary_factor", "partial_rotary_factor", 1.0),
         num_experts=keys.read_int("num_experts", "num_experts"),
         num_experts_per_tok=keys.read_int("num_experts_per_tok", "num_experts_per_tok"),
