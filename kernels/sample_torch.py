@@ -18,6 +18,8 @@ import torch
 
 from .reference import STREAM_SAMPLE, counter_gumbel, filter_logits
 
+ENTROPY_EPS = 1e-10  # Dream's q log(q + eps): the negative entropy of the unfused head
+
 
 @dataclass(slots=True, frozen=True)
 class RowFlags:
@@ -36,7 +38,7 @@ class RowFlags:
 def sample_rows(logits: torch.Tensor, temperature: torch.Tensor, seed: torch.Tensor, step: torch.Tensor,
                 position: torch.Tensor, flags: RowFlags, *, top_k: torch.Tensor | None = None,
                 top_p: torch.Tensor | None = None, raw_confidence: torch.Tensor | None = None,
-                conf_exclude: torch.Tensor | None = None, entropy_eps: float = 1e-10) -> dict[str, torch.Tensor]:
+                conf_exclude: torch.Tensor | None = None, entropy_eps: float = ENTROPY_EPS) -> dict[str, torch.Tensor]:
     """:func:`kernels.reference.sample_and_score` for logits ``[M, V]`` with per-row tensors on the logits' device,
     plus ``invalid`` (int32 ``[M]``: NaN / +inf logits, or no finite entry), never synchronising on CUDA."""
     m, v = logits.shape

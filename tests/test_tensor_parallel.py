@@ -130,6 +130,12 @@ def test_sliced_statistics_equal_the_reference(slices):
     exclude[0, 0], exclude[8, 1] = 3, int(x[8].argmax())
     ref = row_stats_reference(x, torch.arange(m), temp, seed, step, pos, raw_confidence=raw, conf_exclude=exclude)
     out = vp.sliced_row_stats(x, slices, temp, seed, step, pos, raw_confidence=raw, conf_exclude=exclude)
+    # the host flags the engine passes (nothing read from the tensors) give the same partials
+    lo, hi = vp.split_columns(v, slices)[-1]
+    kw = {"raw_confidence": raw, "conf_exclude": exclude}
+    read, _ = vp.slice_partials(x[:, lo:hi], lo, temp, seed, step, pos, **kw)
+    told, _ = vp.slice_partials(x[:, lo:hi], lo, temp, seed, step, pos, **kw, flags=(True, True, False, True))
+    assert torch.equal(read.nan_to_num(), told.nan_to_num())
     assert torch.equal(out["invalid"], ref["invalid"]) and ref["invalid"][[3, 4, 5]].all()
     assert torch.equal(out["token"], ref["token"]) and out["token"][1] == 4
     for key in ("prob", "top1", "margin", "neg_entropy"):

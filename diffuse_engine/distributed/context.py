@@ -130,20 +130,22 @@ class TPContext:
     def head_stats(self, model, hidden: torch.Tensor, rows: torch.Tensor, temperature: torch.Tensor,
                    seed: torch.Tensor, step: torch.Tensor, position: torch.Tensor, *, raw_confidence: torch.Tensor,
                    conf_exclude: torch.Tensor | None = None, entropy_eps: float = 0.0,
-                   scores: tuple[str, ...] = ("margin", "neg_entropy")) -> dict[str, torch.Tensor]:
+                   flags=None) -> dict[str, torch.Tensor]:
         args = dict(zip(_HEAD_ARGS, (rows, temperature, seed, step, position, raw_confidence, conf_exclude),
                         strict=True))
         if self.driver:
             self._guard("sending a head", self._send_rows, "head", hidden, args,
-                        {"entropy_eps": entropy_eps, "scores": tuple(scores)})
-        return self._guard("the vocabulary-parallel head", self._head_stats, model, hidden, args, entropy_eps,
-                           tuple(scores))
+                        {"entropy_eps": entropy_eps, "flags": flags})
+        return self._guard("the vocabulary-parallel head", self._head_stats, model, hidden, args, entropy_eps, flags)
 
     def _head_stats(self, model, hidden: torch.Tensor, a: dict, entropy_eps: float,
-                    scores: tuple[str, ...]) -> dict[str, torch.Tensor]:
+                    flags) -> dict[str, torch.Tensor]:
         x = linear(hidden[a["rows"]], model.lm_head_weight())
+        scores = flags.scores if flags is not None else ("margin", "neg_entropy")
+        host = None if flags is None else (flags.any_hot, flags.any_raw, flags.all_raw, flags.any_exclude)
         parts, q = slice_partials(x, self.vocab[0], a["temperature"], a["seed"], a["step"], a["position"],
-                                  raw_confidence=a["raw_confidence"], conf_exclude=a["conf_exclude"], scores=scores)
+                                  raw_confidence=a["raw_confidence"], conf_exclude=a["conf_exclude"], scores=scores,
+                                  flags=host)
         gathered = [torch.empty_like(parts) for _ in range(self.world)]
         self.channel.all_gather(gathered, parts)
         out = combine_partials(torch.stack(gathered), scores)
@@ -199,7 +201,7 @@ class TPContext:
             a = args
             model.head_stats(hidden, a["rows"], a["temperature"], a["seed"], a["step"], a["position"],
                              raw_confidence=a["raw_confidence"], conf_exclude=a["conf_exclude"],
-                             entropy_eps=meta["entropy_eps"], scores=meta["scores"])
+                             entropy_eps=meta["entropy_eps"], flags=meta["flags"])
         else:
             raise ValueError(f"unknown tensor-parallel command {op!r}.")
         return True

@@ -21,14 +21,12 @@ import torch
 
 from .. import ops
 from ..kernels.reference import STREAM_ORDER, STREAM_REMASK, STREAM_TRANSFER
-from ..kernels.sample_torch import RowFlags, sample_rows
+from ..kernels.sample_torch import ENTROPY_EPS, RowFlags, sample_rows
 from ..models import DiffusionLM
 from ..policies import REVISION, RevisionContext
 from ..policies.fixed import origin_probability, step_counts
 from .canvas import CanvasStore
 from .plan import StepPlan
-
-ENTROPY_EPS = 1e-10  # Dream's q log(q + eps), the unfused head's entropy (kernels.sample_torch.sample_rows)
 
 
 def forward(model: DiffusionLM, plan: StepPlan, store: CanvasStore, mask_id: int) -> torch.Tensor:
@@ -49,13 +47,14 @@ def head(model: DiffusionLM, plan: StepPlan, hidden: torch.Tensor, eos_id: int,
     step = plan.t["nfe"][t["row_req"]]
     conf_exclude = t.get("row_exclude")
     args = (t["row_temp"], t["row_seed"], step, t["row_pos"])
+    flags = RowFlags(plan.any_hot, plan.any_raw, plan.all_raw, plan.any_exclude, plan.any_top_k, plan.any_top_p,
+                     plan.scores)
     if plan.fused or (model.tp is not None and plan.head_eligible):
         # The fused head; under tensor parallelism the vocabulary-parallel head, with the entropy of the head the
         # same step would use on one device (exact when fused or on CUDA in fp32, Dream's eps otherwise).
         exact = plan.fused or (hidden.device.type == "cuda" and hidden.dtype != torch.float64)
         return model.head_stats(hidden, t["row_hidden"], *args, raw_confidence=t["row_raw"],
-                                conf_exclude=conf_exclude, entropy_eps=0.0 if exact else ENTROPY_EPS,
-                                scores=plan.scores)
+                                conf_exclude=conf_exclude, entropy_eps=0.0 if exact else ENTROPY_EPS, flags=flags)
     logits = model.logits_at(hidden, t["row_hidden"])
     work = torch.float64 if logits.dtype == torch.float64 else torch.float32
     logits = logits.to(work)
@@ -69,8 +68,6 @@ def head(model: DiffusionLM, plan: StepPlan, hidden: torch.Tensor, eos_id: int,
     if logits.device.type == "cuda" and not (plan.any_top_k or plan.any_top_p) and work == torch.float32:
         return ops.row_stats(logits, torch.arange(logits.shape[0], device=logits.device), *args,
                              raw_confidence=t["row_raw"], conf_exclude=conf_exclude, check=False)
-    flags = RowFlags(plan.any_hot, plan.any_raw, plan.all_raw, plan.any_exclude, plan.any_top_k, plan.any_top_p,
-                     plan.scores)
     return sample_rows(logits, *args, flags, top_k=t.get("row_top_k"), top_p=t.get("row_top_p"),
                        raw_confidence=t["row_raw"], conf_exclude=conf_exclude)
 

@@ -87,16 +87,18 @@ class DiffusionLM(nn.Module):
     def head_stats(self, hidden: torch.Tensor, rows: torch.Tensor, temperature: torch.Tensor, seed: torch.Tensor,
                    step: torch.Tensor, position: torch.Tensor, *, raw_confidence: torch.Tensor,
                    conf_exclude: torch.Tensor | None = None, entropy_eps: float = 0.0,
-                   scores: tuple[str, ...] = ("margin", "neg_entropy")) -> dict[str, torch.Tensor]:
+                   flags=None) -> dict[str, torch.Tensor]:
         """The sampling statistics of rows ``rows`` of ``hidden`` without writing their logits: the fused head
         (:func:`ops.lm_head_stats`, exact entropy, every score) on one device; under tensor parallelism the
         vocabulary-parallel head (:mod:`diffuse_engine.ops.vocab_parallel`), with Dream's ``entropy_eps`` when it is
-        > 0, computing of ``margin`` and ``neg_entropy`` only those ``scores`` names."""
+        > 0. ``flags``: the rows' host flags (``kernels.sample_torch.RowFlags``, the step's plan): the parallel head
+        then reads no device value and computes of ``margin`` and ``neg_entropy`` only those ``flags.scores`` names
+        (None: every score, flags read from the tensors)."""
         if self.tp is None:
             return ops.lm_head_stats(hidden, self.lm_head_weight(), rows, temperature, seed, step, position,
                                      raw_confidence=raw_confidence, conf_exclude=conf_exclude, check=False)
         return self.tp.head_stats(self, hidden, rows, temperature, seed, step, position, raw_confidence=raw_confidence,
-                                  conf_exclude=conf_exclude, entropy_eps=entropy_eps, scores=scores)
+                                  conf_exclude=conf_exclude, entropy_eps=entropy_eps, flags=flags)
 
     def kv_heads(self) -> int:
         """Key/value heads this instance holds (all of them, or one rank's share under tensor parallelism)."""

@@ -34,49 +34,53 @@ NUM_PARTIALS = 8
 
 
 def _confidence_logits(x: torch.Tensor, z: torch.Tensor, col_lo: int, raw_confidence: torch.Tensor | None,
-                       conf_exclude: torch.Tensor | None) -> torch.Tensor:
+                       conf_exclude: torch.Tensor | None, any_raw: bool, all_raw: bool,
+                       any_exclude: bool) -> torch.Tensor:
     """The rows' confidence logits: ``z``, or for rows with ``raw_confidence`` the raw logits with their excluded
     columns (global ids) at -inf. Returns ``z`` itself when no row is raw (no copy)."""
-    if raw_confidence is None:
+    if raw_confidence is None or not any_raw:
         return z
     raw_rows = raw_confidence.bool()
-    if not bool(raw_rows.any()):
-        return z
     raw = x
-    if conf_exclude is not None and conf_exclude.numel():
-        cols = conf_exclude.to(torch.int64).reshape(x.shape[0], -1) - col_lo
-        inside = (cols >= 0) & (cols < x.shape[1]) & (conf_exclude.reshape(x.shape[0], -1) >= 0)
-        inside &= raw_rows[:, None]
-        if bool(inside.any()):
-            raw = x.clone()
-            r, k = inside.nonzero(as_tuple=True)
-            raw[r, cols[r, k]] = float("-inf")
-    if raw is z or bool(raw_rows.all()):
-        return raw
-    return torch.where(raw_rows[:, None], raw, z)
+    if any_exclude and conf_exclude is not None and conf_exclude.numel():
+        # The excluded columns that fall in this slice, as a mask (a scatter: no read of a device value).
+        ids = conf_exclude.to(torch.int64).reshape(x.shape[0], -1)
+        cols = ids - col_lo
+        inside = (ids >= 0) & (cols >= 0) & (cols < x.shape[1]) & raw_rows[:, None]
+        hit = torch.zeros(x.shape, dtype=torch.uint8, device=x.device)
+        hit.scatter_reduce_(1, cols.clamp(0, x.shape[1] - 1), inside.to(torch.uint8), reduce="amax")
+        raw = x.masked_fill(hit.bool(), float("-inf"))
+    return raw if all_raw or raw is z else torch.where(raw_rows[:, None], raw, z)
 
 
 def slice_partials(logits: torch.Tensor, col_lo: int, temperature: torch.Tensor, seed: torch.Tensor,
                    step: torch.Tensor, position: torch.Tensor, *, raw_confidence: torch.Tensor | None = None,
                    conf_exclude: torch.Tensor | None = None,
-                   scores: tuple[str, ...] = ("margin", "neg_entropy")) -> tuple[torch.Tensor, torch.Tensor]:
+                   scores: tuple[str, ...] = ("margin", "neg_entropy"),
+                   flags: tuple[bool, bool, bool, bool] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Partial statistics ``[M, NUM_PARTIALS]`` of the logits slice ``[M, V_r]`` holding the global columns
     ``col_lo .. col_lo + V_r - 1``, and the slice's confidence logits (for :func:`slice_neg_entropy`). Per-row
     arguments as :func:`kernels.reference.row_stats_reference` (``conf_exclude`` holds global ids). ``scores``:
     the optional statistics to prepare (``margin`` needs the second largest logit, ``neg_entropy`` one more pass);
-    the columns of the others are left at zero. Three passes over the slice when neither is asked for."""
+    the columns of the others are left at zero. Three passes over the slice when neither is asked for.
+    ``flags``: what the host knows of the rows, ``(any_hot, any_raw, all_raw, any_exclude)`` (the engine's plan);
+    with them nothing here reads a device value (no synchronisation on CUDA); None: read from the tensors."""
     m, v = logits.shape
     work = torch.float64 if logits.dtype == torch.float64 else torch.float32
     x = logits.to(work)
     temperature = temperature.to(device=x.device, dtype=work)
     hot = temperature > 0
-    any_hot = bool(hot.any())
+    if flags is None:
+        raw_any = raw_confidence is not None and bool(raw_confidence.any())
+        flags = (bool(hot.any()), raw_any, raw_any and bool(raw_confidence.all()),
+                 conf_exclude is not None and bool((conf_exclude >= 0).any()))
+    any_hot, any_raw, all_raw, any_exclude = flags
     z = x / torch.where(hot, temperature, torch.ones_like(temperature))[:, None] if any_hot else x
     noisy = z
     if any_hot:
         g = counter_gumbel(seed, step, position, STREAM_SAMPLE, v, col_lo).to(work)
         noisy = torch.where(hot[:, None], z + g, z)
-    q = _confidence_logits(x, z, col_lo, raw_confidence, conf_exclude)
+    q = _confidence_logits(x, z, col_lo, raw_confidence, conf_exclude, any_raw, all_raw, any_exclude)
     best, arg = noisy.max(dim=-1)
     zero = torch.zeros_like(best)
     second = torch.full_like(best, float("-inf"))

@@ -5,16 +5,16 @@ the same run on the same machine, and the share of the step spent in the ranks' 
 llada-tiny) written to a temporary folder, or ``--model``'s checkpoint; ``--tensor-parallel-size N`` (default 2) ranks
 on the device (N GPUs, or N CPU processes with gloo). For each batch (``--batches``; default 1 and 8, on CUDA 1 and
 32) the engine decodes fixed-schedule requests without a cache; after ``--warmup-steps`` untimed steps, the mean of
-``--timed-steps`` steps is the step time. ``collective_ms`` is rank 0's wall time inside all-reduces and
-all-gathers per step (on the CPU; on CUDA the host only enqueues them, so the column is the cost model's estimate
-with the link measured at start-up: ``comm_model_ms``). On a 2-core CPU the ranks share the cores: the row shows the
-overhead of tensor parallelism, not a speedup. Rows go to ``<out>/tensor_parallel.csv``."""
+``--timed-steps`` steps is the step time (the engine suite's steady timing). ``collective_ms`` is rank 0's wall
+time inside all-reduces and all-gathers per step, averaged over the warm-up and timed steps (on the CPU; on CUDA the
+host only enqueues them, so the column to read is the cost model's estimate with the link measured at start-up:
+``comm_model_ms``). On a 2-core CPU the ranks share the cores: the row shows the overhead of tensor parallelism, not
+a speedup. Rows go to ``<out>/tensor_parallel.csv``."""
 
 from __future__ import annotations
 
 import argparse
 import tempfile
-import time
 from pathlib import Path
 
 import torch
@@ -25,7 +25,7 @@ from ...entrypoints.llm import LLM
 from ...presets import from_name
 from ...sampling_params import SamplingParams
 from ..common import append_csv, stamp
-from .engine_steps import random_prompts
+from .engine_steps import measure, random_prompts
 from .options import given, resolve_device, resolve_dtype
 
 COLUMNS = ["preset", "tp", "batch", "step_ms", "vs_tp1", "collective_ms", "collective_share", "comm_model_ms",
@@ -52,24 +52,16 @@ def settings(args: argparse.Namespace) -> argparse.Namespace:
 
 
 def _step_ms(llm: LLM, batch: int, opts) -> tuple[float, float]:
-    """Mean step time (ms) of ``batch`` fixed-schedule requests, and rank 0's collective time per step (ms)."""
-    engine = llm.engine
+    """Mean step time (ms) of ``batch`` fixed-schedule requests (the engine suite's steady timing), and rank 0's
+    collective time per step (ms; averaged over the warm-up and the timed steps)."""
     params = SamplingParams(gen_length=opts.gen_length, steps=opts.gen_length, seed=opts.seed)
-    ids = [engine.add_request(p, params) for p in random_prompts(llm.config, batch, opts.prompt_len, opts.seed)]
-    try:
-        for _ in range(opts.warmup_steps):
-            engine.step()
-        channel = engine.model.tp.channel if engine.model.tp is not None else None
-        before = channel.collective_seconds if channel is not None else 0.0
-        t0 = time.perf_counter()
-        for _ in range(opts.timed_steps):
-            engine.step()
-        seconds = (time.perf_counter() - t0) / opts.timed_steps
-        spent = (channel.collective_seconds - before) / opts.timed_steps if channel is not None else 0.0
-    finally:
-        for rid in ids:
-            engine.abort(rid)
-    return seconds * 1e3, spent * 1e3
+    prompts = random_prompts(llm.config, batch, opts.prompt_len, opts.seed)
+    channel = llm.model.tp.channel if llm.model.tp is not None else None
+    before = channel.collective_seconds if channel is not None else 0.0
+    timing = argparse.Namespace(timing="steady", warmup_steps=opts.warmup_steps, timed_steps=opts.timed_steps)
+    seconds = measure(llm, prompts, params, timing, opts.device)["seconds"] / opts.timed_steps
+    spent = channel.collective_seconds - before if channel is not None else 0.0
+    return seconds * 1e3, spent / (opts.warmup_steps + opts.timed_steps) * 1e3
 
 
 def run(args: argparse.Namespace, out: Path) -> list[dict]:
