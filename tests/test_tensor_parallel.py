@@ -15,6 +15,7 @@ import time
 
 import pytest
 import torch
+from served import free_port
 from tp_support import PROMPTS, alive, assert_same_tokens, one_and_two
 
 from diffuse_engine import LLM, SamplingParams
@@ -187,18 +188,10 @@ def test_cli_generate_with_two_ranks_prints_the_same_tokens(folders):
 def test_torchrun_launch(folders, tmp_path):
     """Every rank started by torchrun (distributed_init env): rank 0 prints, the other rank serves it and exits."""
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port",
-                str(_free_port()), "-m"]
+                str(free_port()), "-m"]
     two = _generate_cli(folders["dream"], "--tensor-parallel-size", "2", "--distributed-init", "env",
                         launcher=torchrun)
     assert two["token_ids"] == _one_process(folders["dream"])
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.mark.parametrize("fault", ["kill", "hang"])

@@ -143,8 +143,9 @@ class LinkCeilings:
         return self.latency_s + 2.0 * (ranks - 1) / ranks * nbytes / (self.bandwidth_gbs * 1e9)
 
 
-# NVLink 4 between H100 / H200 cards (NCCL all-reduce bus bandwidth of about 360 GB/s at large messages on an
-# 8-GPU HGX board; small messages are latency-bound), and gloo between processes of one host.
+# Presets, not measured here: NVLink 4 between H100 / H200 cards (a round figure for NCCL's all-reduce bus bandwidth
+# at large messages on an 8-GPU HGX board, as nccl-tests reports it; small messages are latency-bound), and gloo
+# between processes of one host (in the range this project's 2-core CPU machine measures at start-up).
 NVLINK = LinkCeilings("NVLink", bandwidth_gbs=360.0, latency_s=10e-6)
 LOOPBACK = LinkCeilings("gloo-loopback", bandwidth_gbs=2.0, latency_s=60e-6)
 
